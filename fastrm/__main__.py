@@ -1,0 +1,5 @@
+import sys
+
+from fastrm.cli import main
+
+sys.exit(main())

@@ -1,0 +1,267 @@
+"""``gather_logprobs``: log-probabilities (and entropy) of chosen tokens without a full log-softmax.
+
+Drop-in for TRL's ``selective_log_softmax(logits, index)`` and verl's
+``logprobs_from_logits(logits, labels)`` (+ ``entropy_from_logits`` with ``return_entropy=True``).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from fastrm._checks import FLOAT_DTYPES, INT_DTYPES, check_finite, check_positive, check_same_device, check_tensor
+from fastrm._checks import value_checks_enabled
+from fastrm._dispatch import resolve_backend
+from fastrm.kernels import new_output
+from fastrm.kernels.logprobs import logprob_bwd, logprob_fwd
+
+OP = "gather_logprobs"
+# The torch path works on blocks of rows holding about this many logits, so its float32 temporaries
+# stay near 16 MB whatever N x V is (the eager formula materialises all of N x V, several times).
+TORCH_CHUNK_ELEMENTS = 1 << 22
+
+
+def row_layout(x: torch.Tensor):
+    """Describe the leading dims of ``x [..., V]`` as ``(n_rows, n_inner, stride_outer, stride_inner)``.
+
+    Leading dims that step over each other exactly are merged, so any contiguous-rows tensor and
+    any two-level view such as ``logits[:, :-1, :]`` is addressed in place. Returns None when the
+    rows need more than two strides (the caller then copies).
+    """
+    merged: list[list[int]] = []
+    for size, stride in zip(x.shape[:-1], x.stride()[:-1]):
+        if size == 1:
+            continue
+        if merged and merged[-1][1] == size * stride:
+            merged[-1] = [merged[-1][0] * size, stride]
+        else:
+            merged.append([size, stride])
+    if not merged:
+        return 1, 1, 0, 0
+    if len(merged) == 1:
+        (n, s), = merged
+        return n, n, 0, s
+    if len(merged) == 2:
+        (n_outer, s_outer), (n_inner, s_inner) = merged
+        return n_outer * n_inner, n_inner, s_outer, s_inner
+    return None
+
+
+def _contiguous_layout(shape) -> tuple:
+    V = shape[-1]
+    n_rows = 1
+    for size in shape[:-1]:
+        n_rows *= size
+    return n_rows, n_rows, 0, V
+
+
+def _check_inputs(logits, labels, temperature, ignore_index):
+    check_tensor(OP, "logits", logits, dtypes=FLOAT_DTYPES, min_ndim=1)
+    check_tensor(OP, "labels", labels, dtypes=INT_DTYPES)
+    if labels.shape != logits.shape[:-1]:
+        raise ValueError(
+            f"{OP}: labels must have shape logits.shape[:-1] = {tuple(logits.shape[:-1])}, got {tuple(labels.shape)}"
+        )
+    check_same_device(OP, {"logits": logits, "labels": labels})
+    check_positive(OP, "temperature", temperature)
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise TypeError(f"{OP}: ignore_index must be an int, got {type(ignore_index).__name__}")
+    V = logits.shape[-1]
+    if value_checks_enabled():
+        bad = (labels != ignore_index) & ((labels < 0) | (labels >= V))
+        if bool(bad.any()):
+            value = labels[bad].flatten()[0].item()
+            raise ValueError(f"{OP}: labels must lie in [0, {V}) or equal ignore_index={ignore_index}, found {value}")
+
+
+class _GatherLogprobsTriton(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits, labels, layout, temperature, ignore_index, return_entropy, inplace_backward):
+        logprobs, entropy, lse = logprob_fwd(logits, layout, labels, temperature, ignore_index, return_entropy)
+        check_finite(OP, "logits", lse, " in a row whose label is not ignore_index")
+        ctx.save_for_backward(logits, labels, lse, entropy if return_entropy else lse)
+        ctx.layout, ctx.temperature, ctx.ignore_index = layout, temperature, ignore_index
+        ctx.return_entropy, ctx.inplace_backward = return_entropy, inplace_backward
+        ctx.mark_non_differentiable(lse)
+        return (logprobs, entropy) if return_entropy else logprobs
+
+    @staticmethod
+    def backward(ctx, grad_logprobs, grad_entropy=None):
+        logits, labels, lse, entropy = ctx.saved_tensors
+        n_rows = labels.numel()
+        grad_logprobs = _flat_grad(grad_logprobs, n_rows, logits.device)
+        grad_entropy = _flat_grad(grad_entropy, n_rows, logits.device) if ctx.return_entropy and grad_entropy is not None else None
+        if ctx.inplace_backward:
+            grad_logits, grad_layout = logits, ctx.layout
+        else:
+            grad_logits = new_output(logits.shape, dtype=logits.dtype, device=logits.device)
+            grad_layout = _contiguous_layout(logits.shape)
+        logprob_bwd(logits, ctx.layout, labels, lse, entropy, grad_logprobs, grad_entropy, ctx.temperature,
+                    ctx.ignore_index, grad_logits, grad_layout)
+        return grad_logits, None, None, None, None, None, None
+
+
+def _flat_grad(grad, n_rows, device):
+    if grad is None:
+        return torch.zeros(n_rows, dtype=torch.float32, device=device)
+    return grad.reshape(-1).to(torch.float32).contiguous()
+
+
+def _row_blocks(layout, V):
+    """Yield ``(outer, inner_start, inner_end, row_start)`` blocks of about TORCH_CHUNK_ELEMENTS logits."""
+    n_rows, n_inner, _, _ = layout
+    rows_per_block = max(1, TORCH_CHUNK_ELEMENTS // V)
+    for outer in range(n_rows // n_inner):
+        for start in range(0, n_inner, rows_per_block):
+            end = min(n_inner, start + rows_per_block)
+            yield outer, start, end, outer * n_inner + start
+
+
+def _scaled_block(block, compute_dtype, temperature):
+    """``block / temperature`` in the compute dtype; a view (no copy) when there is nothing to do."""
+    block = block.to(compute_dtype)
+    return block if temperature == 1.0 else block / temperature
+
+
+def _rows3(x, layout):
+    n_rows, n_inner, stride_outer, stride_inner = layout
+    return x.as_strided((n_rows // n_inner, n_inner, x.shape[-1]), (stride_outer, stride_inner, 1), x.storage_offset())
+
+
+class _GatherLogprobsTorch(torch.autograd.Function):
+    """The plain-PyTorch path: the same math in row blocks, recomputing the softmax in backward."""
+
+    @staticmethod
+    def forward(ctx, logits, labels, layout, temperature, ignore_index, return_entropy, inplace_backward):
+        V = logits.shape[-1]
+        compute_dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
+        n_rows = layout[0]
+        rows = _rows3(logits, layout)
+        logprobs = torch.empty(n_rows, dtype=compute_dtype, device=logits.device)
+        lse = torch.empty_like(logprobs)
+        entropy = torch.empty_like(logprobs) if return_entropy else None
+        for outer, start, end, row0 in _row_blocks(layout, V):
+            sl = slice(row0, row0 + end - start)
+            z = _scaled_block(rows[outer, start:end], compute_dtype, temperature)
+            keep = labels[sl] != ignore_index
+            block_lse = torch.logsumexp(z, dim=-1)
+            picked = z.gather(-1, torch.where(keep, labels[sl], 0).long().unsqueeze(-1)).squeeze(-1)
+            logprobs[sl] = torch.where(keep, picked - block_lse, 0.0)
+            lse[sl] = torch.where(keep, block_lse, 0.0)
+            if return_entropy:
+                logp = z - block_lse.unsqueeze(-1)
+                p = logp.exp()
+                entropy[sl] = torch.where(keep, -(p * torch.where(p > 0, logp, 0.0)).sum(-1), 0.0)
+        check_finite(OP, "logits", lse, " in a row whose label is not ignore_index")
+        ctx.save_for_backward(logits, labels, lse, entropy if return_entropy else lse)
+        ctx.layout, ctx.temperature, ctx.ignore_index = layout, temperature, ignore_index
+        ctx.return_entropy, ctx.inplace_backward = return_entropy, inplace_backward
+        return (logprobs, entropy) if return_entropy else logprobs
+
+    @staticmethod
+    def backward(ctx, grad_logprobs, grad_entropy=None):
+        logits, labels, lse, entropy = ctx.saved_tensors
+        layout, temperature = ctx.layout, ctx.temperature
+        V = logits.shape[-1]
+        compute_dtype = lse.dtype
+        n_rows = layout[0]
+        grad_logprobs = torch.zeros_like(lse) if grad_logprobs is None else grad_logprobs.reshape(-1).to(compute_dtype)
+        use_entropy = ctx.return_entropy and grad_entropy is not None
+        if use_entropy:
+            grad_entropy = grad_entropy.reshape(-1).to(compute_dtype)
+        rows = _rows3(logits, layout)
+        if ctx.inplace_backward:
+            grad_logits, grad_rows = logits, rows
+        else:
+            grad_logits = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+            grad_rows = grad_logits.view(n_rows // layout[1], layout[1], V)
+        for outer, start, end, row0 in _row_blocks(layout, V):
+            sl = slice(row0, row0 + end - start)
+            z = _scaled_block(rows[outer, start:end], compute_dtype, temperature)
+            keep = labels[sl] != ctx.ignore_index
+            out = grad_rows[outer, start:end]
+            # Work directly in the gradient buffer when its dtype allows: one [rows, V] pass fewer.
+            direct = out.dtype == compute_dtype
+            logp = torch.sub(z, lse[sl].unsqueeze(-1), out=out if direct and not use_entropy else None)
+            if use_entropy:
+                # dH/dz_j = -p_j (log p_j + H); p_j = 0 (masked vocabulary) contributes nothing.
+                g_ent = (grad_entropy[sl] / temperature).unsqueeze(-1)
+                p = logp.exp()
+                entropy_term = g_ent * p * torch.where(p > 0, logp + entropy[sl].unsqueeze(-1), 0.0)
+                g = torch.mul(p, 1.0, out=out if direct else None)
+            else:
+                g = logp.exp_()
+            g_lp = (grad_logprobs[sl] / temperature).unsqueeze(-1)
+            g.mul_(-g_lp)
+            g.scatter_add_(-1, torch.where(keep, labels[sl], 0).long().unsqueeze(-1), g_lp)  # the onehot term
+            if use_entropy:
+                g.sub_(entropy_term)
+            ignored = (~keep).nonzero().squeeze(-1)
+            if ignored.numel():
+                g.index_fill_(0, ignored, 0.0)  # a fill, not a multiply: garbage there may be NaN
+            if not direct:
+                out.copy_(g)
+        return grad_logits, None, None, None, None, None, None
+
+
+def gather_logprobs(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+    return_entropy: bool = False,
+    inplace_backward: bool = False,
+    backend: str | None = None,
+):
+    """``log_softmax(logits / temperature)[..., labels]`` without materialising the log-softmax.
+
+    Args:
+        logits: ``[..., V]`` float32 / bfloat16 / float16 (float64 on the torch backend). Rows may be
+            strided (e.g. ``logits[:, :-1]``); the last dim must be contiguous or it is copied.
+        labels: ``[...]`` integer token ids in ``[0, V)``, or ``ignore_index``.
+        temperature: sampling temperature the log-probs are taken at (> 0).
+        ignore_index: label value whose position gets log-prob 0, entropy 0 and zero gradient.
+        return_entropy: also return the entropy of ``softmax(logits / temperature)`` per position.
+        inplace_backward: write d logits into the logits buffer during backward (saves one
+            ``[..., V]`` allocation). Only safe when nothing else reads ``logits`` afterwards.
+        backend: ``"auto"`` (Triton on CUDA, PyTorch elsewhere), ``"triton"`` or ``"torch"``;
+            default from ``FASTRM_BACKEND``.
+
+    Returns:
+        float32 log-probs ``[...]`` (float64 for float64 logits), and the entropy if asked.
+    """
+    _check_inputs(logits, labels, temperature, ignore_index)
+    chosen = resolve_backend(backend, logits.device, OP, logits.dtype, "logits")
+    if logits.stride(-1) != 1:
+        logits = logits.contiguous()
+    layout = row_layout(logits)
+    if layout is None:
+        logits = logits.contiguous()
+        layout = row_layout(logits)
+    flat_labels = labels.reshape(-1).contiguous()
+    fn = _GatherLogprobsTriton if chosen == "triton" else _GatherLogprobsTorch
+    out = fn.apply(logits, flat_labels, layout, float(temperature), ignore_index, return_entropy, inplace_backward)
+    if return_entropy:
+        logprobs, entropy = out
+        return logprobs.view(labels.shape), entropy.view(labels.shape)
+    return out.view(labels.shape)
+
+
+class GatherLogprobs(nn.Module):
+    """Module form of :func:`gather_logprobs`: ``forward(logits, labels)``."""
+
+    def __init__(self, temperature: float = 1.0, ignore_index: int = -100, return_entropy: bool = False,
+                 inplace_backward: bool = False, backend: str | None = None):
+        super().__init__()
+        check_positive(OP, "temperature", temperature)
+        self.temperature, self.ignore_index, self.return_entropy = float(temperature), ignore_index, return_entropy
+        self.inplace_backward, self.backend = inplace_backward, backend
+
+    def forward(self, logits, labels):
+        return gather_logprobs(logits, labels, temperature=self.temperature, ignore_index=self.ignore_index,
+                               return_entropy=self.return_entropy, inplace_backward=self.inplace_backward,
+                               backend=self.backend)
+
+    def extra_repr(self):
+        return f"temperature={self.temperature}, ignore_index={self.ignore_index}, return_entropy={self.return_entropy}"

@@ -1,0 +1,47 @@
+"""Shared test utilities (import as ``from helpers import ...``).
+
+Output poisoning: conftest sets FASTRM_POISON_OUTPUTS=1, so every buffer a launcher allocates
+(``fastrm.kernels.new_output``) starts as NaN and an unwritten element fails the comparison.
+"""
+
+import pytest
+import torch
+
+from fastrm import kernels
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+# Both backends are always tested; "triton" runs compiled on CUDA and interpreted on CPU.
+BACKENDS = ["torch", pytest.param("triton", marks=pytest.mark.skipif(
+    not kernels.HAS_TRITON or (DEVICE == "cpu" and not kernels.INTERPRET),
+    reason="triton kernels need CUDA or TRITON_INTERPRET=1"))]
+
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+# Tolerances against a float64 reference, by input dtype.
+TOL = {
+    torch.float64: dict(atol=1e-10, rtol=1e-10),
+    torch.float32: dict(atol=1e-5, rtol=1e-5),
+    torch.bfloat16: dict(atol=2e-2, rtol=2e-2),
+    torch.float16: dict(atol=5e-3, rtol=5e-3),
+}
+
+
+def non_contiguous(x: torch.Tensor) -> torch.Tensor:
+    """The same values as ``x`` laid out with a stride gap on the last dim's neighbour."""
+    pad = torch.empty(*x.shape[:-1], x.shape[-1] * 2, dtype=x.dtype, device=x.device)
+    pad.normal_()
+    pad[..., ::2] = x
+    out = pad[..., ::2]
+    assert not out.is_contiguous()
+    return out
+
+
+def row_strided(x: torch.Tensor, extra: int = 3) -> torch.Tensor:
+    """Same values, last dim contiguous but rows spaced apart (like logits[:, :-1, :])."""
+    pad = torch.randn(*x.shape[:-1], x.shape[-1] + extra, dtype=x.dtype, device=x.device)
+    pad[..., : x.shape[-1]] = x
+    out = pad[..., : x.shape[-1]]
+    assert not out.is_contiguous() and out.stride(-1) == 1
+    return out
