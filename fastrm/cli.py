@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import os
 import sys
+from pathlib import Path
 
 COMMANDS = {
-    "selfcheck": ("fastrm.selfcheck", "check every op against float64 on this machine, then a quick benchmark"),
+    "sft": ("fastrm.trainers.sft:main", "supervised fine-tuning (no arguments: the embedded arithmetic task)"),
+    "train-rm": ("fastrm.trainers.reward:main", "train a reward model (no arguments: the embedded task, on CPU)"),
+    "selfcheck": ("fastrm.selfcheck:main", "check every op against float64 on this machine, then a quick benchmark"),
+    "bench": ("fastrm.cli:bench", "run the benchmarks in the repository's benchmarks/ (fastrm bench --help)"),
 }
 
 
@@ -14,6 +19,43 @@ def usage() -> str:
     lines += [f"  {name:<12} {help_}" for name, (_, help_) in COMMANDS.items()]
     lines += ["", "fastrm <command> --help for a command's options"]
     return "\n".join(lines)
+
+
+def find_benchmarks_dir() -> tuple[Path | None, list[Path]]:
+    """The repository's ``benchmarks/`` folder, which is not installed with the package: ``$FASTRM_BENCHMARKS_DIR``,
+    else beside the (editable-installed) package's source, else under the current directory.
+    Returns ``(folder or None, the places looked at)``."""
+    import fastrm
+
+    candidates = []
+    if os.environ.get("FASTRM_BENCHMARKS_DIR"):
+        candidates.append(Path(os.environ["FASTRM_BENCHMARKS_DIR"]).expanduser())
+    candidates += [Path(fastrm.__file__).resolve().parents[1] / "benchmarks", Path.cwd() / "benchmarks"]
+    for folder in candidates:
+        if (folder / "__main__.py").is_file() and (folder / "common.py").is_file():
+            return folder.resolve(), candidates
+    return None, candidates
+
+
+def bench(argv) -> int:
+    """``fastrm bench [OP ...] [options]``: ``python -m benchmarks`` run from the repository root."""
+    import subprocess
+
+    folder, looked = find_benchmarks_dir()
+    if folder is None:
+        print("fastrm bench: cannot find the benchmarks/ folder; looked in:\n"
+              + "".join(f"  {p}\n" for p in looked)
+              + "The benchmarks live in the fastrm repository and are not installed with the package. Run this "
+                "from a clone installed with `pip install -e .`, or set FASTRM_BENCHMARKS_DIR to the clone's "
+                "benchmarks/ folder.", file=sys.stderr)
+        return 2
+    if folder.name != "benchmarks":
+        print(f"fastrm bench: {folder} must be named benchmarks/ (it is imported as the `benchmarks` package)",
+              file=sys.stderr)
+        return 2
+    # The CPU peak-memory measurement needs glibc's mmap threshold pinned from process start.
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_=os.environ.get("MALLOC_MMAP_THRESHOLD_", "65536"))
+    return subprocess.call([sys.executable, "-m", "benchmarks", *argv], cwd=folder.parent, env=env)
 
 
 def main(argv=None) -> int:
@@ -27,8 +69,18 @@ def main(argv=None) -> int:
         return 2
     import importlib
 
-    module = importlib.import_module(COMMANDS[command][0])
-    return module.main(rest)
+    from fastrm.config import ConfigError
+    from fastrm.training import NonFiniteLossError
+
+    module, function = COMMANDS[command][0].split(":")
+    try:
+        return getattr(importlib.import_module(module), function)(rest)
+    except ConfigError as err:  # a user mistake: the message names the setting, no traceback needed
+        print(f"fastrm {command}: {err}", file=sys.stderr)
+        return 2
+    except NonFiniteLossError as err:
+        print(f"fastrm {command}: {err}", file=sys.stderr)
+        return 3
 
 
 if __name__ == "__main__":

@@ -79,11 +79,69 @@ def check_ranking_loss(backend, device):
     return max(_max_err(ours, ref), _max_err(g, r64.grad))
 
 
+def check_linear_logprobs(backend, device):
+    hidden, weight = torch.randn(29, 16, device=device), torch.randn(301, 16, device=device) * 0.5
+    labels = torch.randint(0, 301, (29,), device=device)
+    labels[::4] = -100
+    fn = lambda h, w: fastrm.linear_logprobs(h, w, labels, chunk_size=8, backend=backend)  # noqa: E731
+    ours, (gh, gw), w8 = _grads(fn, hidden, weight)
+    h64, wt64 = hidden.double().requires_grad_(True), weight.double().requires_grad_(True)
+    ref = fastrm.linear_logprobs_reference(h64, wt64, labels)
+    (ref * w8.double()).sum().backward()
+    return max(_max_err(ours, ref), _max_err(gh, h64.grad), _max_err(gw, wt64.grad))
+
+
+def _ppo_batch(device):
+    B, T = 5, 23
+    logprobs = -torch.rand(B, T, device=device) * 2
+    old = logprobs + torch.randn(B, T, device=device) * 0.3  # ratios on both sides of the clip range
+    advantages = torch.randn(B, T, device=device)
+    mask = torch.rand(B, T, device=device) > 0.25
+    return logprobs, old, advantages, mask
+
+
+def check_ppo_policy_loss(backend, device):
+    logprobs, old, advantages, mask = _ppo_batch(device)
+    fn = lambda lp: fastrm.ppo_policy_loss(lp, old, advantages, mask, dual_clip=3.0, backend=backend).loss  # noqa: E731
+    ours, (g,), w = _grads(fn, logprobs)
+    lp64 = logprobs.double().requires_grad_(True)
+    ref = fastrm.ppo_policy_loss_reference(lp64, old.double(), advantages.double(), mask, dual_clip=3.0)[0]
+    (ref * w.double()).sum().backward()
+    return max(_max_err(ours, ref), _max_err(g, lp64.grad))
+
+
+def check_value_loss(backend, device):
+    values, old, returns, mask = _ppo_batch(device)
+    fn = lambda v: fastrm.value_loss(v, old, returns, mask, clip=0.2, backend=backend).loss  # noqa: E731
+    ours, (g,), w = _grads(fn, values)
+    v64 = values.double().requires_grad_(True)
+    ref = fastrm.value_loss_reference(v64, old.double(), returns.double(), mask, clip=0.2)[0]
+    (ref * w.double()).sum().backward()
+    return max(_max_err(ours, ref), _max_err(g, v64.grad))
+
+
+def check_kl_penalty(backend, device):
+    logprobs, ref_logprobs, _, _ = _ppo_batch(device)
+    worst = 0.0
+    for kind in ("k1", "k2", "k3", "abs"):
+        fn = lambda lp: fastrm.kl_penalty(lp, ref_logprobs, kind, backend=backend)  # noqa: E731
+        ours, (g,), w = _grads(fn, logprobs)
+        lp64 = logprobs.double().requires_grad_(True)
+        ref = fastrm.kl_penalty_reference(lp64, ref_logprobs.double(), kind)
+        (ref * w.double()).sum().backward()
+        worst = max(worst, _max_err(ours, ref), _max_err(g, lp64.grad))
+    return worst
+
+
 CHECKS = {
     "gather_logprobs": check_gather_logprobs,
+    "linear_logprobs": check_linear_logprobs,
     "compute_gae": check_compute_gae,
     "pairwise_ranking_loss": check_pairwise_ranking_loss,
     "ranking_loss": check_ranking_loss,
+    "ppo_policy_loss": check_ppo_policy_loss,
+    "value_loss": check_value_loss,
+    "kl_penalty": check_kl_penalty,
 }
 TOLERANCE = 1e-4
 

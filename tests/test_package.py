@@ -33,7 +33,11 @@ def test_public_api_is_exported():
     for name in ["gather_logprobs", "GatherLogprobs", "gather_logprobs_reference",
                  "compute_gae", "GAE", "compute_gae_reference", "whiten",
                  "pairwise_ranking_loss", "PairwiseRankingLoss", "pairwise_ranking_loss_reference",
-                 "ranking_loss", "RankingLoss", "ranking_loss_reference"]:
+                 "ranking_loss", "RankingLoss", "ranking_loss_reference",
+                 "linear_logprobs", "LinearLogprobs", "linear_logprobs_reference",
+                 "ppo_policy_loss", "PPOPolicyLoss", "ppo_policy_loss_reference",
+                 "value_loss", "ValueLoss", "value_loss_reference",
+                 "kl_penalty", "KLPenalty", "kl_penalty_reference"]:
         assert name in fastrm.__all__ and callable(getattr(fastrm, name)), name
 
 
@@ -60,4 +64,4 @@ def test_selfcheck_passes_on_this_machine():
                             text=True, timeout=600, env=env)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "selfcheck PASSED" in result.stdout
-    assert result.stdout.count("PASS ") >= 8  # 4 ops x 2 backends
+    assert result.stdout.count("PASS ") >= 16  # 8 ops x 2 backends

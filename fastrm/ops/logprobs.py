@@ -128,6 +128,58 @@ def _rows3(x, layout):
     return x.as_strided((n_rows // n_inner, n_inner, x.shape[-1]), (stride_outer, stride_inner, 1), x.storage_offset())
 
 
+def torch_block_fwd(block, labels, temperature, ignore_index, return_entropy):
+    """Forward of the PyTorch path on one block of rows: ``block [R, V]`` (any float dtype, a view is
+    fine), ``labels [R]``. Returns ``(logprobs, lse, entropy or None)``, each ``[R]`` in the compute
+    dtype (float64 for float64 blocks, else float32); ignored rows get 0 everywhere.
+    Shared with ``linear_logprobs``, which feeds it one chunk of ``hidden @ weight.T`` at a time."""
+    compute_dtype = torch.float64 if block.dtype == torch.float64 else torch.float32
+    z = _scaled_block(block, compute_dtype, temperature)
+    keep = labels != ignore_index
+    block_lse = torch.logsumexp(z, dim=-1)
+    picked = z.gather(-1, torch.where(keep, labels, 0).long().unsqueeze(-1)).squeeze(-1)
+    logprobs = torch.where(keep, picked - block_lse, 0.0)
+    lse = torch.where(keep, block_lse, 0.0)
+    entropy = None
+    if return_entropy:
+        logp = z - block_lse.unsqueeze(-1)
+        p = logp.exp()
+        entropy = torch.where(keep, -(p * torch.where(p > 0, logp, 0.0)).sum(-1), 0.0)
+    return logprobs, lse, entropy
+
+
+def torch_block_bwd(block, labels, lse, entropy, grad_logprobs, grad_entropy, temperature, ignore_index, out):
+    """Backward of the PyTorch path on one block of rows: writes d ``block`` into ``out [R, V]``, which
+    may be ``block`` itself (in place). ``lse``, ``entropy``, ``grad_logprobs`` are ``[R]`` in the
+    compute dtype; ``grad_entropy`` is ``[R]`` or None (no entropy term). Ignored rows get zeros."""
+    compute_dtype = lse.dtype
+    use_entropy = grad_entropy is not None
+    z = _scaled_block(block, compute_dtype, temperature)
+    keep = labels != ignore_index
+    # Work directly in the gradient buffer when its dtype allows: one [rows, V] pass fewer.
+    direct = out.dtype == compute_dtype
+    logp = torch.sub(z, lse.unsqueeze(-1), out=out if direct and not use_entropy else None)
+    if use_entropy:
+        # dH/dz_j = -p_j (log p_j + H); p_j = 0 (masked vocabulary) contributes nothing.
+        g_ent = (grad_entropy / temperature).unsqueeze(-1)
+        p = logp.exp()
+        entropy_term = g_ent * p * torch.where(p > 0, logp + entropy.unsqueeze(-1), 0.0)
+        g = torch.mul(p, 1.0, out=out if direct else None)
+    else:
+        g = logp.exp_()
+    g_lp = (grad_logprobs / temperature).unsqueeze(-1)
+    g.mul_(-g_lp)
+    g.scatter_add_(-1, torch.where(keep, labels, 0).long().unsqueeze(-1), g_lp)  # the onehot term
+    if use_entropy:
+        g.sub_(entropy_term)
+    ignored = (~keep).nonzero().squeeze(-1)
+    if ignored.numel():
+        g.index_fill_(0, ignored, 0.0)  # a fill, not a multiply: garbage there may be NaN
+    if not direct:
+        out.copy_(g)
+    return out
+
+
 class _GatherLogprobsTorch(torch.autograd.Function):
     """The plain-PyTorch path: the same math in row blocks, recomputing the softmax in backward."""
 
@@ -142,16 +194,11 @@ class _GatherLogprobsTorch(torch.autograd.Function):
         entropy = torch.empty_like(logprobs) if return_entropy else None
         for outer, start, end, row0 in _row_blocks(layout, V):
             sl = slice(row0, row0 + end - start)
-            z = _scaled_block(rows[outer, start:end], compute_dtype, temperature)
-            keep = labels[sl] != ignore_index
-            block_lse = torch.logsumexp(z, dim=-1)
-            picked = z.gather(-1, torch.where(keep, labels[sl], 0).long().unsqueeze(-1)).squeeze(-1)
-            logprobs[sl] = torch.where(keep, picked - block_lse, 0.0)
-            lse[sl] = torch.where(keep, block_lse, 0.0)
+            block_lp, block_lse, block_ent = torch_block_fwd(rows[outer, start:end], labels[sl], temperature,
+                                                             ignore_index, return_entropy)
+            logprobs[sl], lse[sl] = block_lp, block_lse
             if return_entropy:
-                logp = z - block_lse.unsqueeze(-1)
-                p = logp.exp()
-                entropy[sl] = torch.where(keep, -(p * torch.where(p > 0, logp, 0.0)).sum(-1), 0.0)
+                entropy[sl] = block_ent
         check_finite(OP, "logits", lse, " in a row whose label is not ignore_index")
         ctx.save_for_backward(logits, labels, lse, entropy if return_entropy else lse)
         ctx.layout, ctx.temperature, ctx.ignore_index = layout, temperature, ignore_index
@@ -177,30 +224,9 @@ class _GatherLogprobsTorch(torch.autograd.Function):
             grad_rows = grad_logits.view(n_rows // layout[1], layout[1], V)
         for outer, start, end, row0 in _row_blocks(layout, V):
             sl = slice(row0, row0 + end - start)
-            z = _scaled_block(rows[outer, start:end], compute_dtype, temperature)
-            keep = labels[sl] != ctx.ignore_index
-            out = grad_rows[outer, start:end]
-            # Work directly in the gradient buffer when its dtype allows: one [rows, V] pass fewer.
-            direct = out.dtype == compute_dtype
-            logp = torch.sub(z, lse[sl].unsqueeze(-1), out=out if direct and not use_entropy else None)
-            if use_entropy:
-                # dH/dz_j = -p_j (log p_j + H); p_j = 0 (masked vocabulary) contributes nothing.
-                g_ent = (grad_entropy[sl] / temperature).unsqueeze(-1)
-                p = logp.exp()
-                entropy_term = g_ent * p * torch.where(p > 0, logp + entropy[sl].unsqueeze(-1), 0.0)
-                g = torch.mul(p, 1.0, out=out if direct else None)
-            else:
-                g = logp.exp_()
-            g_lp = (grad_logprobs[sl] / temperature).unsqueeze(-1)
-            g.mul_(-g_lp)
-            g.scatter_add_(-1, torch.where(keep, labels[sl], 0).long().unsqueeze(-1), g_lp)  # the onehot term
-            if use_entropy:
-                g.sub_(entropy_term)
-            ignored = (~keep).nonzero().squeeze(-1)
-            if ignored.numel():
-                g.index_fill_(0, ignored, 0.0)  # a fill, not a multiply: garbage there may be NaN
-            if not direct:
-                out.copy_(g)
+            torch_block_bwd(rows[outer, start:end], labels[sl], lse[sl], entropy[sl], grad_logprobs[sl],
+                            grad_entropy[sl] if use_entropy else None, temperature, ctx.ignore_index,
+                            grad_rows[outer, start:end])
         return grad_logits, None, None, None, None, None, None
 
 

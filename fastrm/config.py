@@ -1,0 +1,69 @@
+"""Trainer configs: one dataclass per trainer, loaded from YAML plus ``key=value`` overrides.
+
+OmegaConf does the parsing and type conversion (``lr=abc`` fails naming ``lr``); each dataclass's
+``validate()`` then checks ranges and combinations, naming the setting and the value it got.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import TypeVar
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """A setting has a wrong name, type or value."""
+
+
+def require(condition: bool, setting: str, value, expected: str):
+    if not condition:
+        raise ConfigError(f"setting {setting}={value!r}: {expected}")
+
+
+def load_config(cls: type[T], config_path: str | Path | None = None, overrides=()) -> T:
+    """``cls`` defaults, then the YAML file, then ``key=value`` overrides (dotted keys for nesting)."""
+    layers = [OmegaConf.structured(cls)]
+    if config_path is not None:
+        path = Path(config_path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        layers.append(OmegaConf.load(path))
+    bad = [item for item in overrides if "=" not in item]
+    if bad:
+        raise ConfigError(f"overrides must look like key=value, got {bad[0]!r}")
+    layers.append(OmegaConf.from_dotlist(list(overrides)))
+    try:
+        merged = OmegaConf.merge(*layers)
+        config = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as err:
+        key = getattr(err, "full_key", None)
+        first_line = str(err).splitlines()[0]
+        raise ConfigError(f"{cls.__name__}: setting {key!r}: {first_line}" if key else f"{cls.__name__}: {first_line}") from None
+    if hasattr(config, "validate"):
+        config.validate()
+    return config
+
+
+def config_to_dict(config) -> dict:
+    return dataclasses.asdict(config)
+
+
+def save_config(config, path: str | Path):
+    OmegaConf.save(OmegaConf.structured(config), Path(path))
+
+
+def parse_cli(cls: type[T], argv, prog: str, description: str) -> T:
+    """``--config FILE``, ``--resume`` and ``key=value`` overrides -> a validated ``cls``."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    parser.add_argument("--config", help=f"YAML file with {cls.__name__} settings")
+    parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in output_dir")
+    parser.add_argument("overrides", nargs="*", help="key=value settings (dotted keys for nested ones)")
+    args = parser.parse_args(argv)
+    return load_config(cls, args.config, args.overrides + (["resume=true"] if args.resume else []))

@@ -1,0 +1,806 @@
+"""Data layer: load and validate rows, tokenize them, and collate batches (padded or padding-free).
+
+Row formats (``detect_format`` names them; extra keys are ignored):
+
+=============================  ===========================================================================
+format                         row
+=============================  ===========================================================================
+``preference``                 ``{"prompt": str, "chosen": str, "rejected": str, "margin"?: float}``
+``implicit_preference``        ``{"chosen": str, "rejected": str, "margin"?}``: full texts; the prompt is
+                               their longest common prefix (as TRL's ``extract_prompt``)
+``conversational_preference``  ``"chosen"`` / ``"rejected"`` (and optional ``"prompt"``) are lists of
+                               ``{"role", "content"}`` messages, rendered with the chat template; without
+                               a prompt the shared leading messages are the prompt
+``ranking``                    ``{"prompt", "responses": [K], "ranks": [K ints]}``, rank 0 = best, ties
+                               share a rank; prompt/responses may be messages (conversational)
+``sft``                        ``{"prompt": str, "completion": str}``: loss on the completion only
+``conversational_sft``         ``{"messages": [...]}`` (loss on the last, assistant, turn only) or
+                               ``{"prompt": [messages], "completion": [messages]}``
+=============================  ===========================================================================
+
+Every tokenized sequence is ``BOS + prompt + response + EOS`` (BOS only if the tokenizer has one; a
+BOS or EOS the chat template already emits is not doubled). Over ``max_length`` a sequence keeps its
+response and loses prompt tokens from the left, then (only if the response alone is too long) response
+tokens from the right; ``truncation="drop"`` drops the example instead. Both are counted in the
+returned :class:`TokenizeReport`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+IGNORE_INDEX = -100
+
+FORMAT_TASK = {
+    "preference": "preference",
+    "implicit_preference": "preference",
+    "conversational_preference": "preference",
+    "ranking": "ranking",
+    "sft": "sft",
+    "conversational_sft": "sft",
+}
+FORMATS = tuple(FORMAT_TASK)
+TASKS = ("preference", "ranking", "sft")
+TRUNCATION_MODES = ("truncate", "drop")
+
+
+@dataclass
+class LoadReport:
+    """What :func:`load_rows` read: rows kept, malformed rows skipped (with their messages)."""
+
+    source: str
+    n_rows: int = 0
+    skipped: int = 0
+    errors: list[str] = field(default_factory=list)  # the first ``max_errors_kept`` skip messages
+    formats: dict[str, int] = field(default_factory=dict)  # rows kept per format
+
+
+@dataclass
+class TokenizeReport:
+    """What a ``tokenize_*`` call did: ``n_rows`` in, ``n_examples`` out, how many were cut or dropped."""
+
+    n_rows: int = 0
+    n_examples: int = 0
+    truncated: int = 0
+    dropped: int = 0
+
+
+# ============================================================================ formats and validation
+
+
+def _is_messages(value) -> bool:
+    return isinstance(value, list) and len(value) > 0 and all(isinstance(m, dict) for m in value)
+
+
+def detect_format(row) -> str:
+    """Name the format of ``row`` (one of ``FORMATS``) from its keys and value types.
+
+    Raises ``ValueError`` if the row is not an object or matches no format. Detection does not
+    validate the values; :func:`validate_row` does.
+    """
+    if not isinstance(row, dict):
+        raise ValueError(f"row must be a JSON object, got {type(row).__name__}")
+    if "responses" in row or "ranks" in row:
+        return "ranking"
+    if "chosen" in row or "rejected" in row:
+        if any(isinstance(row.get(k), list) for k in ("prompt", "chosen", "rejected")):
+            return "conversational_preference"
+        return "preference" if "prompt" in row else "implicit_preference"
+    if "messages" in row:
+        return "conversational_sft"
+    if "completion" in row:
+        if any(isinstance(row.get(k), list) for k in ("prompt", "completion")):
+            return "conversational_sft"
+        return "sft"
+    raise ValueError(f"unrecognised row with keys {sorted(row)}: expected prompt/chosen/rejected, chosen/rejected, "
+                     "prompt/responses/ranks, prompt/completion or messages")
+
+
+def _check_text(row: dict, key: str) -> str:
+    if key not in row:
+        raise ValueError(f"missing key {key!r}")
+    value = row[key]
+    if not isinstance(value, str):
+        raise ValueError(f"{key!r} must be a string, got {type(value).__name__}")
+    if not value.strip():
+        raise ValueError(f"{key!r} is an empty string")
+    return value
+
+
+def _check_messages(value, key: str, *, last_assistant: bool = False) -> list:
+    if not isinstance(value, list):
+        raise ValueError(f"{key!r} must be a list of {{'role', 'content'}} messages, got {type(value).__name__}")
+    if not value:
+        raise ValueError(f"{key!r} is an empty message list")
+    for i, m in enumerate(value):
+        if not isinstance(m, dict):
+            raise ValueError(f"{key!r}[{i}] must be a {{'role', 'content'}} object, got {type(m).__name__}")
+        for k in ("role", "content"):
+            if k not in m:
+                raise ValueError(f"{key!r}[{i}] is missing {k!r}")
+            if not isinstance(m[k], str):
+                raise ValueError(f"{key!r}[{i}][{k!r}] must be a string, got {type(m[k]).__name__}")
+        if not m["role"].strip():
+            raise ValueError(f"{key!r}[{i}]['role'] is an empty string")
+    if last_assistant:
+        if value[-1]["role"] != "assistant":
+            raise ValueError(f"{key!r} must end with an assistant message, got role {value[-1]['role']!r}")
+        if not value[-1]["content"].strip():
+            raise ValueError(f"{key!r}: the final assistant message is empty")
+    return value
+
+
+def _check_margin(row: dict):
+    margin = row.get("margin")
+    if margin is None:
+        return
+    if isinstance(margin, bool) or not isinstance(margin, (int, float)):
+        raise ValueError(f"'margin' must be a number, got {type(margin).__name__}")
+    if not math.isfinite(margin):
+        raise ValueError(f"'margin' must be finite, got {margin}")
+
+
+def _common_prefix_len(a: Sequence, b: Sequence) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def extract_prompt(row: dict) -> dict:
+    """Split an implicit-prompt preference row at the longest common prefix of chosen and rejected.
+
+    Works on strings (character prefix; a space just before the split point goes to the responses,
+    as in TRL's ``extract_prompt``) and on message lists (message prefix). The split is moved left if
+    needed so both responses are non-empty. Returns a new row with ``prompt`` / ``chosen`` /
+    ``rejected`` (other keys kept).
+    """
+    chosen, rejected = row["chosen"], row["rejected"]
+    if chosen == rejected:
+        raise ValueError("'chosen' and 'rejected' are identical")
+    p = _common_prefix_len(chosen, rejected)
+    if isinstance(chosen, str) and p > 0 and chosen[p - 1] == " ":
+        p -= 1
+    p = max(0, min(p, len(chosen) - 1, len(rejected) - 1))
+    out = dict(row)
+    out.update(prompt=chosen[:p], chosen=chosen[p:], rejected=rejected[p:])
+    return out
+
+
+def _validate(row, task: str | None = None) -> str:
+    fmt = detect_format(row)
+    if task is not None and FORMAT_TASK[fmt] != task:
+        raise ValueError(f"a {FORMAT_TASK[fmt]} row ({fmt}) where {task} rows are expected")
+    if fmt == "preference":
+        _check_text(row, "prompt")
+        if _check_text(row, "chosen") == _check_text(row, "rejected"):
+            raise ValueError("'chosen' and 'rejected' are identical")
+        _check_margin(row)
+    elif fmt == "implicit_preference":
+        _check_text(row, "chosen"), _check_text(row, "rejected")
+        extract_prompt(row)
+        _check_margin(row)
+    elif fmt == "conversational_preference":
+        for key in ("chosen", "rejected"):
+            if key not in row:
+                raise ValueError(f"missing key {key!r}")
+        if "prompt" in row:
+            _check_messages(row["prompt"], "prompt")
+            _check_messages(row["chosen"], "chosen", last_assistant=True)
+            _check_messages(row["rejected"], "rejected", last_assistant=True)
+            if row["chosen"] == row["rejected"]:
+                raise ValueError("'chosen' and 'rejected' are identical")
+        else:
+            _check_messages(row["chosen"], "chosen", last_assistant=True)
+            _check_messages(row["rejected"], "rejected", last_assistant=True)
+            extract_prompt(row)
+        _check_margin(row)
+    elif fmt == "ranking":
+        for key in ("prompt", "responses", "ranks"):
+            if key not in row:
+                raise ValueError(f"missing key {key!r}")
+        conversational = isinstance(row["prompt"], list)
+        if conversational:
+            _check_messages(row["prompt"], "prompt")
+        else:
+            _check_text(row, "prompt")
+        responses, ranks = row["responses"], row["ranks"]
+        if not isinstance(responses, list):
+            raise ValueError(f"'responses' must be a list, got {type(responses).__name__}")
+        if not isinstance(ranks, list):
+            raise ValueError(f"'ranks' must be a list, got {type(ranks).__name__}")
+        if len(responses) != len(ranks):
+            raise ValueError(f"'responses' has {len(responses)} entries but 'ranks' has {len(ranks)}")
+        if len(responses) < 2:
+            raise ValueError(f"'responses' needs at least 2 entries, got {len(responses)}")
+        for i, r in enumerate(responses):
+            if conversational and isinstance(r, list):
+                _check_messages(r, f"responses[{i}]", last_assistant=True)
+            elif not isinstance(r, str):
+                raise ValueError(f"'responses'[{i}] must be a string, got {type(r).__name__}")
+            elif not r.strip():
+                raise ValueError(f"'responses'[{i}] is an empty string")
+        for i, r in enumerate(ranks):
+            if isinstance(r, bool) or not isinstance(r, int):
+                raise ValueError(f"'ranks'[{i}] must be an int, got {type(r).__name__}")
+            if r < 0:
+                raise ValueError(f"'ranks'[{i}] must be >= 0 (0 = best), got {r}")
+        if len(set(ranks)) < 2:
+            raise ValueError("all 'ranks' are equal: the row carries no preference")
+    elif fmt == "sft":
+        _check_text(row, "prompt"), _check_text(row, "completion")
+    else:  # conversational_sft
+        if "messages" in row:
+            _check_messages(row["messages"], "messages", last_assistant=True)
+        else:
+            for key in ("prompt", "completion"):
+                if key not in row:
+                    raise ValueError(f"missing key {key!r}")
+            _check_messages(row["prompt"], "prompt")
+            _check_messages(row["completion"], "completion", last_assistant=True)
+    return fmt
+
+
+def validate_row(row, task: str | None = None) -> str:
+    """Check one row; return its format. ``ValueError`` says what is wrong (no location).
+
+    ``task`` (``"preference"``, ``"ranking"`` or ``"sft"``) also requires the row to be of that task.
+    """
+    if task is not None and task not in TASKS:
+        raise ValueError(f"task must be one of {TASKS} or None, got {task!r}")
+    return _validate(row, task)
+
+
+# ============================================================================ loading
+
+
+def _iter_source(source) -> Iterator[tuple[str, Any]]:
+    """Yield ``(location, row-or-exception)``; ``location`` is 'FILE, line N' or 'row N' (1-based)."""
+    if isinstance(source, (str, os.PathLike)):
+        path = Path(source)
+        with open(path, "rb") as f:
+            for lineno, raw in enumerate(f, start=1):
+                where = f"{path}, line {lineno}"
+                try:
+                    text = raw.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    yield where, ValueError(f"not valid UTF-8 ({e})")
+                    continue
+                if not text.strip():
+                    continue  # blank lines (e.g. a trailing newline) are not rows
+                try:
+                    yield where, json.loads(text)
+                except json.JSONDecodeError as e:
+                    yield where, ValueError(f"invalid JSON ({e.msg} at column {e.colno})")
+        return
+    if isinstance(source, (dict, bytes)):
+        raise TypeError("source must be a JSONL path or an iterable of row dicts, got a single "
+                        f"{type(source).__name__}")
+    try:
+        iterator = iter(source)
+    except TypeError:
+        raise TypeError("source must be a JSONL path or an iterable of row dicts, "
+                        f"got {type(source).__name__}") from None
+    for i, row in enumerate(iterator, start=1):
+        yield f"row {i}", row
+
+
+def _source_name(source) -> str:
+    if isinstance(source, (str, os.PathLike)):
+        return str(source)
+    return f"<{type(source).__name__}>"
+
+
+def load_rows(source, task: str | None = None, *, skip_malformed: bool = False, return_report: bool = False,
+              max_errors_kept: int = 20):
+    """Load and validate rows from a JSONL file or an iterable of dicts (a list, a ``datasets.Dataset``).
+
+    ``task`` (``"preference"``, ``"ranking"``, ``"sft"``) fixes what rows must be; with None the first
+    valid row decides and every later row must be of the same task (formats within it may mix).
+    A malformed row (invalid JSON, missing key, wrong type, empty string, ranks/responses length
+    mismatch, ...) raises ``ValueError`` naming the file and 1-based line (``"data.jsonl, line 7:
+    'chosen' is an empty string"``; ``"row 7"`` for in-memory sources). With ``skip_malformed=True``
+    such rows are skipped, counted and logged instead. Blank lines are ignored. No valid row at all
+    is an error either way.
+
+    Returns the list of rows (the dicts as given), or ``(rows, LoadReport)`` if ``return_report``.
+    """
+    if task is not None and task not in TASKS:
+        raise ValueError(f"task must be one of {TASKS} or None, got {task!r}")
+    report = LoadReport(source=_source_name(source))
+    rows: list[dict] = []
+    first_where = None
+    for where, item in _iter_source(source):
+        try:
+            if isinstance(item, Exception):
+                raise item
+            fmt = _validate(item, task)
+            if task is None:
+                task = FORMAT_TASK[fmt]
+                first_where = where
+        except ValueError as e:
+            msg = f"{where}: {e}"
+            if first_where is not None and "rows are expected" in str(e):
+                msg += f" (the task was set by {first_where})"
+            if not skip_malformed:
+                raise ValueError(msg) from None
+            report.skipped += 1
+            if len(report.errors) < max_errors_kept:
+                report.errors.append(msg)
+            continue
+        rows.append(item)
+        report.formats[fmt] = report.formats.get(fmt, 0) + 1
+    report.n_rows = len(rows)
+    if report.skipped:
+        logger.warning("%s: skipped %d malformed row(s); first: %s", report.source, report.skipped,
+                       report.errors[0] if report.errors else "")
+    if not rows:
+        raise ValueError(f"{report.source}: no valid rows" + (f" ({report.skipped} malformed skipped; first: "
+                                                               f"{report.errors[0]})" if report.skipped else ""))
+    return (rows, report) if return_report else rows
+
+
+# ============================================================================ tokenization
+
+
+EMBEDDED_TOKENIZER = "embedded"
+
+
+def load_tokenizer(spec=EMBEDDED_TOKENIZER):
+    """``"embedded"`` (or None): the built-in task's character tokenizer
+    (:func:`fastrm.tasks.arithmetic.build_tokenizer`); else a local tokenizer folder, loaded offline
+    with ``AutoTokenizer.from_pretrained(path, local_files_only=True)``. Nothing is downloaded.
+
+    A tokenizer without a pad token gets its EOS token as pad (logged); one without EOS is an error.
+    """
+    if spec is None or spec == EMBEDDED_TOKENIZER:
+        from fastrm.tasks.arithmetic import build_tokenizer
+
+        return build_tokenizer()
+    path = Path(spec)
+    if not path.is_dir():
+        raise ValueError(f"tokenizer {str(spec)!r} is neither {EMBEDDED_TOKENIZER!r} nor a local folder "
+                         "(fastrm never downloads; save the tokenizer with save_pretrained first)")
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    if tokenizer.eos_token_id is None:
+        raise ValueError(f"tokenizer {path} has no eos_token; fastrm ends every sequence with EOS")
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+        logger.info("tokenizer %s has no pad token: using its EOS token %r", path, tokenizer.eos_token)
+    return tokenizer
+
+
+
+def _special_ids(tokenizer) -> tuple[int | None, int]:
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise ValueError("the tokenizer has no eos_token; set tokenizer.eos_token before tokenizing")
+    return tokenizer.bos_token_id, eos
+
+
+def _render(tokenizer, prompt_msgs: list, response_msgs: list) -> tuple[str, str]:
+    """``(prompt_text, response_text)`` of a conversation through the tokenizer's chat template.
+
+    The prompt is rendered with the generation prompt; the response is what the full conversation
+    adds after it. For a template whose generation prompt is not a prefix of the full rendering, the
+    split falls back to the longest common prefix.
+    """
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError("conversational rows need a tokenizer with a chat_template")
+    full = tokenizer.apply_chat_template(prompt_msgs + response_msgs, tokenize=False)
+    if not prompt_msgs:
+        return "", full
+    prompt = tokenizer.apply_chat_template(prompt_msgs, tokenize=False, add_generation_prompt=True)
+    if full.startswith(prompt):
+        return prompt, full[len(prompt):]
+    p = _common_prefix_len(prompt, full)
+    return full[:p], full[p:]
+
+
+def _as_assistant(response) -> list:
+    return response if isinstance(response, list) else [{"role": "assistant", "content": response}]
+
+
+def _texts(row: dict, fmt: str, tokenizer) -> tuple[str, list[str]]:
+    """``(prompt_text, [response_text, ...])`` of a validated row."""
+    if fmt == "implicit_preference" or (fmt == "conversational_preference" and "prompt" not in row):
+        row = extract_prompt(row)
+        fmt = "conversational_preference" if isinstance(row["chosen"], list) else "preference"
+    if fmt == "preference":
+        return row["prompt"], [row["chosen"], row["rejected"]]
+    if fmt == "conversational_preference":
+        prompt, chosen = _render(tokenizer, row["prompt"], row["chosen"])
+        _, rejected = _render(tokenizer, row["prompt"], row["rejected"])
+        return prompt, [chosen, rejected]
+    if fmt == "ranking":
+        if isinstance(row["prompt"], list):
+            rendered = [_render(tokenizer, row["prompt"], _as_assistant(r)) for r in row["responses"]]
+            return rendered[0][0], [r for _, r in rendered]
+        return row["prompt"], list(row["responses"])
+    if fmt == "sft":
+        return row["prompt"], [row["completion"]]
+    if "messages" in row:
+        prompt, completion = _render(tokenizer, row["messages"][:-1], row["messages"][-1:])
+    else:
+        prompt, completion = _render(tokenizer, row["prompt"], row["completion"])
+    return prompt, [completion]
+
+
+def _encode_all(tokenizer, texts: list[str]) -> list[list[int]]:
+    if not texts:
+        return []
+    return [list(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
+
+
+@dataclass
+class _Fitted:
+    head: list[int]
+    prompt: list[int]
+    responses: list[list[int]]
+    tails: list[list[int]]
+    truncated: bool
+
+    def sequences(self) -> list[list[int]]:
+        return [self.head + self.prompt + r + t for r, t in zip(self.responses, self.tails)]
+
+    @property
+    def prompt_len(self) -> int:
+        return len(self.head) + len(self.prompt)
+
+
+def _fit(prompt: list[int], responses: list[list[int]], bos, eos: int, max_length: int | None, mode: str,
+         *, eos_on_cut: bool) -> _Fitted | None:
+    """Lay out ``head + prompt + response + EOS`` for responses sharing one prompt, within max_length.
+
+    The prompt is cut from the left just enough for the longest response, so all responses still see
+    the same prompt; a response longer than the whole budget is cut from the right. ``eos_on_cut``:
+    whether a cut response still ends with EOS (yes for reward models, which read the EOS position;
+    no for SFT, which must not learn to stop mid-answer). Returns None if ``mode == "drop"`` and the
+    example does not fit.
+    """
+    head = []
+    if bos is not None:
+        head = [bos]
+        if prompt and prompt[0] == bos:  # the chat template already emitted BOS
+            prompt = prompt[1:]
+    responses = [r[:-1] if r and r[-1] == eos else r for r in responses]  # EOS is added below, once
+    tails = [[eos] for _ in responses]
+    fitted = _Fitted(head, prompt, responses, tails, truncated=False)
+    if max_length is None:
+        return fitted
+    budget = max_length - len(head) - 1
+    longest = max(len(r) for r in responses)
+    if len(prompt) + longest <= budget:
+        return fitted
+    if mode == "drop":
+        return None
+    keep = max(0, budget - longest)
+    fitted.prompt = prompt[len(prompt) - keep:] if keep else []
+    fitted.truncated = True
+    if longest > budget:
+        new_responses, new_tails = [], []
+        for r in responses:
+            if len(r) > budget:
+                if eos_on_cut:
+                    new_responses.append(r[:budget]), new_tails.append([eos])
+                else:
+                    new_responses.append(r[:budget + 1]), new_tails.append([])
+            else:
+                new_responses.append(r), new_tails.append([eos])
+        fitted.responses, fitted.tails = new_responses, new_tails
+    return fitted
+
+
+def _prepare(rows, tokenizer, max_length, truncation, task: str):
+    if truncation not in TRUNCATION_MODES:
+        raise ValueError(f"truncation must be one of {TRUNCATION_MODES}, got {truncation!r}")
+    bos, eos = _special_ids(tokenizer)
+    if max_length is not None:
+        need = (bos is not None) + 2
+        if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < need:
+            raise ValueError(f"max_length must be None or an int >= {need} (BOS + 1 token + EOS), got {max_length!r}")
+    if isinstance(rows, (str, os.PathLike)):
+        rows = load_rows(rows, task)
+    rows = list(rows)
+    texts, layout = [], []
+    for i, row in enumerate(rows, start=1):
+        try:
+            fmt = _validate(row, task)
+        except ValueError as e:
+            raise ValueError(f"row {i}: {e}") from None
+        prompt, responses = _texts(row, fmt, tokenizer)
+        layout.append((len(texts), len(responses)))
+        texts.append(prompt)
+        texts.extend(responses)
+    ids = _encode_all(tokenizer, texts)
+    encoded = [(ids[start], ids[start + 1:start + 1 + k]) for start, k in layout]
+    return rows, encoded, bos, eos
+
+
+def tokenize_preference(rows, tokenizer, max_length: int | None = None, truncation: str = "truncate"):
+    """Tokenize preference rows (any preference format) into ``{"chosen_ids", "rejected_ids",
+    "prompt_len", "margin"?}`` examples (lists of ints; ``prompt_len`` counts BOS + kept prompt tokens,
+    shared by both sequences).
+
+    ``rows``: validated rows or a JSONL path. Returns ``(examples, TokenizeReport)``.
+    """
+    rows, encoded, bos, eos = _prepare(rows, tokenizer, max_length, truncation, "preference")
+    report = TokenizeReport(n_rows=len(rows))
+    examples = []
+    for row, (prompt, responses) in zip(rows, encoded):
+        fitted = _fit(prompt, responses, bos, eos, max_length, truncation, eos_on_cut=True)
+        if fitted is None:
+            report.dropped += 1
+            continue
+        report.truncated += fitted.truncated
+        chosen, rejected = fitted.sequences()
+        ex = {"chosen_ids": chosen, "rejected_ids": rejected, "prompt_len": fitted.prompt_len}
+        if row.get("margin") is not None:
+            ex["margin"] = float(row["margin"])
+        examples.append(ex)
+    report.n_examples = len(examples)
+    logger.info("tokenize_preference: %s", report)
+    return examples, report
+
+
+def tokenize_ranking(rows, tokenizer, max_length: int | None = None, truncation: str = "truncate"):
+    """Tokenize K-way rows into ``{"response_ids": [K lists], "ranks": [K], "prompt_len"}`` examples.
+
+    Returns ``(examples, TokenizeReport)``.
+    """
+    rows, encoded, bos, eos = _prepare(rows, tokenizer, max_length, truncation, "ranking")
+    report = TokenizeReport(n_rows=len(rows))
+    examples = []
+    for row, (prompt, responses) in zip(rows, encoded):
+        fitted = _fit(prompt, responses, bos, eos, max_length, truncation, eos_on_cut=True)
+        if fitted is None:
+            report.dropped += 1
+            continue
+        report.truncated += fitted.truncated
+        examples.append({"response_ids": fitted.sequences(), "ranks": list(row["ranks"]),
+                         "prompt_len": fitted.prompt_len})
+    report.n_examples = len(examples)
+    logger.info("tokenize_ranking: %s", report)
+    return examples, report
+
+
+def tokenize_sft(rows, tokenizer, max_length: int | None = None, truncation: str = "truncate"):
+    """Tokenize SFT rows into ``{"input_ids", "labels", "prompt_len"}``; ``labels`` is -100 on BOS and
+    prompt tokens (for ``messages`` rows: everything before the last assistant turn), the token ids
+    elsewhere (the completion and its EOS; a completion cut by truncation gets no EOS).
+
+    Returns ``(examples, TokenizeReport)``.
+    """
+    rows, encoded, bos, eos = _prepare(rows, tokenizer, max_length, truncation, "sft")
+    report = TokenizeReport(n_rows=len(rows))
+    examples = []
+    for prompt, responses in encoded:
+        fitted = _fit(prompt, responses, bos, eos, max_length, truncation, eos_on_cut=False)
+        if fitted is None:
+            report.dropped += 1
+            continue
+        report.truncated += fitted.truncated
+        (input_ids,) = fitted.sequences()
+        n = fitted.prompt_len
+        examples.append({"input_ids": input_ids, "labels": [IGNORE_INDEX] * n + input_ids[n:], "prompt_len": n})
+    report.n_examples = len(examples)
+    logger.info("tokenize_sft: %s", report)
+    return examples, report
+
+
+# ============================================================================ collators
+
+
+def _check_examples(examples, name: str):
+    if not examples:
+        raise ValueError(f"{name}: got an empty batch")
+
+
+def _round_up(n: int, multiple: int | None) -> int:
+    if not multiple:
+        return n
+    return -(-n // multiple) * multiple
+
+
+def _pad(seqs: list[list[int]], value: int, length: int) -> torch.Tensor:
+    out = torch.full((len(seqs), length), value, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        if s:
+            out[i, :len(s)] = torch.as_tensor(s, dtype=torch.long)
+    return out
+
+
+def _attention_mask(seqs: list[list[int]], length: int) -> torch.Tensor:
+    lengths = torch.tensor([len(s) for s in seqs], dtype=torch.long)
+    return (torch.arange(length).unsqueeze(0) < lengths.unsqueeze(1)).long()
+
+
+def _margins(examples) -> torch.Tensor | None:
+    if not any(e.get("margin") is not None for e in examples):
+        return None
+    # A pair without a margin has margin 0 (the loss without a margin).
+    return torch.tensor([float(e.get("margin") or 0.0) for e in examples], dtype=torch.float32)
+
+
+def _pack(seqs: list[list[int]]) -> dict:
+    lengths = [len(s) for s in seqs]
+    if min(lengths) == 0:
+        raise ValueError("cannot pack an empty sequence")
+    flat = [t for s in seqs for t in s]
+    cu = torch.zeros(len(seqs) + 1, dtype=torch.int32)
+    cu[1:] = torch.cumsum(torch.tensor(lengths, dtype=torch.int64), 0).to(torch.int32)
+    position_ids = torch.cat([torch.arange(n, dtype=torch.long) for n in lengths])
+    return {
+        "input_ids": torch.tensor(flat, dtype=torch.long).unsqueeze(0),
+        "position_ids": position_ids.unsqueeze(0),
+        "seq_ends": cu[1:].to(torch.long) - 1,
+        "cu_seq_lens": cu,
+        "max_length": max(lengths),
+    }
+
+
+def collate_preference_padded(examples: Sequence[dict], pad_id: int, pad_to_multiple_of: int | None = None) -> dict:
+    """``{"input_ids": [2B, L], "attention_mask": [2B, L], "margin"?: [B] float32}``, right-padded with
+    ``pad_id``; rows ``0..B-1`` are the chosen sequences and rows ``B..2B-1`` the rejected ones."""
+    _check_examples(examples, "collate_preference_padded")
+    seqs = [e["chosen_ids"] for e in examples] + [e["rejected_ids"] for e in examples]
+    length = _round_up(max(len(s) for s in seqs), pad_to_multiple_of)
+    batch = {"input_ids": _pad(seqs, pad_id, length), "attention_mask": _attention_mask(seqs, length)}
+    margin = _margins(examples)
+    if margin is not None:
+        batch["margin"] = margin
+    return batch
+
+
+def collate_preference_packed(examples: Sequence[dict]) -> dict:
+    """Padding-free: all 2B sequences (B chosen, then B rejected) concatenated into one row.
+
+    ``{"input_ids": [1, S], "position_ids": [1, S] (0 at each sequence start), "seq_ends": [2B] long
+    (index of each sequence's last token), "cu_seq_lens": [2B+1] int32, "max_length": int,
+    "margin"?: [B]}``; S is the total token count.
+    """
+    _check_examples(examples, "collate_preference_packed")
+    batch = _pack([e["chosen_ids"] for e in examples] + [e["rejected_ids"] for e in examples])
+    margin = _margins(examples)
+    if margin is not None:
+        batch["margin"] = margin
+    return batch
+
+
+def collate_ranking_padded(examples: Sequence[dict], pad_id: int, dummy_id: int | None = None,
+                           pad_to_multiple_of: int | None = None) -> dict:
+    """``{"input_ids": [B*K, L], "attention_mask": [B*K, L], "ranks": [B, K] long}``; row ``b*K + k``
+    is response k of example b. K is the largest response count in the batch; a missing response
+    gets rank -1 and a 1-token dummy sequence (``dummy_id``, default: the example's first token,
+    i.e. BOS) with attention on that token, so no row is fully masked."""
+    _check_examples(examples, "collate_ranking_padded")
+    k = max(len(e["response_ids"]) for e in examples)
+    seqs, ranks = [], torch.full((len(examples), k), -1, dtype=torch.long)
+    for b, e in enumerate(examples):
+        if len(e["response_ids"]) != len(e["ranks"]):
+            raise ValueError(f"collate_ranking_padded: example {b} has {len(e['response_ids'])} responses but "
+                             f"{len(e['ranks'])} ranks")
+        dummy = [e["response_ids"][0][0] if dummy_id is None else dummy_id]
+        seqs.extend(e["response_ids"])
+        seqs.extend([dummy] * (k - len(e["response_ids"])))
+        ranks[b, :len(e["ranks"])] = torch.as_tensor(e["ranks"], dtype=torch.long)
+    length = _round_up(max(len(s) for s in seqs), pad_to_multiple_of)
+    return {"input_ids": _pad(seqs, pad_id, length), "attention_mask": _attention_mask(seqs, length), "ranks": ranks}
+
+
+def collate_sft_padded(examples: Sequence[dict], pad_id: int, pad_to_multiple_of: int | None = None) -> dict:
+    """``{"input_ids": [B, L], "labels": [B, L] (-100 on prompt and padding), "attention_mask": [B, L]}``."""
+    _check_examples(examples, "collate_sft_padded")
+    seqs = [e["input_ids"] for e in examples]
+    length = _round_up(max(len(s) for s in seqs), pad_to_multiple_of)
+    return {"input_ids": _pad(seqs, pad_id, length),
+            "labels": _pad([e["labels"] for e in examples], IGNORE_INDEX, length),
+            "attention_mask": _attention_mask(seqs, length)}
+
+
+def collate_sft_packed(examples: Sequence[dict]) -> dict:
+    """Padding-free SFT: ``{"input_ids": [1, S], "labels": [1, S], "position_ids": [1, S],
+    "cu_seq_lens": [B+1] int32, "max_length": int, "seq_ends": [B]}``. The first label of every
+    sequence is -100 too, so nothing is learned across a sequence boundary."""
+    _check_examples(examples, "collate_sft_packed")
+    batch = _pack([e["input_ids"] for e in examples])
+    labels = []
+    for e in examples:
+        labels.append(IGNORE_INDEX)
+        labels.extend(e["labels"][1:])
+    batch["labels"] = torch.tensor(labels, dtype=torch.long).unsqueeze(0)
+    return batch
+
+
+# ============================================================================ batching
+
+
+def num_batches(n: int, batch_size: int, drop_last: bool = False) -> int:
+    return n // batch_size if drop_last else -(-n // batch_size)
+
+
+def _check_batch_size(batch_size):
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+
+
+def epoch_order(n: int, batch_size: int, seed: int, epoch: int, drop_last: bool = False, *,
+                shuffle: bool = True) -> list[list[int]]:
+    """The batches of epoch ``epoch`` as lists of indices into ``range(n)``, fixed by ``(seed, epoch)``.
+
+    The permutation comes from Python's ``random`` seeded with a string of ``seed`` and ``epoch``
+    (stable across Python versions and platforms), so a resumed run reproduces it exactly.
+    ``drop_last`` drops a final short batch.
+    """
+    _check_batch_size(batch_size)
+    order = list(range(n))
+    if shuffle:
+        random.Random(f"fastrm.epoch_order:{seed}:{epoch}").shuffle(order)
+    return [order[b * batch_size:(b + 1) * batch_size] for b in range(num_batches(n, batch_size, drop_last))]
+
+
+def iterate_batches(examples: Sequence, batch_size: int, seed: int, epoch: int, drop_last: bool = False, *,
+                    shuffle: bool = True, start_batch: int = 0) -> Iterator[list]:
+    """Yield the batches of :func:`epoch_order` as lists of examples, from batch ``start_batch`` on
+    (a resumed run skips the batches it already did and continues exactly)."""
+    for indices in epoch_order(len(examples), batch_size, seed, epoch, drop_last, shuffle=shuffle)[start_batch:]:
+        yield [examples[i] for i in indices]
+
+
+__all__ = [
+    "FORMATS",
+    "IGNORE_INDEX",
+    "LoadReport",
+    "TokenizeReport",
+    "collate_preference_packed",
+    "collate_preference_padded",
+    "collate_ranking_padded",
+    "collate_sft_packed",
+    "collate_sft_padded",
+    "detect_format",
+    "epoch_order",
+    "extract_prompt",
+    "iterate_batches",
+    "load_rows",
+    "load_tokenizer",
+    "num_batches",
+    "tokenize_preference",
+    "tokenize_ranking",
+    "tokenize_sft",
+    "validate_row",
+]
+
+
+def count_tokens(batch: dict) -> int:
+    """Real (non-pad) tokens in a collated batch: every token of a packed row, the mask's ones otherwise."""
+    if "attention_mask" in batch:
+        return int(batch["attention_mask"].sum())
+    return int(batch["input_ids"].numel())
+
+
+def load_train_eval(train_data, eval_data, eval_fraction: float, seed: int, skip_malformed: bool = False):
+    """Rows of ``train_data`` and of ``eval_data``; without ``eval_data``, a seeded ``eval_fraction``
+    of ``train_data`` is held out instead. Skipped malformed rows are logged."""
+    train, report = load_rows(train_data, skip_malformed=skip_malformed, return_report=True)
+    if report.skipped:
+        logger.warning("skipped %d malformed rows of %s", report.skipped, train_data)
+    if eval_data is not None:
+        return train, load_rows(eval_data, skip_malformed=skip_malformed)
+    n_eval = int(len(train) * eval_fraction)
+    order = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed)).tolist()
+    return [train[i] for i in order[n_eval:]], [train[i] for i in order[:n_eval]]

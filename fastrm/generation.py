@@ -1,0 +1,56 @@
+"""Batched sampling with the Hugging Face ``generate`` API (KV cache), prompts left-padded."""
+
+from __future__ import annotations
+
+import torch
+
+
+def encode_prompts(tokenizer, prompts: list[str], device) -> dict:
+    """Left-padded ``input_ids`` / ``attention_mask`` (the tokenizer adds BOS if it has one)."""
+    ids = [tokenizer(p)["input_ids"] for p in prompts]
+    length = max(len(x) for x in ids)
+    pad = tokenizer.pad_token_id
+    input_ids = torch.full((len(ids), length), pad, dtype=torch.long)
+    attention_mask = torch.zeros((len(ids), length), dtype=torch.long)
+    for i, x in enumerate(ids):
+        input_ids[i, length - len(x):] = torch.tensor(x, dtype=torch.long)
+        attention_mask[i, length - len(x):] = 1
+    return {"input_ids": input_ids.to(device), "attention_mask": attention_mask.to(device)}
+
+
+@torch.no_grad()
+def generate(model, tokenizer, prompts: list[str], *, max_new_tokens: int, do_sample: bool = True,
+             temperature: float = 1.0, top_p: float = 1.0, num_return_sequences: int = 1) -> dict:
+    """Sample completions. Returns ``prompt_ids`` [N, P] (left-padded), ``completion_ids`` [N, C]
+    (right-padded with pad after EOS), ``completion_mask`` [N, C] (1 up to and including EOS)."""
+    device = next(model.parameters()).device
+    enc = encode_prompts(tokenizer, prompts, device)
+    kwargs = {"do_sample": do_sample, "max_new_tokens": max_new_tokens, "num_return_sequences": num_return_sequences,
+              "pad_token_id": tokenizer.pad_token_id, "eos_token_id": tokenizer.eos_token_id, "use_cache": True}
+    if do_sample:
+        kwargs.update(temperature=temperature, top_p=top_p, top_k=0)
+    out = model.generate(**enc, **kwargs)
+    prompt_len = enc["input_ids"].shape[1]
+    completion = out[:, prompt_len:]
+    is_eos = completion == tokenizer.eos_token_id
+    # 1 up to and including the first EOS, 0 after it.
+    after_eos = (is_eos.cumsum(1) - is_eos.long()) > 0
+    completion_mask = (~after_eos).long()
+    completion = completion.masked_fill(after_eos, tokenizer.pad_token_id)
+    prompt_ids = enc["input_ids"].repeat_interleave(num_return_sequences, 0)
+    prompt_mask = enc["attention_mask"].repeat_interleave(num_return_sequences, 0)
+    return {"prompt_ids": prompt_ids, "prompt_mask": prompt_mask, "completion_ids": completion,
+            "completion_mask": completion_mask}
+
+
+def decode_completions(tokenizer, completion_ids, completion_mask) -> list[str]:
+    texts = []
+    for ids, mask in zip(completion_ids.tolist(), completion_mask.tolist()):
+        kept = [t for t, m in zip(ids, mask) if m and t != tokenizer.eos_token_id]
+        texts.append(tokenizer.decode(kept, skip_special_tokens=True))
+    return texts
+
+
+def generate_completions(model, tokenizer, prompts: list[str], **kwargs) -> list[str]:
+    out = generate(model, tokenizer, prompts, **kwargs)
+    return decode_completions(tokenizer, out["completion_ids"], out["completion_mask"])

@@ -1,0 +1,346 @@
+"""``linear_logprobs``: per-token log-probs (and entropy) of an LM head's logits, never holding ``[N, V]``.
+
+``log_softmax((hidden @ weight.T + bias) / temperature)[labels]`` for the policy's last hidden states
+``hidden [..., H]`` and its LM head ``weight [V, H]``. The tokens are processed in chunks of
+``chunk_size`` rows: each chunk's logits ``[C, V]`` are computed with one matmul (cuBLAS / ATen, in
+the inputs' dtype) and handed to the ``gather_logprobs`` forward (the Triton kernel, or the PyTorch
+block code); only the per-token log-prob, log-sum-exp and entropy are kept.
+
+The upstream gradient is per token and unknown in forward, so nothing is precomputed there (unlike a
+fused cross-entropy, whose upstream gradient is a scalar): backward recomputes each chunk's logits,
+runs the ``gather_logprobs`` backward *in place* into that buffer, and turns it into
+``d hidden = g @ weight``, ``d weight += g.T @ hidden``, ``d bias += g.sum(0)`` (as Apple's
+cut-cross-entropy does). One ``[C, V]`` buffer is reused by every chunk, so the extra memory is about
+``C x V`` elements plus what the gradients themselves need, whatever the number of tokens.
+
+Rows whose label is ``ignore_index`` are dropped before any matmul (their log-prob, entropy and
+gradient are zero), so prompt and padding tokens cost nothing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from torch import nn
+from torch.autograd.function import once_differentiable
+
+from fastrm._checks import FLOAT_DTYPES, INT_DTYPES, check_finite, check_positive, check_same_device, check_tensor
+from fastrm._checks import value_checks_enabled
+from fastrm._dispatch import resolve_backend
+from fastrm.kernels import new_output
+from fastrm.kernels.logprobs import logprob_bwd, logprob_fwd
+from fastrm.ops.logprobs import torch_block_bwd, torch_block_fwd
+
+OP = "linear_logprobs"
+# The default chunk holds about this many logits. CPU: 16 MB of float32, like gather_logprobs' torch
+# path. CUDA: 256 MB of bf16 (C ~ 1000 rows at V = 128k), big enough that every matmul runs at full
+# speed and that the per-chunk accumulation of the float32 d weight stays a small share of the time.
+CHUNK_ELEMENTS_CPU = 1 << 22
+CHUNK_ELEMENTS_CUDA = 1 << 27
+_HALF = (torch.bfloat16, torch.float16)
+
+
+def default_chunk_size(V: int, device: torch.device) -> int:
+    """Rows per chunk so that one chunk of logits ``[C, V]`` holds about the device's element budget."""
+    budget = CHUNK_ELEMENTS_CUDA if torch.device(device).type == "cuda" else CHUNK_ELEMENTS_CPU
+    return max(1, budget // V)
+
+
+def _check_inputs(hidden, weight, labels, bias, temperature, ignore_index, chunk_size):
+    check_tensor(OP, "hidden", hidden, dtypes=FLOAT_DTYPES, min_ndim=1)
+    check_tensor(OP, "weight", weight, dtypes=FLOAT_DTYPES, ndim=2)
+    if weight.dtype != hidden.dtype:
+        raise TypeError(f"{OP}: weight must have the same dtype as hidden ({hidden.dtype}), got {weight.dtype}")
+    H = hidden.shape[-1]
+    if weight.shape[1] != H:
+        raise ValueError(
+            f"{OP}: weight must have shape [V, H] with H = hidden.shape[-1] = {H}, got {tuple(weight.shape)}"
+        )
+    V = weight.shape[0]
+    if bias is not None:
+        check_tensor(OP, "bias", bias, dtypes=FLOAT_DTYPES, ndim=1)
+        if bias.dtype != hidden.dtype:
+            raise TypeError(f"{OP}: bias must have the same dtype as hidden ({hidden.dtype}), got {bias.dtype}")
+        if bias.shape[0] != V:
+            raise ValueError(f"{OP}: bias must have shape [V] = [{V}] (weight.shape[0]), got {tuple(bias.shape)}")
+    check_tensor(OP, "labels", labels, dtypes=INT_DTYPES)
+    if labels.shape != hidden.shape[:-1]:
+        raise ValueError(
+            f"{OP}: labels must have shape hidden.shape[:-1] = {tuple(hidden.shape[:-1])}, got {tuple(labels.shape)}"
+        )
+    check_same_device(OP, {"hidden": hidden, "weight": weight, "bias": bias, "labels": labels})
+    check_positive(OP, "temperature", temperature)
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise TypeError(f"{OP}: ignore_index must be an int, got {type(ignore_index).__name__}")
+    if chunk_size is not None:
+        if isinstance(chunk_size, bool) or not isinstance(chunk_size, int):
+            raise TypeError(f"{OP}: chunk_size must be an int >= 1 or None, got {type(chunk_size).__name__}")
+        if chunk_size < 1:
+            raise ValueError(f"{OP}: chunk_size must be an int >= 1 or None, got {chunk_size}")
+    if value_checks_enabled():
+        bad = (labels != ignore_index) & ((labels < 0) | (labels >= V))
+        if bool(bad.any()):
+            value = labels[bad].flatten()[0].item()
+            raise ValueError(f"{OP}: labels must lie in [0, {V}) or equal ignore_index={ignore_index}, found {value}")
+
+
+_AUTOCAST_DEVICES = ("cuda", "cpu")
+
+
+def _autocast_inputs(hidden, weight, bias):
+    """Under ``torch.autocast`` run the head in the autocast dtype, as ``lm_head(hidden)`` would: cast the
+    float32/half inputs (differentiably, so float32 master weights get float32 gradients). Autocast
+    itself is off inside the op, whose matmuls write into buffers of the inputs' dtype."""
+    if not isinstance(hidden, torch.Tensor) or hidden.device.type not in _AUTOCAST_DEVICES:
+        return hidden, weight, bias
+    device_type = hidden.device.type
+    if not torch.is_autocast_enabled(device_type):
+        return hidden, weight, bias
+    target = torch.get_autocast_dtype(device_type)
+
+    def cast(x):
+        eligible = isinstance(x, torch.Tensor) and x.dtype in (torch.float32, torch.bfloat16, torch.float16)
+        return x.to(target) if eligible else x
+
+    return cast(hidden), cast(weight), cast(bias)
+
+
+def _no_autocast(device):
+    if device.type in _AUTOCAST_DEVICES:
+        return torch.autocast(device_type=device.type, enabled=False)
+    return contextlib.nullcontext()
+
+
+def _rows(x, kept, start, end):
+    """Rows ``start:end`` of the kept tokens: a view when every token is kept, else a gather."""
+    return x[start:end] if kept is None else x.index_select(0, kept[start:end])
+
+
+def _put(out, kept, start, end, values):
+    if kept is None:
+        out[start:end] = values
+    else:
+        out.index_copy_(0, kept[start:end], values)
+
+
+def _chunk_logits(buf, hidden_c, weight, bias):
+    """``hidden_c @ weight.T (+ bias)`` written into the reused logits buffer."""
+    if bias is None:
+        return torch.mm(hidden_c, weight.t(), out=buf)
+    return torch.addmm(bias, hidden_c, weight.t(), out=buf)
+
+
+class _LinearLogprobs(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, labels, backend, temperature, ignore_index, return_entropy, chunk_size):
+        with _no_autocast(hidden.device):
+            return _LinearLogprobs._forward(ctx, hidden, weight, bias, labels, backend, temperature, ignore_index,
+                                            return_entropy, chunk_size)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_logprobs, grad_entropy=None):
+        with _no_autocast(ctx.device):
+            return _LinearLogprobs._backward(ctx, grad_logprobs, grad_entropy)
+
+    @staticmethod
+    def _forward(ctx, hidden, weight, bias, labels, backend, temperature, ignore_index, return_entropy, chunk_size):
+        # hidden [N, H], labels [N] contiguous.
+        N, V = hidden.shape[0], weight.shape[0]
+        device = hidden.device
+        compute_dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+        keep = labels != ignore_index
+        kept = keep.nonzero().squeeze(1)
+        n_kept = kept.numel()
+        if n_kept == N:
+            kept = None  # every token counts: chunks are plain row slices, no gathers
+        logprobs = new_output((N,), dtype=compute_dtype, device=device)
+        lse = new_output((N,), dtype=compute_dtype, device=device)
+        entropy = new_output((N,), dtype=compute_dtype, device=device) if return_entropy else None
+        if n_kept:
+            buf_all = torch.empty(min(chunk_size, n_kept), V, dtype=hidden.dtype, device=device)
+        for start in range(0, n_kept, chunk_size):
+            end = min(n_kept, start + chunk_size)
+            labels_c = _rows(labels, kept, start, end)
+            logits_c = _chunk_logits(buf_all[: end - start], _rows(hidden, kept, start, end), weight, bias)
+            if backend == "triton":
+                n = end - start
+                lp_c, ent_c, lse_c = logprob_fwd(logits_c, (n, n, 0, V), labels_c, temperature, ignore_index,
+                                                 return_entropy)
+            else:
+                lp_c, lse_c, ent_c = torch_block_fwd(logits_c, labels_c, temperature, ignore_index, return_entropy)
+            _put(logprobs, kept, start, end, lp_c)
+            _put(lse, kept, start, end, lse_c)
+            if return_entropy:
+                _put(entropy, kept, start, end, ent_c)
+        if kept is not None or n_kept == 0:
+            ignored = ~keep
+            logprobs.masked_fill_(ignored, 0.0)
+            lse.masked_fill_(ignored, 0.0)
+            if return_entropy:
+                entropy.masked_fill_(ignored, 0.0)
+        check_finite(OP, "logits (hidden @ weight.T + bias)", lse, " in a row whose label is not ignore_index")
+        ctx.save_for_backward(hidden, weight, bias, labels, kept, lse, entropy)
+        ctx.backend, ctx.temperature, ctx.ignore_index = backend, temperature, ignore_index
+        ctx.return_entropy, ctx.chunk_size, ctx.n_kept, ctx.device = return_entropy, chunk_size, n_kept, device
+        return (logprobs, entropy) if return_entropy else logprobs
+
+    @staticmethod
+    def _backward(ctx, grad_logprobs, grad_entropy):
+        hidden, weight, bias, labels, kept, lse, entropy = ctx.saved_tensors
+        need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
+        nones = (None,) * 6
+        if not (need_hidden or need_weight or need_bias):
+            return (None, None, None) + nones
+        N, H = hidden.shape
+        V = weight.shape[0]
+        dtype, device = hidden.dtype, hidden.device
+        compute_dtype = lse.dtype
+        chunk_size, n_kept, temperature, ignore_index = ctx.chunk_size, ctx.n_kept, ctx.temperature, ctx.ignore_index
+        n_chunks = -(-n_kept // chunk_size)
+
+        grad_logprobs = (torch.zeros_like(lse) if grad_logprobs is None
+                         else grad_logprobs.reshape(-1).to(compute_dtype).contiguous())
+        use_entropy = ctx.return_entropy and grad_entropy is not None
+        if use_entropy:
+            grad_entropy = grad_entropy.reshape(-1).to(compute_dtype).contiguous()
+
+        grad_hidden = grad_weight = grad_bias = None
+        if need_hidden:
+            grad_hidden = new_output((N, H), dtype=dtype, device=device)
+            if kept is not None or n_kept == 0:
+                grad_hidden.masked_fill_((labels == ignore_index).unsqueeze(-1), 0.0)
+        # Half inputs: d weight and d bias sum over all chunks in float32 and are rounded once at the end.
+        accumulate_fp32 = dtype in _HALF and n_chunks > 1
+        if need_weight and (accumulate_fp32 or n_chunks == 0):
+            grad_weight = torch.zeros(V, H, dtype=torch.float32 if accumulate_fp32 else dtype, device=device)
+        if need_bias:
+            grad_bias = torch.zeros(V, dtype=torch.float32 if dtype in _HALF else dtype, device=device)
+        # The half product of a chunk is added to the float32 d weight in slices of this many vocab rows,
+        # so its temporary stays within one chunk's worth of elements.
+        vocab_block = max(1, (chunk_size * V) // H)
+
+        if n_kept:
+            buf_all = torch.empty(min(chunk_size, n_kept), V, dtype=dtype, device=device)
+        for start in range(0, n_kept, chunk_size):
+            end = min(n_kept, start + chunk_size)
+            n = end - start
+            hidden_c = _rows(hidden, kept, start, end)
+            labels_c = _rows(labels, kept, start, end)
+            lse_c = _rows(lse, kept, start, end)
+            grad_lp_c = _rows(grad_logprobs, kept, start, end)
+            ent_c = _rows(entropy, kept, start, end) if use_entropy else None
+            grad_ent_c = _rows(grad_entropy, kept, start, end) if use_entropy else None
+            # Recompute the chunk's logits, then overwrite them with d logits.
+            g = _chunk_logits(buf_all[:n], hidden_c, weight, bias)
+            if ctx.backend == "triton":
+                layout = (n, n, 0, V)
+                logprob_bwd(g, layout, labels_c, lse_c, ent_c, grad_lp_c, grad_ent_c, temperature, ignore_index,
+                            g, layout)
+            else:
+                torch_block_bwd(g, labels_c, lse_c, ent_c, grad_lp_c, grad_ent_c, temperature, ignore_index, out=g)
+            if need_hidden:
+                if kept is None:
+                    torch.mm(g, weight, out=grad_hidden[start:end])
+                else:
+                    grad_hidden.index_copy_(0, kept[start:end], torch.mm(g, weight))
+            if need_weight:
+                if accumulate_fp32:
+                    for v0 in range(0, V, vocab_block):
+                        v1 = min(V, v0 + vocab_block)
+                        grad_weight[v0:v1].add_(torch.mm(g[:, v0:v1].t(), hidden_c))
+                elif grad_weight is None:
+                    grad_weight = torch.mm(g.t(), hidden_c)
+                else:
+                    grad_weight.addmm_(g.t(), hidden_c)
+            if need_bias:
+                grad_bias.add_(g.sum(0, dtype=grad_bias.dtype))
+        if grad_weight is not None:
+            grad_weight = grad_weight.to(dtype)
+        if grad_bias is not None:
+            grad_bias = grad_bias.to(dtype)
+        return (grad_hidden, grad_weight, grad_bias) + nones
+
+
+def linear_logprobs(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    bias: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+    return_entropy: bool = False,
+    chunk_size: int | None = None,
+    backend: str | None = None,
+):
+    """``log_softmax((hidden @ weight.T + bias) / temperature)[..., labels]`` without the ``[N, V]`` logits.
+
+    Args:
+        hidden: ``[..., H]`` last hidden states, float32 / bfloat16 / float16 (float64 on the torch
+            backend). Any strides; a non-contiguous view is copied once (``N x H``, not ``N x V``).
+        weight: ``[V, H]`` LM head weight (``lm_head.weight``), same dtype and device as ``hidden``.
+        labels: ``[...]`` (= ``hidden.shape[:-1]``) integer token ids in ``[0, V)``, or ``ignore_index``.
+        bias: optional ``[V]`` LM head bias, same dtype as ``hidden``.
+        temperature: sampling temperature the log-probs are taken at (> 0).
+        ignore_index: label value whose position gets log-prob 0, entropy 0 and no gradient; such rows
+            are skipped before the matmul and cost nothing.
+        return_entropy: also return the entropy of ``softmax(logits / temperature)`` per position.
+        chunk_size: tokens per chunk (int >= 1). Default: about 2**22 logits per chunk on CPU and 2**27
+            on CUDA (:func:`default_chunk_size`). Peak extra memory is about ``chunk_size x V`` elements.
+        backend: ``"auto"`` (Triton on CUDA, PyTorch elsewhere), ``"triton"`` or ``"torch"``; the
+            matmuls always run in PyTorch, the backend picks the log-softmax/gather code per chunk.
+
+    Returns:
+        float32 log-probs ``[...]`` (float64 for float64 inputs), and the entropy if asked.
+        Gradients flow to ``hidden``, ``weight`` and ``bias`` (for half inputs, ``d weight`` and
+        ``d bias`` are accumulated over chunks in float32).
+
+    Under ``torch.autocast`` the float inputs are first cast to the autocast dtype (the head then runs in,
+    say, bf16 exactly as ``lm_head(hidden)`` would), so a bf16 ``hidden`` and a float32 ``weight`` mix there.
+    """
+    hidden, weight, bias = _autocast_inputs(hidden, weight, bias)
+    _check_inputs(hidden, weight, labels, bias, temperature, ignore_index, chunk_size)
+    chosen = resolve_backend(backend, hidden.device, OP, hidden.dtype, "hidden")
+    H, V = hidden.shape[-1], weight.shape[0]
+    hidden_2d = hidden.reshape(-1, H)
+    flat_labels = labels.reshape(-1).contiguous()
+    if chunk_size is None:
+        chunk_size = default_chunk_size(V, hidden.device)
+    out = _LinearLogprobs.apply(hidden_2d, weight, bias, flat_labels, chosen, float(temperature), ignore_index,
+                                bool(return_entropy), chunk_size)
+    if return_entropy:
+        logprobs, entropy = out
+        return logprobs.view(labels.shape), entropy.view(labels.shape)
+    return out.view(labels.shape)
+
+
+class LinearLogprobs(nn.Module):
+    """Module form of :func:`linear_logprobs`: ``forward(hidden, weight, labels, bias=None)``.
+
+    Stateless (it owns no parameters, so the LM head is never registered twice): pass the head's
+    weight tensor, or the ``nn.Linear`` head itself, whose ``weight`` and ``bias`` are then used::
+
+        logprobs = LinearLogprobs(temperature=0.7)(hidden, model.lm_head, labels)
+    """
+
+    def __init__(self, temperature: float = 1.0, ignore_index: int = -100, return_entropy: bool = False,
+                 chunk_size: int | None = None, backend: str | None = None):
+        super().__init__()
+        check_positive(OP, "temperature", temperature)
+        self.temperature, self.ignore_index, self.return_entropy = float(temperature), ignore_index, return_entropy
+        self.chunk_size, self.backend = chunk_size, backend
+
+    def forward(self, hidden, weight, labels, bias=None):
+        if isinstance(weight, nn.Linear):
+            if bias is not None:
+                raise ValueError(f"{OP}: bias must be None when weight is an nn.Linear (its own bias is used)")
+            weight, bias = weight.weight, weight.bias
+        return linear_logprobs(hidden, weight, labels, bias=bias, temperature=self.temperature,
+                               ignore_index=self.ignore_index, return_entropy=self.return_entropy,
+                               chunk_size=self.chunk_size, backend=self.backend)
+
+    def extra_repr(self):
+        return (f"temperature={self.temperature}, ignore_index={self.ignore_index}, "
+                f"return_entropy={self.return_entropy}, chunk_size={self.chunk_size}")

@@ -1,0 +1,354 @@
+"""Pieces every trainer loop shares: device and seed, optimizer and schedule, metrics, checkpoints.
+
+Kept as plain functions and two small classes so each trainer file reads as one loop.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger("fastrm")
+
+CHECKPOINT_PREFIX = "checkpoint-"
+STATE_FILE = "trainer_state.pt"
+LATEST_FILE = "latest"
+
+
+def validate_loop_settings(config):
+    """Checks of the settings every trainer config shares (each trainer adds its own)."""
+    from fastrm.config import require
+
+    config.model.validate()
+    for name in ("batch_size", "grad_accum_steps", "max_steps", "max_length", "log_steps", "eval_steps",
+                 "save_steps"):
+        require(getattr(config, name) >= 1, name, getattr(config, name), "must be >= 1")
+    require(config.lr > 0, "lr", config.lr, "must be > 0")
+    require(config.warmup_steps >= 0, "warmup_steps", config.warmup_steps, "must be >= 0")
+    require(config.max_grad_norm > 0, "max_grad_norm", config.max_grad_norm, "must be > 0")
+    require(0 <= config.eval_fraction < 1, "eval_fraction", config.eval_fraction, "must lie in [0, 1)")
+    require(config.truncation in ("truncate", "drop"), "truncation", config.truncation, "must be truncate or drop")
+    require(config.optimizer in ("auto", "adamw", "adamw8bit"), "optimizer", config.optimizer,
+            "must be auto, adamw or adamw8bit")
+    require(config.mixed_precision in ("auto", "bf16", "no"), "mixed_precision", config.mixed_precision,
+            "must be auto, bf16 or no")
+    require(config.backend in ("auto", "triton", "torch"), "backend", config.backend, "must be auto, triton or torch")
+
+
+def use_bf16_autocast(mixed_precision: str, device: torch.device) -> bool:
+    return mixed_precision == "bf16" or (mixed_precision == "auto" and device.type == "cuda")
+
+
+def autocast(enabled: bool, device: torch.device):
+    import contextlib
+
+    return torch.autocast(device.type, dtype=torch.bfloat16) if enabled else contextlib.nullcontext()
+
+
+class NonFiniteLossError(RuntimeError):
+    """Training stopped on a NaN/inf loss; the last good checkpoint is left intact."""
+
+
+def setup_logging():
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"setting device={name!r}: CUDA is not available on this machine")
+    return device
+
+
+def set_seed(seed: int):
+    random.seed(seed)
+    torch.manual_seed(seed)
+    if torch.cuda.is_available():
+        torch.cuda.manual_seed_all(seed)
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict):
+    random.setstate(state["python"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def make_optimizer(params, name: str, lr: float, weight_decay: float, device: torch.device):
+    """``adamw`` (torch), ``adamw8bit`` (bitsandbytes, 8-bit states), or ``auto``: 8-bit on CUDA."""
+    params = [p for p in params if p.requires_grad]
+    if name == "auto":
+        name = "adamw8bit" if device.type == "cuda" else "adamw"
+    if name == "adamw8bit":
+        import bitsandbytes as bnb
+
+        log.info("optimizer: bitsandbytes AdamW8bit")
+        return bnb.optim.AdamW8bit(params, lr=lr, weight_decay=weight_decay)
+    log.info("optimizer: torch AdamW")
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, foreach=device.type == "cuda")
+
+
+def make_scheduler(optimizer, name: str, warmup_steps: int, total_steps: int):
+    from transformers import get_scheduler
+
+    return get_scheduler(name, optimizer, num_warmup_steps=warmup_steps, num_training_steps=total_steps)
+
+
+def check_finite_loss(loss: torch.Tensor, step: int, checkpoint: Path | None):
+    if not torch.isfinite(loss.detach()).all():
+        where = f"the last good checkpoint is {checkpoint}" if checkpoint else "no checkpoint was written yet"
+        raise NonFiniteLossError(
+            f"non-finite loss ({loss.item()}) at step {step}; training stopped before the optimizer step, "
+            f"{where}. Lower the learning rate or check the data, then resume."
+        )
+
+
+def optimizer_step(model, optimizer, scheduler, max_grad_norm: float) -> float:
+    """Clip, step, schedule, zero: the end of every training step. Returns the pre-clip gradient norm."""
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return float(grad_norm)
+
+
+class MetricsLogger:
+    """Appends one JSON object per logging step to ``metrics.jsonl`` and mirrors it to TensorBoard."""
+
+    def __init__(self, out_dir: Path, tensorboard: bool = True):
+        self.path = Path(out_dir) / "metrics.jsonl"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.writer = None
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.writer = SummaryWriter(str(Path(out_dir) / "tensorboard"))
+            except ImportError:
+                log.warning("tensorboard is not installed; metrics go to %s only", self.path)
+
+    def log(self, step: int, metrics: dict):
+        row = {"step": step, "time": time.time(), **{k: _scalar(v) for k, v in metrics.items()}}
+        with self.path.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+        if self.writer is not None:
+            for key, value in row.items():
+                if key not in ("step", "time") and isinstance(value, (int, float)):
+                    self.writer.add_scalar(key, value, step)
+
+    def close(self):
+        if self.writer is not None:
+            self.writer.close()
+
+
+def _scalar(value):
+    if isinstance(value, torch.Tensor):
+        return value.item()
+    return value
+
+
+# ---- data stream -----------------------------------------------------------------------------------------------------
+
+class BatchStream:
+    """Endless batches of examples; epoch e is a fixed shuffle of (seed, e), so a resumed run sees exactly
+    the batches the uninterrupted run would have seen."""
+
+    def __init__(self, examples: list, batch_size: int, seed: int):
+        self.examples, self.batch_size, self.seed = examples, batch_size, seed
+        self.epoch, self.batch_in_epoch = 0, 0
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> list:
+        from fastrm.data import epoch_order
+
+        order = epoch_order(len(self.examples), self.batch_size, self.seed, self.epoch)
+        if self.batch_in_epoch >= len(order):
+            self.epoch, self.batch_in_epoch = self.epoch + 1, 0
+            order = epoch_order(len(self.examples), self.batch_size, self.seed, self.epoch)
+        indices = order[self.batch_in_epoch]
+        self.batch_in_epoch += 1
+        return [self.examples[i] for i in indices]
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch}
+
+    def load_state_dict(self, state: dict):
+        self.epoch, self.batch_in_epoch = state["epoch"], state["batch_in_epoch"]
+
+
+class MetricsWindow:
+    """Averages per-batch metric dicts between two logging steps and counts tokens for throughput."""
+
+    def __init__(self):
+        self.reset()
+
+    def reset(self):
+        self.rows, self.tokens, self.start = [], 0, time.perf_counter()
+
+    def add(self, metrics: dict, tokens: int):
+        self.rows.append(metrics)
+        self.tokens += tokens
+
+    def summary(self) -> dict:
+        elapsed = max(time.perf_counter() - self.start, 1e-9)
+        out = {k: torch.stack([torch.as_tensor(r[k]).float() for r in self.rows]).mean().item() for k in self.rows[0]}
+        out["throughput/tokens_per_s"] = self.tokens / elapsed
+        self.reset()
+        return out
+
+
+# ---- the supervised loop --------------------------------------------------------------------------------------------
+
+def fit(trainer, desc: str, postfix: dict):
+    """Train ``trainer`` (reward or SFT) to ``config.max_steps``. One step: ``grad_accum_steps`` batches through
+    ``trainer.compute_loss``, stop on a non-finite loss, backward, then clip / optimizer / schedule; log every
+    ``log_steps``, evaluate every ``eval_steps``, checkpoint every ``save_steps`` (and at the end).
+    ``postfix`` maps progress-bar labels to metric names."""
+    from tqdm.auto import tqdm
+
+    from fastrm.data import count_tokens
+
+    c = trainer.config
+    trainer.model.train()
+    bar = tqdm(total=c.max_steps, initial=trainer.step, desc=desc, disable=not c.progress)
+    window = MetricsWindow()
+    while trainer.step < c.max_steps:
+        for _ in range(c.grad_accum_steps):
+            batch = trainer.collate(next(trainer.stream))
+            loss, metrics = trainer.compute_loss(batch)
+            check_finite_loss(loss, trainer.step, trainer.last_checkpoint)
+            (loss / c.grad_accum_steps).backward()
+            window.add(metrics, count_tokens(batch))
+        grad_norm = optimizer_step(trainer.model, trainer.optimizer, trainer.scheduler, c.max_grad_norm)
+        trainer.step += 1
+        bar.update(1)
+        if trainer.step % c.log_steps == 0 or trainer.step == c.max_steps:
+            row = window.summary()
+            row.update({"grad_norm": grad_norm, "lr": trainer.scheduler.get_last_lr()[0], "epoch": trainer.stream.epoch})
+            trainer.metrics.log(trainer.step, row)
+            bar.set_postfix({label: f"{row[key]:.4f}" for label, key in postfix.items()})
+        if trainer.eval_examples and (trainer.step % c.eval_steps == 0 or trainer.step == c.max_steps):
+            trainer.metrics.log(trainer.step, trainer.evaluate())
+        if trainer.step % c.save_steps == 0 or trainer.step == c.max_steps:
+            trainer.save()
+    bar.close()
+    return trainer
+
+
+def prepare_optimization(trainer):
+    """Optimizer, schedule, batch stream, resume and metrics: the end of every supervised trainer's setup."""
+    c = trainer.config
+    trainer.optimizer = make_optimizer(trainer.model.parameters(), c.optimizer, c.lr, c.weight_decay, trainer.device)
+    trainer.scheduler = make_scheduler(trainer.optimizer, c.lr_scheduler, c.warmup_steps, c.max_steps)
+    trainer.autocast = use_bf16_autocast(c.mixed_precision, trainer.device)
+    trainer.stream = BatchStream(trainer.train_examples, c.batch_size, c.seed)
+    if c.resume:
+        trainer.step, trainer.last_checkpoint = restore_training_state(
+            trainer.out_dir, trainer.model, trainer.optimizer, trainer.scheduler, trainer.stream)
+    trainer.metrics = MetricsLogger(trainer.out_dir, c.tensorboard)
+
+
+def save_trainer(trainer) -> Path:
+    trainer.last_checkpoint = save_training_state(trainer.out_dir, trainer.step, trainer.model, trainer.tokenizer,
+                                                  trainer.optimizer, trainer.scheduler, trainer.stream,
+                                                  trainer.config, trainer.config.keep_checkpoints)
+    return trainer.last_checkpoint
+
+
+# ---- checkpoints --------------------------------------------------------------------------------------------------
+
+def save_training_state(out_dir: Path, step: int, model, tokenizer, optimizer, scheduler, stream: BatchStream,
+                        config, keep: int) -> Path:
+    state = {"step": step, "stream": stream.state_dict(), "optimizer": optimizer.state_dict(),
+             "scheduler": scheduler.state_dict(), "rng": rng_state(), "config": config}
+    return save_checkpoint(out_dir, step, model, tokenizer, state, keep=keep)
+
+
+def restore_training_state(out_dir: Path, model, optimizer, scheduler, stream: BatchStream):
+    """Load the latest checkpoint of ``out_dir`` into the given objects; returns ``(step, checkpoint)``,
+    or ``(0, None)`` when there is none."""
+    checkpoint = latest_checkpoint(out_dir)
+    if checkpoint is None:
+        log.info("resume: no checkpoint in %s, starting fresh", out_dir)
+        return 0, None
+    state = load_trainer_state(checkpoint)
+    model.load_state_dict(type(model).from_pretrained(checkpoint).state_dict())
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    stream.load_state_dict(state["stream"])
+    set_rng_state(state["rng"])
+    log.info("resumed from %s at step %d", checkpoint, state["step"])
+    return state["step"], checkpoint
+
+
+def save_checkpoint(out_dir: Path, step: int, model, tokenizer, trainer_state: dict, keep: int = 2) -> Path:
+    """Write ``checkpoint-<step>`` atomically: everything goes to a temporary folder first, which is renamed
+    into place only once complete, and ``latest`` is replaced atomically after that. A crash at any point
+    leaves the previous checkpoint as ``latest``."""
+    out_dir = Path(out_dir)
+    final = out_dir / f"{CHECKPOINT_PREFIX}{step}"
+    for stale in out_dir.glob(f".tmp-{CHECKPOINT_PREFIX}*"):  # left by a crash mid-write: never a checkpoint
+        shutil.rmtree(stale, ignore_errors=True)
+    tmp = out_dir / f".tmp-{CHECKPOINT_PREFIX}{step}-{os.getpid()}"
+    tmp.mkdir(parents=True)
+    model.save_pretrained(tmp, safe_serialization=True)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(tmp)
+    torch.save(trainer_state, tmp / STATE_FILE)
+    _fsync_dir(tmp)
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    latest_tmp = out_dir / f".{LATEST_FILE}.tmp"
+    latest_tmp.write_text(final.name)
+    os.replace(latest_tmp, out_dir / LATEST_FILE)
+    _prune(out_dir, keep)
+    return final
+
+
+def latest_checkpoint(out_dir: Path) -> Path | None:
+    pointer = Path(out_dir) / LATEST_FILE
+    if not pointer.is_file():
+        return None
+    path = Path(out_dir) / pointer.read_text().strip()
+    return path if (path / STATE_FILE).is_file() else None
+
+
+def load_trainer_state(checkpoint: Path) -> dict:
+    return torch.load(Path(checkpoint) / STATE_FILE, map_location="cpu", weights_only=False)
+
+
+def _prune(out_dir: Path, keep: int):
+    checkpoints = sorted(
+        (p for p in out_dir.glob(f"{CHECKPOINT_PREFIX}*") if p.name[len(CHECKPOINT_PREFIX):].isdigit()),
+        key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]),
+    )
+    for old in checkpoints[:-keep] if keep > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _fsync_dir(path: Path):
+    for child in path.iterdir():
+        if child.is_file():
+            with open(child, "rb") as f:
+                os.fsync(f.fileno())
+

@@ -1,0 +1,501 @@
+"""PPO losses: the clipped policy loss, the clipped value loss, and per-token KL penalties.
+
+Policy loss, per token t of a [B, T] batch (valid where mask is 1)::
+
+    log_ratio = clamp(logprobs - old_logprobs, -20, 20)         (verl's stability clamp)
+    ratio     = exp(log_ratio)
+    pg1       = -A * ratio
+    pg2       = -A * clamp(ratio, 1 - eps, 1 + eps_high)
+    loss_t    = max(pg1, pg2)                                   ("clipped" where pg2 > pg1)
+    loss_t    = min(loss_t, -A * dual_clip)  where A < 0        (dual clip, when set; "dual-clipped"
+                                                                 where A < 0 and loss_t > -A * dual_clip)
+
+    d loss_t / d logprobs_t = -A * ratio  where neither clip is active and the log-ratio clamp is not
+                                          active (|logprobs - old_logprobs| <= 20); 0 elsewhere.
+
+(Where pg2 > pg1 the ratio lies outside the clip range, so clamp(ratio) is a constant there; inside the
+range clamp(ratio) == ratio exactly and pg1 == pg2, which is not "clipped".)
+
+Value loss, per token::
+
+    clipped_t = clamp(values, old_values - clip, old_values + clip)   (= old + clamp(values - old, ±clip))
+    loss_t    = 0.5 * max((values - returns)^2, (clipped_t - returns)^2)     ("clipped" where the 2nd is larger)
+    d loss_t / d values_t = values - returns  where not clipped; 0 where clipped
+
+The clamp is written against the bounds, as TRL and verl write it, not as old + clamp(values - old): inside
+the bounds it returns ``values`` bit for bit, so the two squared errors are equal and rounding can never
+count an unclipped token as clipped.
+
+Both forward kernels run one program per row and walk it in BLOCK_T chunks (64-bit row offsets, any
+strides). They write the per-token gradient d loss_t / d input_t (Liger style: the gradient is computed in
+the forward pass, 0 on masked positions) and per-row partial sums (loss, mask count, clipped counts, ...);
+the aggregation over rows and the backward (a scale by grad_output and the row's aggregation weight) are
+a few [B]-sized torch ops in ``fastrm.ops.ppo``. Masked positions are never loaded, and everything a
+masked position could contribute goes through ``tl.where``, so NaN/inf there cannot leak.
+
+KL penalty, per token, with d = logprobs - ref_logprobs (verl's ``kl_penalty``)::
+
+    k1 = d        abs = |d|        k2 = 0.5 * d^2
+    k3 = clamp(exp(x) - x - 1, -10, 10)  with x = clamp(ref_logprobs - logprobs, -20, 20)   (low_var_kl)
+
+Every kind is a function of d, so d/d ref_logprobs = -d/d logprobs. The gradient is exactly that of the
+formula as written (torch's conventions): abs has gradient 0 at d = 0, and a clamp passes the gradient
+where its input lies inside the closed interval and blocks it outside. The forward and backward are
+elementwise kernels on a 2-D grid (row, chunk of BLOCK_T columns), the backward recomputing from the inputs.
+
+All arithmetic is float32 whatever the input dtype (bf16 / fp16 / fp32 are loaded and upcast); float64
+inputs use the PyTorch path in ``fastrm.ops.ppo``. Nothing here checks user input or touches autograd.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fastrm.kernels import HAS_TRITON, INTERPRET, new_output, next_power_of_2
+
+if HAS_TRITON:
+    import triton
+    import triton.language as tl
+
+# One chunk of a row per loop iteration. Compiled, 1024 fp32 lanes over 4 warps is 8 per thread: the
+# accumulators stay in registers and long rows loop. The interpreter pays per block iteration, not per
+# element, so it takes bigger chunks. Tests shrink these to cross chunk boundaries.
+BLOCK_T = 1024
+BLOCK_T_INTERPRET = 4096
+MIN_BLOCK_T = 16
+NUM_WARPS = 4
+
+# Rows of the per-row statistics buffers written by the forward kernels (fp32 [N_STATS, B]).
+POLICY_STATS = ("loss", "count", "clipped", "dual_clipped", "approx_kl", "ratio")
+VALUE_STATS = ("loss", "count", "clipped")
+
+# The verl stability clamp on the log-ratio, and the clamps of the k3 ("low_var_kl") penalty.
+LOG_RATIO_CLAMP = 20.0
+K3_LOG_RATIO_CLAMP = 20.0
+K3_CLAMP = 10.0
+
+KL_KINDS = {"k1": 0, "abs": 1, "k2": 2, "k3": 3}
+
+
+if HAS_TRITON:
+
+    @triton.jit
+    def _ppo_policy_fwd_kernel(
+        logp_ptr, old_ptr, adv_ptr, mask_ptr,
+        grad_ptr,  # fp32 [B, T] contiguous: d loss_t / d logprobs_t, 0 where masked; dummy unless WRITE_GRADS
+        stats_ptr,  # fp32 [6, B]: per-row sums of loss, mask, clipped, dual-clipped, approx-KL k3, ratio
+        B, T,
+        stride_lb, stride_lt, stride_ob, stride_ot, stride_ab, stride_at, stride_mb, stride_mt,
+        ratio_low, ratio_high, dual_clip,  # 1 - eps, 1 + eps_high, dual-clip ratio (unused unless HAS_DUAL_CLIP)
+        log_ratio_clamp,
+        HAS_DUAL_CLIP: tl.constexpr,
+        WRITE_GRADS: tl.constexpr,
+        BLOCK_T: tl.constexpr,
+    ):
+        row = tl.program_id(0).to(tl.int64)  # int64: row * stride can exceed 2**31
+        logp_row = logp_ptr + row * stride_lb
+        old_row = old_ptr + row * stride_ob
+        adv_row = adv_ptr + row * stride_ab
+        mask_row = mask_ptr + row * stride_mb
+        grad_row = grad_ptr + row * T
+
+        lane = tl.arange(0, BLOCK_T)
+        acc_loss = tl.zeros([BLOCK_T], dtype=tl.float32)
+        acc_kl = tl.zeros([BLOCK_T], dtype=tl.float32)
+        acc_ratio = tl.zeros([BLOCK_T], dtype=tl.float32)
+        acc_count = tl.zeros([BLOCK_T], dtype=tl.int32)
+        acc_clipped = tl.zeros([BLOCK_T], dtype=tl.int32)
+        acc_dual = tl.zeros([BLOCK_T], dtype=tl.int32)
+        for start in range(0, T, BLOCK_T):
+            t = (start + lane).to(tl.int64)
+            in_row = t < T
+            valid = in_row & (tl.load(mask_row + t * stride_mt, mask=in_row, other=0) != 0)
+            # Masked positions are never read: whatever they hold (NaN, inf) cannot reach a result.
+            logp = tl.load(logp_row + t * stride_lt, mask=valid, other=0.0).to(tl.float32)
+            old = tl.load(old_row + t * stride_ot, mask=valid, other=0.0).to(tl.float32)
+            adv = tl.load(adv_row + t * stride_at, mask=valid, other=0.0).to(tl.float32)
+
+            raw = logp - old
+            log_ratio = tl.minimum(tl.maximum(raw, -log_ratio_clamp), log_ratio_clamp)
+            ratio = tl.exp(log_ratio)
+            pg1 = -adv * ratio
+            pg2 = -adv * tl.minimum(tl.maximum(ratio, ratio_low), ratio_high)
+            loss = tl.maximum(pg1, pg2)
+            clipped = pg2 > pg1
+            # d pg1 / d logp = -A * ratio, blocked by the log-ratio clamp (closed interval, as torch.clamp).
+            outside_clamp = (raw < -log_ratio_clamp) | (raw > log_ratio_clamp)
+            grad = tl.where(clipped | outside_clamp, 0.0, pg1)
+            if HAS_DUAL_CLIP:
+                pg3 = -adv * dual_clip
+                dual = (adv < 0.0) & (loss > pg3)
+                loss = tl.where(dual, pg3, loss)
+                grad = tl.where(dual, 0.0, grad)
+                acc_dual += (valid & dual).to(tl.int32)
+
+            acc_loss += tl.where(valid, loss, 0.0)
+            acc_kl += tl.where(valid, (ratio - 1.0) - log_ratio, 0.0)
+            acc_ratio += tl.where(valid, ratio, 0.0)
+            acc_count += valid.to(tl.int32)
+            acc_clipped += (valid & clipped).to(tl.int32)
+            if WRITE_GRADS:
+                tl.store(grad_row + t, tl.where(valid, grad, 0.0), mask=in_row)
+
+        # Counts are stored as fp32 (exact below 2**24 per row) so the buffer can be NaN-poisoned whole.
+        tl.store(stats_ptr + row, tl.sum(acc_loss, axis=0))
+        tl.store(stats_ptr + B + row, tl.sum(acc_count, axis=0).to(tl.float32))
+        tl.store(stats_ptr + 2 * B + row, tl.sum(acc_clipped, axis=0).to(tl.float32))
+        tl.store(stats_ptr + 3 * B + row, tl.sum(acc_dual, axis=0).to(tl.float32))
+        tl.store(stats_ptr + 4 * B + row, tl.sum(acc_kl, axis=0))
+        tl.store(stats_ptr + 5 * B + row, tl.sum(acc_ratio, axis=0))
+
+    @triton.jit
+    def _value_loss_fwd_kernel(
+        v_ptr, old_ptr, ret_ptr, mask_ptr,
+        grad_ptr,  # fp32 [B, T] contiguous: d loss_t / d values_t, 0 where masked; dummy unless WRITE_GRADS
+        stats_ptr,  # fp32 [3, B]: per-row sums of loss, mask, clipped
+        B, T,
+        stride_vb, stride_vt, stride_ob, stride_ot, stride_rb, stride_rt, stride_mb, stride_mt,
+        clip,
+        HAS_CLIP: tl.constexpr,
+        WRITE_GRADS: tl.constexpr,
+        BLOCK_T: tl.constexpr,
+    ):
+        row = tl.program_id(0).to(tl.int64)
+        v_row = v_ptr + row * stride_vb
+        old_row = old_ptr + row * stride_ob
+        ret_row = ret_ptr + row * stride_rb
+        mask_row = mask_ptr + row * stride_mb
+        grad_row = grad_ptr + row * T
+
+        lane = tl.arange(0, BLOCK_T)
+        acc_loss = tl.zeros([BLOCK_T], dtype=tl.float32)
+        acc_count = tl.zeros([BLOCK_T], dtype=tl.int32)
+        acc_clipped = tl.zeros([BLOCK_T], dtype=tl.int32)
+        for start in range(0, T, BLOCK_T):
+            t = (start + lane).to(tl.int64)
+            in_row = t < T
+            valid = in_row & (tl.load(mask_row + t * stride_mt, mask=in_row, other=0) != 0)
+            v = tl.load(v_row + t * stride_vt, mask=valid, other=0.0).to(tl.float32)
+            ret = tl.load(ret_row + t * stride_rt, mask=valid, other=0.0).to(tl.float32)
+            err = v - ret
+            sq = err * err
+            grad = err  # d 0.5 * (v - R)^2 / dv
+            if HAS_CLIP:
+                old = tl.load(old_row + t * stride_ot, mask=valid, other=0.0).to(tl.float32)
+                v_clipped = tl.minimum(tl.maximum(v, old - clip), old + clip)
+                err_c = v_clipped - ret
+                sq_c = err_c * err_c
+                clipped = sq_c > sq
+                sq = tl.maximum(sq, sq_c)
+                # Clipped implies values outside [old - clip, old + clip], where the clamp is constant.
+                grad = tl.where(clipped, 0.0, grad)
+                acc_clipped += (valid & clipped).to(tl.int32)
+            acc_loss += tl.where(valid, 0.5 * sq, 0.0)
+            acc_count += valid.to(tl.int32)
+            if WRITE_GRADS:
+                tl.store(grad_row + t, tl.where(valid, grad, 0.0), mask=in_row)
+
+        tl.store(stats_ptr + row, tl.sum(acc_loss, axis=0))
+        tl.store(stats_ptr + B + row, tl.sum(acc_count, axis=0).to(tl.float32))
+        tl.store(stats_ptr + 2 * B + row, tl.sum(acc_clipped, axis=0).to(tl.float32))
+
+    @triton.jit
+    def _kl_terms(logp, ref, KIND: tl.constexpr, log_ratio_clamp, k3_clamp):
+        """Return ``(kl, d kl / d logp)`` in fp32; d kl / d ref is the negation of the second."""
+        d = logp - ref
+        if KIND == 0:  # k1
+            kl = d
+            g = tl.full(d.shape, 1.0, tl.float32)
+        elif KIND == 1:  # abs; sign(0) = 0 as torch's abs backward
+            kl = tl.abs(d)
+            g = tl.where(d > 0.0, 1.0, tl.where(d < 0.0, -1.0, 0.0))
+        elif KIND == 2:  # k2
+            kl = 0.5 * d * d
+            g = d
+        else:  # k3, written in x = ref - logp like verl (exact: a - b == -(b - a) in IEEE arithmetic)
+            x_raw = ref - logp
+            x = tl.minimum(tl.maximum(x_raw, -log_ratio_clamp), log_ratio_clamp)
+            e = tl.exp(x)
+            k = e - x - 1.0
+            kl = tl.minimum(tl.maximum(k, -k3_clamp), k3_clamp)
+            # d k / d x = e - 1 and d x / d logp = -1, each clamp passing the gradient on its closed interval.
+            active = (x_raw >= -log_ratio_clamp) & (x_raw <= log_ratio_clamp) & (k >= -k3_clamp) & (k <= k3_clamp)
+            g = tl.where(active, 1.0 - e, 0.0)
+        return kl, g
+
+    @triton.jit
+    def _kl_fwd_kernel(
+        logp_ptr, ref_ptr, out_ptr,  # out: fp32 [B, T] contiguous
+        T,
+        stride_lb, stride_lt, stride_rb, stride_rt,
+        log_ratio_clamp, k3_clamp,
+        KIND: tl.constexpr,
+        BLOCK_T: tl.constexpr,
+    ):
+        row = tl.program_id(0).to(tl.int64)
+        t = tl.program_id(1).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
+        in_row = t < T
+        logp = tl.load(logp_ptr + row * stride_lb + t * stride_lt, mask=in_row, other=0.0).to(tl.float32)
+        ref = tl.load(ref_ptr + row * stride_rb + t * stride_rt, mask=in_row, other=0.0).to(tl.float32)
+        kl, _ = _kl_terms(logp, ref, KIND, log_ratio_clamp, k3_clamp)
+        tl.store(out_ptr + row * T + t, kl, mask=in_row)
+
+    @triton.jit
+    def _kl_bwd_kernel(
+        logp_ptr, ref_ptr, gout_ptr,
+        glogp_ptr, gref_ptr,  # [B, T] contiguous, in the inputs' dtype; each a dummy unless its flag is set
+        T,
+        stride_lb, stride_lt, stride_rb, stride_rt, stride_gb, stride_gt,
+        log_ratio_clamp, k3_clamp,
+        KIND: tl.constexpr,
+        NEED_LOGP: tl.constexpr,
+        NEED_REF: tl.constexpr,
+        BLOCK_T: tl.constexpr,
+    ):
+        row = tl.program_id(0).to(tl.int64)
+        t = tl.program_id(1).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
+        in_row = t < T
+        logp = tl.load(logp_ptr + row * stride_lb + t * stride_lt, mask=in_row, other=0.0).to(tl.float32)
+        ref = tl.load(ref_ptr + row * stride_rb + t * stride_rt, mask=in_row, other=0.0).to(tl.float32)
+        # grad_output may be a stride-0 expansion (e.g. from kl.sum()): strides, not a contiguous copy.
+        gout = tl.load(gout_ptr + row * stride_gb + t * stride_gt, mask=in_row, other=0.0).to(tl.float32)
+        _, g = _kl_terms(logp, ref, KIND, log_ratio_clamp, k3_clamp)
+        g = g * gout
+        if NEED_LOGP:
+            tl.store(glogp_ptr + row * T + t, g.to(glogp_ptr.dtype.element_ty), mask=in_row)
+        if NEED_REF:
+            tl.store(gref_ptr + row * T + t, (-g).to(gref_ptr.dtype.element_ty), mask=in_row)
+
+
+# ----------------------------------------------------------------------------------------------
+# Launchers
+# ----------------------------------------------------------------------------------------------
+
+
+def _block_t(T: int, block_t: int | None = None) -> int:
+    if block_t is None:
+        block_t = BLOCK_T_INTERPRET if INTERPRET else BLOCK_T
+    # Short rows take one chunk just big enough; fewer lanes means fewer idle threads.
+    return max(MIN_BLOCK_T, min(next_power_of_2(block_t), next_power_of_2(T)))
+
+
+def _num_warps(block: int) -> int:
+    return max(1, min(NUM_WARPS, block // 256))
+
+
+def _mask_arg(mask: torch.Tensor) -> torch.Tensor:
+    # Hand bool masks to the kernel as bytes (same storage and strides, no copy).
+    return mask.view(torch.uint8) if mask.dtype == torch.bool else mask
+
+
+def ppo_policy_fwd(logprobs, old_logprobs, advantages, mask, *, clip_eps: float, clip_eps_high: float,
+                   dual_clip: float | None, write_grads: bool, block_t: int | None = None):
+    """Launch ``_ppo_policy_fwd_kernel`` on [B, T] inputs with any strides.
+
+    Returns ``(stats, grad)``: fp32 [6, B] per-row sums in the order of ``POLICY_STATS`` (the counts are
+    whole numbers), and the fp32 [B, T] per-token d loss_t / d logprobs_t (0 where masked), or None
+    unless ``write_grads``.
+    """
+    B, T = logprobs.shape
+    device = logprobs.device
+    stats = new_output((len(POLICY_STATS), B), dtype=torch.float32, device=device)
+    grad = new_output((B, T), dtype=torch.float32, device=device) if write_grads else None
+    block = _block_t(T, block_t)
+    _ppo_policy_fwd_kernel[(B,)](
+        logprobs, old_logprobs, advantages, _mask_arg(mask),
+        grad if grad is not None else stats,  # dummy when WRITE_GRADS is off
+        stats,
+        B, T,
+        logprobs.stride(0), logprobs.stride(1), old_logprobs.stride(0), old_logprobs.stride(1),
+        advantages.stride(0), advantages.stride(1), mask.stride(0), mask.stride(1),
+        1.0 - float(clip_eps), 1.0 + float(clip_eps_high),
+        float(dual_clip) if dual_clip is not None else 0.0,
+        LOG_RATIO_CLAMP,
+        HAS_DUAL_CLIP=dual_clip is not None,
+        WRITE_GRADS=write_grads,
+        BLOCK_T=block,
+        num_warps=_num_warps(block),
+    )
+    return stats, grad
+
+
+def value_loss_fwd(values, old_values, returns, mask, *, clip: float | None, write_grads: bool,
+                   block_t: int | None = None):
+    """Launch ``_value_loss_fwd_kernel`` on [B, T] inputs with any strides.
+
+    Returns ``(stats, grad)``: fp32 [3, B] per-row sums in the order of ``VALUE_STATS`` and the fp32
+    [B, T] per-token d loss_t / d values_t (0 where masked), or None unless ``write_grads``.
+    """
+    B, T = values.shape
+    device = values.device
+    stats = new_output((len(VALUE_STATS), B), dtype=torch.float32, device=device)
+    grad = new_output((B, T), dtype=torch.float32, device=device) if write_grads else None
+    block = _block_t(T, block_t)
+    _value_loss_fwd_kernel[(B,)](
+        values, old_values, returns, _mask_arg(mask),
+        grad if grad is not None else stats,
+        stats,
+        B, T,
+        values.stride(0), values.stride(1), old_values.stride(0), old_values.stride(1),
+        returns.stride(0), returns.stride(1), mask.stride(0), mask.stride(1),
+        float(clip) if clip is not None else 0.0,
+        HAS_CLIP=clip is not None,
+        WRITE_GRADS=write_grads,
+        BLOCK_T=block,
+        num_warps=_num_warps(block),
+    )
+    return stats, grad
+
+
+def _kl_grid(B: int, T: int, block: int):
+    # Rows on grid axis 0 (up to 2**31 - 1), column chunks on axis 1 (up to 65535 chunks on CUDA).
+    return (B, triton.cdiv(T, block))
+
+
+def kl_penalty_fwd(logprobs, ref_logprobs, kind: str, block_t: int | None = None):
+    """Launch ``_kl_fwd_kernel``; returns the fp32 [B, T] per-token penalty."""
+    B, T = logprobs.shape
+    out = new_output((B, T), dtype=torch.float32, device=logprobs.device)
+    block = _block_t(T, block_t)
+    _kl_fwd_kernel[_kl_grid(B, T, block)](
+        logprobs, ref_logprobs, out,
+        T,
+        logprobs.stride(0), logprobs.stride(1), ref_logprobs.stride(0), ref_logprobs.stride(1),
+        K3_LOG_RATIO_CLAMP, K3_CLAMP,
+        KIND=KL_KINDS[kind],
+        BLOCK_T=block,
+        num_warps=_num_warps(block),
+    )
+    return out
+
+
+def kl_penalty_bwd(grad_out, logprobs, ref_logprobs, kind: str, *, need_logprobs: bool, need_ref: bool,
+                   block_t: int | None = None):
+    """Launch ``_kl_bwd_kernel``; returns (d logprobs, d ref_logprobs), each in its input's dtype or None."""
+    B, T = logprobs.shape
+    device = logprobs.device
+    g_logp = new_output((B, T), dtype=logprobs.dtype, device=device) if need_logprobs else None
+    g_ref = new_output((B, T), dtype=ref_logprobs.dtype, device=device) if need_ref else None
+    dummy = g_logp if g_logp is not None else g_ref
+    block = _block_t(T, block_t)
+    _kl_bwd_kernel[_kl_grid(B, T, block)](
+        logprobs, ref_logprobs, grad_out,
+        g_logp if g_logp is not None else dummy,
+        g_ref if g_ref is not None else dummy,
+        T,
+        logprobs.stride(0), logprobs.stride(1), ref_logprobs.stride(0), ref_logprobs.stride(1),
+        grad_out.stride(0), grad_out.stride(1),
+        K3_LOG_RATIO_CLAMP, K3_CLAMP,
+        KIND=KL_KINDS[kind],
+        NEED_LOGP=need_logprobs,
+        NEED_REF=need_ref,
+        BLOCK_T=block,
+        num_warps=_num_warps(block),
+    )
+    return g_logp, g_ref
+
+
+# ----------------------------------------------------------------------------------------------
+# Plain-PyTorch references, written the way verl writes them (verl/trainer/ppo/core_algos.py), for tests
+# and benchmarks. Computed in the inputs' dtype; pass float64 tensors for a ground truth. They multiply by
+# the mask as verl does, so they need finite values on masked positions too (fastrm's ops do not).
+# ----------------------------------------------------------------------------------------------
+
+
+def _masked_mean_reference(values, mask):
+    return (values * mask).sum() / mask.sum()
+
+
+def _agg_loss_reference(loss_mat, mask, agg):
+    """verl's ``agg_loss``, except that rows with no valid token are left out of the seq-mean modes
+    (verl's seq-mean-token-mean gives 0/0 = NaN for them; its seq-mean-token-sum counts them as rows)."""
+    if agg == "token-mean":
+        return _masked_mean_reference(loss_mat, mask)
+    row_sum = (loss_mat * mask).sum(dim=-1)
+    row_count = mask.sum(dim=-1)
+    keep = row_count > 0
+    if agg == "seq-mean-token-sum":
+        return row_sum[keep].mean()
+    if agg == "seq-mean-token-mean":
+        return (row_sum[keep] / row_count[keep]).mean()
+    raise ValueError(f"agg must be 'token-mean', 'seq-mean-token-mean' or 'seq-mean-token-sum', got {agg!r}")
+
+
+def ppo_policy_loss_reference(logprobs, old_logprobs, advantages, mask, clip_eps=0.2, clip_eps_high=None,
+                              dual_clip=None, agg="token-mean"):
+    """verl's vanilla ``compute_policy_loss`` + ``agg_loss``.
+
+    ``clip_eps`` / ``clip_eps_high`` are verl's ``cliprange_low`` / ``cliprange_high``, ``dual_clip`` its
+    ``clip_ratio_c`` (None: no dual clip; verl always applies one, 3.0 by default). Returns
+    ``(loss, clipfrac, approx_kl, ratio_mean, clipfrac_lower)``; approx_kl is the token mean of
+    k3 = (ratio - 1) - log ratio (verl reports the k1 mean -log ratio instead).
+    """
+    m = mask.to(logprobs.dtype)
+    negative_approx_kl = torch.clamp(logprobs - old_logprobs, min=-LOG_RATIO_CLAMP, max=LOG_RATIO_CLAMP)
+    ratio = torch.exp(negative_approx_kl)
+    high = clip_eps if clip_eps_high is None else clip_eps_high
+    pg_losses1 = -advantages * ratio
+    pg_losses2 = -advantages * torch.clamp(ratio, 1 - clip_eps, 1 + high)
+    clip_pg_losses1 = torch.maximum(pg_losses1, pg_losses2)
+    clipfrac = _masked_mean_reference(torch.gt(pg_losses2, pg_losses1).to(m.dtype), m)
+    if dual_clip is not None:
+        pg_losses3 = -advantages * dual_clip
+        clip_pg_losses2 = torch.min(pg_losses3, clip_pg_losses1)
+        clipfrac_lower = _masked_mean_reference((torch.gt(clip_pg_losses1, pg_losses3) & (advantages < 0)).to(m.dtype), m)
+        pg_losses = torch.where(advantages < 0, clip_pg_losses2, clip_pg_losses1)
+    else:
+        clipfrac_lower = torch.zeros((), dtype=m.dtype, device=m.device)
+        pg_losses = clip_pg_losses1
+    approx_kl = _masked_mean_reference((ratio - 1) - negative_approx_kl, m)
+    ratio_mean = _masked_mean_reference(ratio, m)
+    loss = _agg_loss_reference(pg_losses, m, agg)
+    return loss, clipfrac, approx_kl, ratio_mean, clipfrac_lower
+
+
+def value_loss_reference(values, old_values, returns, mask, clip=0.2, agg="token-mean"):
+    """verl's ``compute_value_loss`` (= TRL's PPO value loss for token-mean). ``clip=None``: no clipping.
+
+    Returns ``(loss, clipfrac)``.
+    """
+    m = mask.to(values.dtype)
+    vf_losses1 = (values - returns) ** 2
+    if clip is None:
+        clipped_vf_losses = vf_losses1
+        clipfrac = torch.zeros((), dtype=m.dtype, device=m.device)
+    else:
+        vpredclipped = torch.clamp(values, old_values - clip, old_values + clip)
+        vf_losses2 = (vpredclipped - returns) ** 2
+        clipped_vf_losses = torch.max(vf_losses1, vf_losses2)
+        clipfrac = _masked_mean_reference(torch.gt(vf_losses2, vf_losses1).to(m.dtype), m)
+    return 0.5 * _agg_loss_reference(clipped_vf_losses, m, agg), clipfrac
+
+
+def kl_penalty_reference(logprobs, ref_logprobs, kind="k1"):
+    """verl's ``kl_penalty``: ``k1`` ("kl"), ``abs``, ``k2`` ("mse"), ``k3`` ("low_var_kl")."""
+    if kind == "k1":
+        return logprobs - ref_logprobs
+    if kind == "abs":
+        return (logprobs - ref_logprobs).abs()
+    if kind == "k2":
+        return 0.5 * (logprobs - ref_logprobs).square()
+    if kind == "k3":
+        kl = ref_logprobs - logprobs
+        kl = torch.clamp(kl, min=-K3_LOG_RATIO_CLAMP, max=K3_LOG_RATIO_CLAMP)
+        ratio = torch.exp(kl)
+        kld = ratio - kl - 1
+        return torch.clamp(kld, min=-K3_CLAMP, max=K3_CLAMP)
+    raise ValueError(f"kind must be one of {tuple(KL_KINDS)}, got {kind!r}")
+
+
+__all__ = [
+    "POLICY_STATS",
+    "VALUE_STATS",
+    "KL_KINDS",
+    "ppo_policy_fwd",
+    "value_loss_fwd",
+    "kl_penalty_fwd",
+    "kl_penalty_bwd",
+    "ppo_policy_loss_reference",
+    "value_loss_reference",
+    "kl_penalty_reference",
+]
