@@ -9,6 +9,8 @@ from pathlib import Path
 COMMANDS = {
     "sft": ("fastrm.trainers.sft:main", "supervised fine-tuning (no arguments: the embedded arithmetic task)"),
     "train-rm": ("fastrm.trainers.reward:main", "train a reward model (no arguments: the embedded task, on CPU)"),
+    "ppo": ("fastrm.trainers.rl:main", "RL fine-tuning: PPO / REINFORCE / RLOO / GRPO against a reward model and/or a rule"),
+    "demo": ("fastrm.demo:main", "SFT -> reward model -> RL on the embedded arithmetic task, on CPU, in about a minute"),
     "selfcheck": ("fastrm.selfcheck:main", "check every op against float64 on this machine, then a quick benchmark"),
     "bench": ("fastrm.cli:bench", "run the benchmarks in the repository's benchmarks/ (fastrm bench --help)"),
 }

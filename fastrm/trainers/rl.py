@@ -1,0 +1,686 @@
+"""RL fine-tuning of a policy against a reward: PPO, REINFORCE, REINFORCE with baseline, RLOO and GRPO.
+
+One step, top to bottom (seed §3.2: sample, score, estimate the gradient, update, repeat):
+
+1. **prompts**: a batch from the prompt pool (shuffled epochs, or the curriculum's easy -> hard pool);
+2. **generate** ``num_samples`` completions per prompt with :func:`fastrm.generation.generate`
+   (temperature, top-p, stop at EOS);
+3. **logprobs**: per-token log-probs of the sampled tokens under the policy and the frozen reference
+   (and the critic's values) via :func:`fastrm.models.token_logprobs` — fused, no ``[B, T, V]`` tensor;
+4. **score**: learned reward model and/or the rule ``reward_fn(prompts, completions)``, weighted; minus the
+   missing-EOS penalty; normalised and clipped;
+5. **advantages** (``advantage=``): gae (fused ``compute_gae`` with the critic), reinforce, reinforce_baseline,
+   rloo, grpo (see :mod:`fastrm.rl`); KL to the reference as a per-token reward penalty or a loss term;
+   optional whitening;
+6. **update**: ``ppo_epochs`` passes over shuffled minibatches of the clipped surrogate
+   (:func:`fastrm.ops.ppo.ppo_policy_loss`, + dual clip), clipped value loss, entropy bonus; stop on a
+   non-finite loss; one optimizer step per minibatch;
+7. KL controller update, log, evaluate (greedy answers scored by the task's checker), checkpoint.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import importlib
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+import fastrm
+from fastrm import data as fdata
+from fastrm import rl, training
+from fastrm.config import require, save_config
+from fastrm.generation import decode_completions, generate
+from fastrm.models import (
+    TINY,
+    ModelConfig,
+    load_causal_lm,
+    load_reward_model,
+    reward_scores,
+    token_logprobs,
+)
+from fastrm.ops.ppo import kl_penalty, ppo_policy_loss, value_loss
+
+log = logging.getLogger("fastrm")
+
+EMBEDDED = "embedded"
+VALUE_MODELS = ("auto", "none", "policy", "reward")
+
+
+@dataclass
+class RLConfig:
+    # The policy: an SFT checkpoint from `fastrm sft` (model.name_or_path=<checkpoint dir>), or "tiny" from scratch.
+    model: ModelConfig = field(default_factory=ModelConfig)
+    tokenizer: str = "auto"  # auto: the policy checkpoint's tokenizer if it has one, else the embedded one
+    # Prompts (JSONL rows with "prompt", optional numeric "difficulty"). None: the embedded arithmetic task.
+    train_data: str | None = None
+    eval_data: str | None = None
+    num_train_prompts: int = 2000  # embedded task only
+    num_eval_prompts: int = 200  # held-out prompts answered greedily at each evaluation (0: off)
+    task_max_level: int = 0
+    # Reward: "model" (a checkpoint of `fastrm train-rm`), "rule" (reward_fn), or "both", summed with weights.
+    reward: str = "model"
+    reward_model_path: str | None = None
+    reward_model_8bit: bool = False  # CUDA only
+    reward_fn: str = EMBEDDED  # "embedded": the arithmetic task's checker; else "package.module:function"
+    reward_model_weight: float = 1.0
+    rule_weight: float = 1.0
+    missing_eos_penalty: float | None = None  # subtracted from the score of completions that never emit EOS
+    reward_norm: str = "none"  # none | batch | running
+    reward_clip: float | None = None  # clip the (normalised) score to [-reward_clip, reward_clip]
+    # Critic for gae: auto (policy copy when advantage=gae, else none) | none | policy | reward | <RM checkpoint>
+    value_model: str = "auto"
+    ref_8bit: bool = False  # load the frozen reference in 8 bits (CUDA, model.name_or_path must be a checkpoint)
+    # Rollouts
+    batch_size: int = 16  # prompts per step
+    num_samples: int = 4  # completions per prompt (n)
+    max_new_tokens: int = 6
+    temperature: float = 1.0
+    top_p: float = 1.0
+    # Advantages
+    advantage: str = "gae"  # gae | reinforce | reinforce_baseline | rloo | grpo
+    gamma: float = 1.0
+    lam: float = 0.95
+    whiten_advantages: bool = True
+    baseline: str = "moving"  # reinforce_baseline: moving (EMA of past batches) | batch (this batch's mean)
+    baseline_decay: float = 0.9
+    grpo_scale: bool = True  # grpo: divide by the group std (false: Dr. GRPO, centring only)
+    # Objective
+    ppo_epochs: int = 2
+    num_minibatches: int = 1
+    clip_eps: float = 0.2
+    clip_eps_high: float | None = None
+    dual_clip: float | None = None
+    loss_agg: str = "token-mean"  # token-mean | seq-mean-token-mean | seq-mean-token-sum
+    vf_coef: float = 0.5
+    value_clip: float | None = 0.2
+    entropy_coef: float = 0.0
+    kl_coef: float = 0.05
+    kl_estimator: str = "k1"  # k1 | k2 | k3 | abs
+    kl_in: str = "reward"  # reward: per-token penalty in the rewards | loss: a term of the loss
+    adaptive_kl: bool = False
+    kl_target: float = 0.1  # adaptive controller: target of objective/kl (summed over a completion)
+    kl_horizon: int = 10000
+    # Curriculum (seed §3.2): prompts easy -> hard, the pool widening over curriculum_steps. Off by default.
+    curriculum: bool = False
+    curriculum_difficulty: str = "auto"  # auto: the data's difficulty (task level), else length | length
+    curriculum_start: float = 0.25
+    curriculum_steps: int = 100
+    curriculum_schedule: str = "linear"  # linear | step
+    curriculum_stages: int = 4
+    # Optimisation
+    output_dir: str = "runs/ppo"
+    max_steps: int = 200
+    lr: float = 1e-4
+    value_lr: float | None = None  # default: lr
+    weight_decay: float = 0.0
+    lr_scheduler: str = "constant"
+    warmup_steps: int = 0
+    max_grad_norm: float = 1.0
+    optimizer: str = "auto"
+    mixed_precision: str = "auto"
+    log_steps: int = 1
+    eval_steps: int = 50
+    save_steps: int = 100
+    keep_checkpoints: int = 2
+    seed: int = 0
+    device: str = "auto"
+    resume: bool = False
+    tensorboard: bool = True
+    progress: bool = True
+    backend: str = "auto"
+
+    def validate(self):
+        self.model.validate()
+        for name in ("batch_size", "num_samples", "max_new_tokens", "ppo_epochs", "num_minibatches", "max_steps",
+                     "log_steps", "eval_steps", "save_steps", "num_train_prompts", "kl_horizon", "curriculum_stages"):
+            require(getattr(self, name) >= 1, name, getattr(self, name), "must be >= 1")
+        choices = {"reward": ("model", "rule", "both"), "advantage": rl.ESTIMATORS,
+                   "reward_norm": ("none", "batch", "running"), "baseline": ("moving", "batch"),
+                   "loss_agg": ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum"),
+                   "kl_estimator": ("k1", "k2", "k3", "abs"), "kl_in": ("reward", "loss"),
+                   "curriculum_schedule": ("linear", "step"), "curriculum_difficulty": ("auto", "length"),
+                   "optimizer": ("auto", "adamw", "adamw8bit"), "mixed_precision": ("auto", "bf16", "no"),
+                   "backend": ("auto", "triton", "torch")}
+        for name, allowed in choices.items():
+            require(getattr(self, name) in allowed, name, getattr(self, name), "must be one of " + ", ".join(allowed))
+        require(self.num_eval_prompts >= 0, "num_eval_prompts", self.num_eval_prompts, "must be >= 0")
+        if self.advantage in rl.GROUP_ESTIMATORS:
+            require(self.num_samples >= 2, "num_samples", self.num_samples,
+                    f"advantage={self.advantage} compares the samples of a prompt: needs num_samples >= 2")
+        if self.reward in ("model", "both"):
+            require(self.reward_model_path is not None, "reward_model_path", self.reward_model_path,
+                    f"reward={self.reward} needs the checkpoint of a reward model (fastrm train-rm)")
+        value = self.resolved_value_model()
+        if self.advantage == "gae":
+            require(value != "none", "value_model", self.value_model,
+                    "advantage=gae needs a critic: value_model=policy | reward | <reward-model checkpoint>")
+        if value == "reward":
+            require(self.reward_model_path is not None, "value_model", self.value_model,
+                    "value_model=reward needs reward_model_path")
+        require(self.num_minibatches <= self.batch_size * self.num_samples, "num_minibatches", self.num_minibatches,
+                f"must be <= batch_size * num_samples = {self.batch_size * self.num_samples}")
+        require(self.temperature > 0, "temperature", self.temperature, "must be > 0")
+        require(0 < self.top_p <= 1, "top_p", self.top_p, "must lie in (0, 1]")
+        require(0 <= self.gamma <= 1, "gamma", self.gamma, "must lie in [0, 1]")
+        require(0 <= self.lam <= 1, "lam", self.lam, "must lie in [0, 1]")
+        require(self.clip_eps > 0, "clip_eps", self.clip_eps, "must be > 0")
+        require(self.clip_eps_high is None or self.clip_eps_high > 0, "clip_eps_high", self.clip_eps_high, "must be > 0")
+        require(self.dual_clip is None or self.dual_clip > 1, "dual_clip", self.dual_clip, "must be > 1 (or null)")
+        require(self.value_clip is None or self.value_clip >= 0, "value_clip", self.value_clip, "must be >= 0")
+        require(self.kl_coef >= 0, "kl_coef", self.kl_coef, "must be >= 0")
+        require(self.kl_target > 0, "kl_target", self.kl_target, "must be > 0")
+        require(self.vf_coef >= 0, "vf_coef", self.vf_coef, "must be >= 0")
+        require(self.entropy_coef >= 0, "entropy_coef", self.entropy_coef, "must be >= 0")
+        require(self.reward_clip is None or self.reward_clip > 0, "reward_clip", self.reward_clip, "must be > 0")
+        require(0 <= self.baseline_decay < 1, "baseline_decay", self.baseline_decay, "must lie in [0, 1)")
+        require(0 < self.curriculum_start <= 1, "curriculum_start", self.curriculum_start, "must lie in (0, 1]")
+        require(self.curriculum_steps >= 0, "curriculum_steps", self.curriculum_steps, "must be >= 0")
+        require(self.lr > 0, "lr", self.lr, "must be > 0")
+        require(self.value_lr is None or self.value_lr > 0, "value_lr", self.value_lr, "must be > 0")
+        require(self.max_grad_norm > 0, "max_grad_norm", self.max_grad_norm, "must be > 0")
+        require(self.warmup_steps >= 0, "warmup_steps", self.warmup_steps, "must be >= 0")
+        if self.ref_8bit:
+            require(self.model.name_or_path != TINY, "ref_8bit", self.ref_8bit,
+                    "needs model.name_or_path to be a checkpoint (the reference is reloaded from it in 8 bits)")
+
+    def resolved_value_model(self) -> str:
+        if self.value_model == "auto":
+            return "policy" if self.advantage == "gae" else "none"
+        return self.value_model
+
+
+class TokenValueModel(nn.Module):
+    """Critic: a transformer backbone and ``Linear(H, 1)`` applied at every position -> ``[B, T]`` values."""
+
+    def __init__(self, backbone: nn.Module, head: nn.Linear):
+        super().__init__()
+        self.backbone, self.head = backbone, head
+
+    def forward(self, batch: dict) -> torch.Tensor:
+        inputs = {"input_ids": batch["input_ids"], "use_cache": False}
+        inputs.update({k: batch[k] for k in ("attention_mask", "position_ids") if k in batch})
+        hidden = self.backbone(**inputs).last_hidden_state
+        return self.head(hidden).squeeze(-1).float()
+
+
+def load_reward_fn(spec: str) -> Callable:
+    """``"embedded"``: the arithmetic task's checker; else ``"package.module:function"``."""
+    if spec == EMBEDDED:
+        from fastrm.tasks.arithmetic import reward_fn
+
+        return reward_fn
+    module, _, name = spec.partition(":")
+    if not name:
+        raise ValueError(f"setting reward_fn={spec!r}: expected 'embedded' or 'package.module:function'")
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as err:
+        raise ValueError(f"setting reward_fn={spec!r}: cannot import it ({err})") from None
+
+
+def _read_jsonl(path) -> list:
+    import json
+
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"prompt file {path} does not exist")
+    rows = []
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{path}:{number}: not JSON ({err})") from None
+    return rows
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    m = (mask != 0).to(x.dtype)
+    return (x * m).sum() / m.sum().clamp_min(1)
+
+
+class RLTrainer:
+    """``RLTrainer(config, reward_fn=None).setup().train()``; ``reward_fn`` (a Python callable
+    ``(prompts, completions) -> list[float]``) overrides ``config.reward_fn``."""
+
+    def __init__(self, config: RLConfig, reward_fn: Callable | None = None):
+        self.config = config
+        self.out_dir = Path(config.output_dir)
+        self.device = training.pick_device(config.device)
+        self.step = 0
+        self.last_checkpoint: Path | None = None
+        self.task = None
+        self._reward_fn = reward_fn
+
+    # ---- setup ------------------------------------------------------------------------------------------------
+
+    def setup(self):
+        c = self.config
+        training.setup_logging()
+        training.set_seed(c.seed)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        save_config(c, self.out_dir / "config.yaml")
+        self.tokenizer = self._load_tokenizer()
+        self.train_rows, self.eval_rows = self._load_prompts()
+        # Policy, and the frozen reference: a copy of the initial policy (or the same checkpoint in 8 bits).
+        self.policy = load_causal_lm(c.model, self.tokenizer, self.device)
+        if c.ref_8bit:
+            self.ref = load_causal_lm(replace(c.model, load_in_8bit=True), self.tokenizer, self.device)
+        else:
+            self.ref = copy.deepcopy(self.policy)
+        self.ref.requires_grad_(False).eval()
+        self.reward_model = None
+        if c.reward in ("model", "both"):
+            rm_config = ModelConfig(name_or_path=c.reward_model_path, load_in_8bit=c.reward_model_8bit)
+            self.reward_model = load_reward_model(rm_config, self.tokenizer, self.device)
+            self.reward_model.requires_grad_(False).eval()
+        self.rule = None
+        if c.reward in ("rule", "both") or self._reward_fn is not None:
+            self.rule = self._reward_fn or load_reward_fn(c.reward_fn)
+        self.value = self._build_value_model()
+        # Optimizers: one per trained model; one optimizer step per minibatch.
+        total = c.max_steps * c.ppo_epochs * c.num_minibatches
+        self.optimizer = training.make_optimizer(self.policy.parameters(), c.optimizer, c.lr, c.weight_decay,
+                                                 self.device)
+        self.scheduler = training.make_scheduler(self.optimizer, c.lr_scheduler, c.warmup_steps, total)
+        self.value_optimizer = self.value_scheduler = None
+        if self.value is not None:
+            self.value_optimizer = training.make_optimizer(self.value.parameters(), c.optimizer, c.value_lr or c.lr,
+                                                           c.weight_decay, self.device)
+            self.value_scheduler = training.make_scheduler(self.value_optimizer, c.lr_scheduler, c.warmup_steps, total)
+        self.autocast = c.mixed_precision == "bf16" or (c.mixed_precision == "auto" and self.device.type == "cuda")
+        # Prompt order: shuffled epochs, or the curriculum.
+        if c.curriculum:
+            difficulty = self._difficulty()
+            self.sampler = rl.CurriculumSampler(self.train_rows, difficulty, c.batch_size,
+                                                start_fraction=c.curriculum_start, warmup_steps=c.curriculum_steps,
+                                                schedule=c.curriculum_schedule, num_stages=c.curriculum_stages,
+                                                seed=c.seed)
+        else:
+            self.sampler = training.BatchStream(self.train_rows, c.batch_size, c.seed)
+        self.kl_ctl = (rl.AdaptiveKLController(c.kl_coef, c.kl_target, c.kl_horizon) if c.adaptive_kl
+                       else rl.FixedKLController(c.kl_coef))
+        self.baseline = rl.MovingAverageBaseline(c.baseline, c.baseline_decay)
+        self.normalizer = rl.RewardNormalizer(c.reward_norm, c.reward_clip)
+        if c.resume:
+            self._restore()
+        self.metrics = training.MetricsLogger(self.out_dir, c.tensorboard)
+        log.info("policy %.2fM parameters; reward=%s; advantage=%s; critic=%s; %d train / %d eval prompts; "
+                 "curriculum=%s; device=%s", sum(p.numel() for p in self.policy.parameters()) / 1e6, c.reward,
+                 c.advantage, c.resolved_value_model(), len(self.train_rows), len(self.eval_rows), c.curriculum,
+                 self.device)
+        return self
+
+    def _load_tokenizer(self):
+        spec = self.config.tokenizer
+        if spec == "auto":
+            path = Path(self.config.model.name_or_path)
+            spec = str(path) if (path / "tokenizer_config.json").is_file() else EMBEDDED
+        return fdata.load_tokenizer(spec)
+
+    def _load_prompts(self):
+        c = self.config
+        if c.train_data is None:
+            from fastrm.tasks.arithmetic import ArithmeticTask
+
+            self.task = ArithmeticTask(max_level=c.task_max_level)
+            train = [{"prompt": p.prompt, "difficulty": p.difficulty}
+                     for p in self.task.sample(c.num_train_prompts, seed=c.seed)]
+            evaluation = [{"prompt": p.prompt, "difficulty": p.difficulty}
+                          for p in self.task.sample(max(c.num_eval_prompts, 1), seed=c.seed + 10_000)]
+            return train, evaluation[: c.num_eval_prompts]
+        train = [self._prompt_row(r, c.train_data) for r in _read_jsonl(c.train_data)]
+        evaluation = [self._prompt_row(r, c.eval_data) for r in _read_jsonl(c.eval_data)] if c.eval_data else []
+        if not train:
+            raise ValueError(f"no prompts in {c.train_data}")
+        return train, evaluation[: c.num_eval_prompts]
+
+    @staticmethod
+    def _prompt_row(row, source):
+        prompt = row.get("prompt") if isinstance(row, dict) else None
+        if not isinstance(prompt, str):
+            raise ValueError(f"{source}: every row needs a string 'prompt' (chat prompts: render them first), "  # noqa: TRY004 (bad data, like fastrm.data)
+                             f"got {row!r:.120}")
+        out = {"prompt": prompt}
+        if "difficulty" in row:
+            out["difficulty"] = float(row["difficulty"])
+        return out
+
+    def _difficulty(self):
+        c = self.config
+        if c.curriculum_difficulty == "auto" and all("difficulty" in r for r in self.train_rows):
+            log.info("curriculum: ordering prompts by their difficulty field")
+            return [r["difficulty"] for r in self.train_rows]
+        log.info("curriculum: ordering prompts by length (tokens)")
+        return [len(self.tokenizer(r["prompt"])["input_ids"]) for r in self.train_rows]
+
+    def _build_value_model(self):
+        c = self.config
+        kind = c.resolved_value_model()
+        if kind == "none":
+            return None
+        if kind == "policy":
+            backbone = copy.deepcopy(getattr(self.policy, self.policy.base_model_prefix))
+            head = nn.Linear(self.policy.config.hidden_size, 1, device=self.device)
+            nn.init.zeros_(head.weight), nn.init.zeros_(head.bias)
+        else:  # the reward model's backbone and head, loaded afresh in full precision (TRL's default critic)
+            path = c.reward_model_path if kind == "reward" else kind
+            rm = load_reward_model(ModelConfig(name_or_path=path), self.tokenizer, self.device)
+            backbone, head = getattr(rm, rm.base_model_prefix), rm.score
+        value = TokenValueModel(backbone, head).to(self.device)
+        value.requires_grad_(True)
+        return value
+
+    # ---- one rollout -------------------------------------------------------------------------------------------
+
+    def _autocast(self):
+        return torch.autocast(self.device.type, dtype=torch.bfloat16) if self.autocast else contextlib.nullcontext()
+
+    def _sequences(self, gen: dict) -> dict:
+        """Prompt (left-padded) + completion as one batch for the forward passes, with position ids that
+        skip the left padding (as generate used) and labels on the completion tokens only."""
+        input_ids = torch.cat([gen["prompt_ids"], gen["completion_ids"]], dim=1)
+        attention_mask = torch.cat([gen["prompt_mask"], gen["completion_mask"]], dim=1)
+        position_ids = (attention_mask.cumsum(1) - 1).clamp_min(0)
+        labels = input_ids.masked_fill(attention_mask == 0, fdata.IGNORE_INDEX)
+        labels[:, : gen["prompt_ids"].shape[1]] = fdata.IGNORE_INDEX
+        return {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids,
+                "labels": labels}
+
+    def _logprobs(self, model, batch, prompt_len, return_entropy=False):
+        """``[B, C]`` log-probs of the completion tokens (and entropies)."""
+        with self._autocast():
+            out = token_logprobs(model, batch, temperature=self.config.temperature, return_entropy=return_entropy,
+                                 backend=self.config.backend)
+        if return_entropy:
+            return out[0][:, prompt_len - 1:], out[1][:, prompt_len - 1:]
+        return out[:, prompt_len - 1:]
+
+    def _values(self, batch, prompt_len):
+        with self._autocast():
+            return self.value(batch)[:, prompt_len - 1:-1].float()
+
+    @torch.no_grad()
+    def score(self, prompts: list[str], gen: dict, completions: list[str]) -> tuple[torch.Tensor, dict]:
+        """Weighted reward of each completion, ``[B]`` float32, and the parts to log."""
+        c = self.config
+        parts, total = {}, torch.zeros(len(completions), device=self.device)
+        if self.reward_model is not None:
+            seqs = []
+            for p_ids, p_mask, c_ids, c_mask in zip(gen["prompt_ids"].tolist(), gen["prompt_mask"].tolist(),
+                                                    gen["completion_ids"].tolist(), gen["completion_mask"].tolist()):
+                seqs.append([t for t, m in zip(p_ids, p_mask) if m] + [t for t, m in zip(c_ids, c_mask) if m])
+            packed = {k: v.to(self.device) if isinstance(v, torch.Tensor) else v
+                      for k, v in fdata._pack(seqs).items()}
+            with self._autocast():
+                model_scores = reward_scores(self.reward_model, packed).float()
+            parts["reward/model"] = model_scores.mean()
+            total = total + c.reward_model_weight * model_scores
+        if c.reward in ("rule", "both"):
+            rule_scores = torch.tensor(self.rule(prompts, completions), dtype=torch.float32, device=self.device)
+            parts["reward/rule"] = rule_scores.mean()
+            total = total + c.rule_weight * rule_scores
+        return total, parts
+
+    @torch.no_grad()
+    def rollout(self, rows: list[dict]) -> dict:
+        """Sample, score and compute advantages for one batch of prompt rows."""
+        c = self.config
+        n = c.num_samples
+        self.policy.eval()
+        if self.value is not None:
+            self.value.eval()
+        timing = {}
+        start = time.perf_counter()
+        prompts = [r["prompt"] for r in rows]
+        gen = generate(self.policy, self.tokenizer, prompts, max_new_tokens=c.max_new_tokens, do_sample=True,
+                       temperature=c.temperature, top_p=c.top_p, num_return_sequences=n)
+        completions = decode_completions(self.tokenizer, gen["completion_ids"], gen["completion_mask"])
+        prompts_n = [p for p in prompts for _ in range(n)]
+        timing["timing/generate"] = time.perf_counter() - start
+
+        start = time.perf_counter()
+        batch = self._sequences(gen)
+        prompt_len = gen["prompt_ids"].shape[1]
+        mask = gen["completion_mask"]
+        old_logprobs = self._logprobs(self.policy, batch, prompt_len)
+        ref_logprobs = self._logprobs(self.ref, batch, prompt_len)
+        values = self._values(batch, prompt_len) if self.value is not None else None
+        timing["timing/logprobs"] = time.perf_counter() - start
+
+        start = time.perf_counter()
+        raw_scores, parts = self.score(prompts_n, gen, completions)
+        has_eos = (gen["completion_ids"] == self.tokenizer.eos_token_id).any(dim=1)
+        scores = raw_scores
+        if c.missing_eos_penalty is not None:
+            scores = scores - c.missing_eos_penalty * (~has_eos).float()
+        scores = self.normalizer(scores)
+        kl = torch.where(mask != 0, kl_penalty(old_logprobs, ref_logprobs, c.kl_estimator, backend=c.backend), 0.0)
+        kl_coef = self.kl_ctl.value
+        advantages, returns = rl.compute_advantages(
+            c.advantage, scores, mask, n=n, kl=kl if c.kl_in == "reward" else None, kl_coef=kl_coef, values=values,
+            gamma=c.gamma, lam=c.lam, baseline=self.baseline, grpo_scale=c.grpo_scale)
+        if c.whiten_advantages and int((mask != 0).sum()) >= 2:
+            advantages = fastrm.whiten(advantages, mask)
+        timing["timing/advantages"] = time.perf_counter() - start
+
+        seq_kl = kl.sum(1)
+        non_score = -kl_coef * seq_kl if c.kl_in == "reward" else torch.zeros_like(seq_kl)
+        stats = {
+            "objective/scores": raw_scores.mean(),
+            "objective/kl": seq_kl.mean(),
+            "objective/non_score_reward": non_score.mean(),
+            "objective/rlhf_reward": (raw_scores + non_score).mean(),
+            "objective/kl_coef": kl_coef,
+            "rollout/length": mask.sum(1).float().mean(),
+            "rollout/eos_fraction": has_eos.float().mean(),
+            **parts, **timing,
+        }
+        if self.task is not None:
+            truth = [self.task.score(p, x) for p, x in zip(prompts_n, completions)]
+            stats["objective/true_score"] = sum(truth) / len(truth)
+            stats["objective/true_accuracy"] = sum(self.task.is_correct(p, x)
+                                                   for p, x in zip(prompts_n, completions)) / len(truth)
+        return {"batch": batch, "prompt_len": prompt_len, "mask": mask, "old_logprobs": old_logprobs,
+                "ref_logprobs": ref_logprobs, "values": values, "advantages": advantages, "returns": returns,
+                "seq_kl": seq_kl, "stats": stats, "completions": completions, "prompts": prompts_n}
+
+    # ---- the update --------------------------------------------------------------------------------------------
+
+    def compute_loss(self, ro: dict, idx: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        """The loss of one minibatch (rows ``idx`` of a rollout) and its detached metrics."""
+        c = self.config
+        batch = {k: v[idx] for k, v in ro["batch"].items()}
+        mask, adv = ro["mask"][idx], ro["advantages"][idx]
+        logprobs, entropy = self._logprobs(self.policy, batch, ro["prompt_len"], return_entropy=True)
+        pol = ppo_policy_loss(logprobs, ro["old_logprobs"][idx], adv, mask, clip_eps=c.clip_eps,
+                              clip_eps_high=c.clip_eps_high, dual_clip=c.dual_clip, agg=c.loss_agg,
+                              backend=c.backend)
+        mean_entropy = masked_mean(entropy, mask)
+        loss = pol.loss
+        metrics = {"loss/policy": pol.loss.detach(), "policy/approxkl": pol.approx_kl, "policy/clipfrac": pol.clipfrac,
+                   "policy/ratio": pol.ratio_mean, "policy/dual_clipfrac": pol.clipfrac_lower,
+                   "objective/entropy": mean_entropy.detach()}
+        if c.entropy_coef:
+            loss = loss - c.entropy_coef * mean_entropy
+        if c.kl_in == "loss" and self.kl_ctl.value:
+            kl_loss = masked_mean(kl_penalty(logprobs, ro["ref_logprobs"][idx], c.kl_estimator, backend=c.backend), mask)
+            loss = loss + self.kl_ctl.value * kl_loss
+            metrics["loss/kl"] = kl_loss.detach()
+        if self.value is not None:
+            values = self._values(batch, ro["prompt_len"])
+            vl = value_loss(values, ro["values"][idx], ro["returns"][idx], mask, clip=c.value_clip, agg=c.loss_agg,
+                            backend=c.backend)
+            loss = loss + c.vf_coef * vl.loss
+            metrics.update({"loss/value": vl.loss.detach(), "val/clipfrac": vl.clipfrac,
+                            "val/vpred": masked_mean(values.detach(), mask),
+                            "val/error": masked_mean((values.detach() - ro["returns"][idx]) ** 2, mask)})
+        metrics["loss/total"] = loss.detach()
+        return loss, metrics
+
+    def update(self, ro: dict) -> dict:
+        c = self.config
+        self.policy.train()
+        if self.value is not None:
+            self.value.train()
+        rows = ro["mask"].shape[0]
+        generator = torch.Generator().manual_seed(c.seed * 1_000_003 + self.step)
+        window = training.MetricsWindow()
+        for _ in range(c.ppo_epochs):
+            order = torch.randperm(rows, generator=generator).to(self.device)
+            for idx in order.tensor_split(c.num_minibatches):
+                loss, metrics = self.compute_loss(ro, idx)
+                training.check_finite_loss(loss, self.step, self.last_checkpoint)
+                loss.backward()
+                metrics["policy/grad_norm"] = training.optimizer_step(self.policy, self.optimizer, self.scheduler,
+                                                                      c.max_grad_norm)
+                if self.value is not None:
+                    metrics["val/grad_norm"] = training.optimizer_step(self.value, self.value_optimizer,
+                                                                       self.value_scheduler, c.max_grad_norm)
+                window.add(metrics, int(ro["mask"][idx].sum()))
+        return window.summary()
+
+    def train_step(self) -> dict:
+        c = self.config
+        rows = next(self.sampler)
+        row = {}
+        if c.curriculum:
+            row.update(self.sampler.stats())
+        ro = self.rollout(rows)
+        start = time.perf_counter()
+        row.update(self.update(ro))
+        row["timing/update"] = time.perf_counter() - start
+        row.update(ro["stats"])
+        self.kl_ctl.update(float(ro["seq_kl"].mean()), ro["mask"].shape[0])
+        row["lr"] = self.scheduler.get_last_lr()[0]
+        self.step += 1
+        return row
+
+    def train(self):
+        c = self.config
+        bar = tqdm(total=c.max_steps, initial=self.step, desc=f"rl:{c.advantage}", disable=not c.progress)
+        while self.step < c.max_steps:
+            row = self.train_step()
+            bar.update(1)
+            if self.step % c.log_steps == 0 or self.step == c.max_steps:
+                self.metrics.log(self.step, row)
+                postfix = {"score": f"{float(row['objective/scores']):.3f}", "kl": f"{float(row['objective/kl']):.3f}"}
+                if "objective/true_score" in row:
+                    postfix["true"] = f"{row['objective/true_score']:.3f}"
+                bar.set_postfix(**postfix)
+            if self.eval_rows and (self.step % c.eval_steps == 0 or self.step == c.max_steps):
+                self.metrics.log(self.step, self.evaluate())
+            if self.step % c.save_steps == 0 or self.step == c.max_steps:
+                self.save()
+        bar.close()
+        return self
+
+    @torch.no_grad()
+    def evaluate(self, rows: list[dict] | None = None, batch_size: int = 256) -> dict:
+        """Greedy answers to the held-out prompts: the task's ground truth (``eval/true_score``,
+        ``eval/accuracy``) when the prompts are the embedded task's, the rule and the learned reward."""
+        rows = self.eval_rows if rows is None else rows
+        if not rows:
+            return {}
+        was_training = self.policy.training
+        self.policy.eval()
+        totals: dict[str, float] = {}
+        for start in range(0, len(rows), batch_size):
+            prompts = [r["prompt"] for r in rows[start:start + batch_size]]
+            gen = generate(self.policy, self.tokenizer, prompts, max_new_tokens=self.config.max_new_tokens,
+                           do_sample=False)
+            completions = decode_completions(self.tokenizer, gen["completion_ids"], gen["completion_mask"])
+            parts = {}
+            if self.task is not None:
+                parts["eval/true_score"] = sum(self.task.score(p, x) for p, x in zip(prompts, completions))
+                parts["eval/accuracy"] = sum(self.task.is_correct(p, x) for p, x in zip(prompts, completions))
+            if self.reward_model is not None or self.rule is not None:
+                _, scored = self._score_parts(prompts, gen, completions)
+                parts.update({f"eval/{k.split('/')[1]}_score": v * len(prompts) for k, v in scored.items()})
+            parts["eval/eos_fraction"] = float((gen["completion_ids"] == self.tokenizer.eos_token_id).any(1).sum())
+            for k, v in parts.items():
+                totals[k] = totals.get(k, 0.0) + float(v)
+        self.policy.train(was_training)
+        return {k: v / len(rows) for k, v in totals.items()}
+
+    def _score_parts(self, prompts, gen, completions):
+        parts = {}
+        total, model_parts = (self.score(prompts, gen, completions) if self.reward_model is not None
+                              else (None, {}))
+        parts.update(model_parts)
+        if self.rule is not None and "reward/rule" not in parts:
+            parts["reward/rule"] = torch.tensor(self.rule(prompts, completions), dtype=torch.float32).mean()
+        return total, parts
+
+    # ---- checkpoints ------------------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict:
+        state = {"step": self.step, "sampler": self.sampler.state_dict(), "optimizer": self.optimizer.state_dict(),
+                 "scheduler": self.scheduler.state_dict(), "kl_ctl": self.kl_ctl.state_dict(),
+                 "baseline": self.baseline.state_dict(), "normalizer": self.normalizer.state_dict(),
+                 "rng": training.rng_state(), "config": self.config}
+        if self.value is not None:
+            state.update({"value_model": self.value.state_dict(), "value_optimizer": self.value_optimizer.state_dict(),
+                          "value_scheduler": self.value_scheduler.state_dict()})
+        return state
+
+    def save(self) -> Path:
+        self.last_checkpoint = training.save_checkpoint(self.out_dir, self.step, self.policy, self.tokenizer,
+                                                        self.state_dict(), keep=self.config.keep_checkpoints)
+        return self.last_checkpoint
+
+    def _restore(self):
+        checkpoint = training.latest_checkpoint(self.out_dir)
+        if checkpoint is None:
+            log.info("resume: no checkpoint in %s, starting fresh", self.out_dir)
+            return
+        state = training.load_trainer_state(checkpoint)
+        self.policy.load_state_dict(type(self.policy).from_pretrained(checkpoint).state_dict())
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        if self.value is not None:
+            if "value_model" not in state:
+                raise ValueError(f"resume: {checkpoint} has no critic state but this run has value_model="
+                                 f"{self.config.resolved_value_model()}")
+            self.value.load_state_dict(state["value_model"])
+            self.value_optimizer.load_state_dict(state["value_optimizer"])
+            self.value_scheduler.load_state_dict(state["value_scheduler"])
+        self.sampler.load_state_dict(state["sampler"])
+        self.kl_ctl.load_state_dict(state["kl_ctl"])
+        self.baseline.load_state_dict(state["baseline"])
+        self.normalizer.load_state_dict(state["normalizer"])
+        training.set_rng_state(state["rng"])
+        self.step, self.last_checkpoint = state["step"], checkpoint
+        log.info("resumed from %s at step %d", checkpoint, self.step)
+
+
+def main(argv=None) -> int:
+    import argparse
+
+    from fastrm.config import load_config
+
+    parser = argparse.ArgumentParser(
+        prog="fastrm ppo", description="RL fine-tuning (PPO / REINFORCE / RLOO / GRPO) of an SFT policy against a "
+        "learned reward model and/or a rule. Typical: fastrm ppo model.name_or_path=runs/sft/checkpoint-300 "
+        "reward_model_path=runs/reward/checkpoint-400")
+    parser.add_argument("--config", help="YAML file with RLConfig settings")
+    parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in output_dir")
+    parser.add_argument("overrides", nargs="*", help="key=value settings (dotted keys for nested ones)")
+    args = parser.parse_args(argv)
+    config = load_config(RLConfig, args.config, args.overrides + (["resume=true"] if args.resume else []))
+    trainer = RLTrainer(config).setup()
+    before = trainer.evaluate()
+    trainer.train()
+    after = trainer.evaluate()
+    keys = [k for k in ("eval/accuracy", "eval/true_score", "eval/model_score", "eval/rule_score") if k in after]
+    summary = ", ".join(f"{k} {before.get(k, float('nan')):.3f} -> {after[k]:.3f}" for k in keys)
+    print(f"held-out (greedy): {summary or 'no eval prompts'}; policy saved in {trainer.last_checkpoint}")
+    return 0
