@@ -1,89 +1,103 @@
-"""compute_gae vs the plain Python reversed-time loop a user writes (verl's mask-aware GAE).
+"""compute_gae: GAE advantages and returns, fastrm vs the reversed-time Python loop.
 
-    python benchmarks/bench_gae.py                          # B=256, T=1024, right-padded rows
-    python benchmarks/bench_gae.py --batch 64 --seqlen 4096 --layout holes
+    python benchmarks/bench_gae.py --quick                          # CPU-sized: B 8,256 x T 128,1024
+    python benchmarks/bench_gae.py                                  # full sweep (default on CUDA)
+    python benchmarks/bench_gae.py --batch 256 --seqlen 1024 --modes fwd --layout holes
 
-Providers: the Python loop (fastrm.kernels.gae.compute_gae_reference), fastrm's vectorized PyTorch path
-(backend='torch', input checks included), and on CUDA the Triton kernel (backend='triton'). Every provider
-is checked against the float64 loop before it is timed.
+Providers: fastrm Triton (CUDA; one launch for the batch) and torch path (vectorized, no loop over T);
+``python-loop`` = ``fastrm.compute_gae_reference``, the mask-aware reversed loop of verl (TRL's and
+OpenRLHF's are the same loop without the mask), differentiated by autograd; ``torch.compile`` of that loop
+only up to ``--compile-max-seqlen`` (dynamo unrolls the loop: compiling takes ~20 s at T=128 on a CPU and
+grows with T). Inputs are float32 by default, as rewards and values are in RLHF trainers.
+
+Masks (``--layout``): right_pad (responses of random length >= T/2, padding at the end), left_pad, or
+holes (70 % of positions valid at random, like masked observation tokens in multi-turn rollouts).
+
+Bytes the op cannot avoid (memory-bound on a GPU; s = bytes per value, m = bytes per mask element):
+fwd reads rewards, values, mask and writes advantages, returns: B*T*(4s + m); bwd reads the two incoming
+gradients and the mask and writes d rewards, d values: B*T*(4s + m); fwd+bwd twice that.
 """
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import markdown_table, time_fn, write_results  # noqa: E402
+if __package__ in (None, ""):  # run as a file: make the `benchmarks` package importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks import common  # noqa: E402
+from benchmarks.common import Case, Provider  # noqa: E402
 
-from fastrm.kernels.gae import compute_gae_reference  # noqa: E402
-from fastrm.ops.gae import compute_gae  # noqa: E402
+import fastrm  # noqa: E402
 
-
-def make_inputs(batch, seqlen, layout, device):
-    torch.manual_seed(0)
-    rewards = torch.randn(batch, seqlen, device=device)
-    values = torch.randn(batch, seqlen, device=device)
-    pos = torch.arange(seqlen, device=device)
-    lengths = torch.randint(seqlen // 2, seqlen + 1, (batch,), device=device)
-    if layout == "right_pad":
-        mask = pos[None, :] < lengths[:, None]
-    elif layout == "left_pad":
-        mask = pos[None, :] >= (seqlen - lengths)[:, None]
-    else:  # "holes": multi-turn, observation tokens masked in the middle
-        mask = torch.rand(batch, seqlen, device=device) < 0.7
-    return rewards, values, mask
+QUICK = {"batch": [8, 256], "seqlen": [128, 1024]}
+FULL = {"batch": [8, 64, 256, 1024], "seqlen": [128, 1024, 4096, 16384]}
+GAMMA, LAM = 0.99, 0.95
+BYTES_FORMULA = "fwd B*T*(4s+m), bwd B*T*(4s+m), fwd+bwd 2*B*T*(4s+m) (s = bytes per value, m = per mask element)"
 
 
-def providers(device):
-    out = {
-        "python-loop": lambda r, v, m: compute_gae_reference(r, v, m, 0.99, 0.95),
-        "fastrm-torch": lambda r, v, m: compute_gae(r, v, m, gamma=0.99, lam=0.95, backend="torch"),
-    }
-    if device == "cuda":
-        out["fastrm-triton"] = lambda r, v, m: compute_gae(r, v, m, gamma=0.99, lam=0.95, backend="triton")
+def python_loop(rewards, values, mask):
+    return fastrm.compute_gae_reference(rewards, values, mask, GAMMA, LAM)
+
+
+def providers(device: str, compile_ref: bool) -> list[Provider]:
+    out = []
+    for backend in common.fastrm_backends(device):
+        out.append(Provider(f"fastrm-{backend}",
+                            lambda r, v, m, b=backend: fastrm.compute_gae(r, v, m, gamma=GAMMA, lam=LAM, backend=b)))
+    out.append(Provider("python-loop", python_loop))
+    if compile_ref:
+        out.append(Provider("python-loop-compiled", torch.compile(python_loop)))
     return out
 
 
-def run(batch, seqlen, layout, repeats, loop_repeats):
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    r, v, m = make_inputs(batch, seqlen, layout, device)
-    ref = compute_gae_reference(r.double(), v.double(), m, 0.99, 0.95)
-    rows = []
-    for name, fn in providers(device).items():
-        got = fn(r, v, m)
-        err = max((g.double() - w).abs().max().item() for g, w in zip(got, ref))
-        assert err < 1e-3, f"{name} disagrees with the float64 loop by {err}"  # never time a wrong answer
-        n = loop_repeats if name == "python-loop" else repeats
-        t = time_fn(lambda: fn(r, v, m), repeats=n, warmup=1 if name == "python-loop" else 3)
-        rows.append({"provider": name, "batch": batch, "seqlen": seqlen, "layout": layout,
-                     "median_ms": t["median_ms"], "p20_ms": t["p20_ms"], "p80_ms": t["p80_ms"],
-                     "min_ms": min(t.get("samples_ms", [t["p20_ms"]])), "max_abs_err": err})
-    base = rows[0]["median_ms"]
-    for row in rows:
-        row["speedup_vs_loop"] = base / row["median_ms"]
-    return rows
+def make_mask(batch: int, seqlen: int, layout: str, gen, device: str) -> torch.Tensor:
+    pos = torch.arange(seqlen, device=device)
+    lengths = torch.randint(max(1, seqlen // 2), seqlen + 1, (batch,), generator=gen, device=device)
+    if layout == "right_pad":
+        return pos[None, :] < lengths[:, None]
+    if layout == "left_pad":
+        return pos[None, :] >= (seqlen - lengths)[:, None]
+    return torch.rand(batch, seqlen, generator=gen, device=device) < 0.7  # "holes"
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--batch", type=int, default=256)
-    parser.add_argument("--seqlen", type=int, default=1024)
+def make_case(size: dict, dtype: torch.dtype, device: str, layout: str = "right_pad") -> Case:
+    B, T = size["batch"], size["seqlen"]
+    gen = torch.Generator(device=device).manual_seed(0)
+    rewards = torch.randn(B, T, generator=gen, device=device).to(dtype)
+    values = torch.randn(B, T, generator=gen, device=device).to(dtype)
+    mask = make_mask(B, T, layout, gen, device)
+    grad_outputs = (torch.randn(B, T, generator=gen, device=device), torch.randn(B, T, generator=gen, device=device))
+    per_elem = 4 * rewards.element_size() + mask.element_size()
+    return common.autograd_case(size, python_loop, (rewards, values, mask), grad_inputs=(0, 1),
+                                grad_outputs=grad_outputs, extra={"layout": layout},
+                                bytes_moved=lambda mode: (2 if mode == "fwd+bwd" else 1) * B * T * per_elem)
+
+
+def main(argv=None) -> int:
+    parser = common.base_parser(__doc__)
+    common.add_size_options(parser, batch="B", seqlen="T")
     parser.add_argument("--layout", default="right_pad", choices=["right_pad", "left_pad", "holes"])
-    parser.add_argument("--repeats", type=int, default=30)
-    parser.add_argument("--loop-repeats", type=int, default=5, help="repeats for the (slow) Python loop")
-    parser.add_argument("--no-save", action="store_true")
+    parser.add_argument("--compile-max-seqlen", type=int, default=128,
+                        help="compile the Python loop only for T up to this (compile time grows with T)")
     args = parser.parse_args(argv)
-    rows = run(args.batch, args.seqlen, args.layout, args.repeats, args.loop_repeats)
-    print(markdown_table(rows, ["provider", "batch", "seqlen", "layout", "median_ms", "p20_ms", "p80_ms", "min_ms",
-                                "speedup_vs_loop"]))
-    if not args.no_save:
-        print("wrote", write_results(f"gae_{args.layout}", rows))
-    return rows
+    run = common.Run("gae", "compute_gae", args, baseline="python-loop", plot_x="seqlen", plot_panel="batch",
+                     default_dtype="float32", bytes_formula=BYTES_FORMULA)
+    provs = providers(run.device, args.compile)
 
+    def sized_providers(size):
+        if not args.compile or size["seqlen"] <= args.compile_max_seqlen:
+            return provs
+        run.note(f"python-loop-compiled skipped for T > {args.compile_max_seqlen} (--compile-max-seqlen): "
+                 "dynamo unrolls the loop, so compile time grows with T")
+        return [p for p in provs if p.name != "python-loop-compiled"]
+
+    # memory: inputs, the float64 truth with its autograd graph (~T small tensors per step), outputs, gradients
+    return run.sweep_and_finish(common.sweep(args, QUICK, FULL),
+                                lambda size: make_case(size, run.dtype, run.device, args.layout), sized_providers,
+                                memory_needed=lambda size: size["batch"] * size["seqlen"] * 160)
 
 if __name__ == "__main__":
-    main()
+    common.run_script(main)

@@ -55,9 +55,7 @@ def bench(argv) -> int:
         print(f"fastrm bench: {folder} must be named benchmarks/ (it is imported as the `benchmarks` package)",
               file=sys.stderr)
         return 2
-    # The CPU peak-memory measurement needs glibc's mmap threshold pinned from process start.
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_=os.environ.get("MALLOC_MMAP_THRESHOLD_", "65536"))
-    return subprocess.call([sys.executable, "-m", "benchmarks", *argv], cwd=folder.parent, env=env)
+    return subprocess.call([sys.executable, "-m", "benchmarks", *argv], cwd=folder.parent)
 
 
 def main(argv=None) -> int:

@@ -1,0 +1,59 @@
+"""Run a chosen set of fastrm's benchmarks: ``python -m benchmarks [OP ...] [options]`` (= ``fastrm bench``).
+
+    python -m benchmarks --quick                    # every op, CPU-sized sweep (the default on CPU)
+    python -m benchmarks gae logprobs               # two ops, the default sweep for this device
+    python -m benchmarks logprobs --tokens 2048 --vocab 32000 --modes fwd,fwd+bwd
+    python -m benchmarks readme                     # rewrite benchmarks/README.md's tables from results/*.json
+
+OPs: logprobs, gae, pairwise, ranking and every other bench_<OP>.py here (default: all; --list names them).
+Options after the ops go to every chosen op's
+script; the shared ones are listed below, and ``python -m benchmarks OP --help`` shows an op's own
+(sizes, layout), which only make sense with that one op.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+if __package__ in (None, ""):  # `python benchmarks/__main__.py`: make the package importable
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks import common  # noqa: E402
+
+# Every bench_<op>.py beside this file is an op script with a main(argv); these run first, the rest by name.
+FIRST = ["logprobs", "gae", "pairwise", "ranking"]
+_found = sorted(p.stem[len("bench_"):] for p in common.BENCH_DIR.glob("bench_*.py"))
+SCRIPTS = {op: f"benchmarks.bench_{op}" for op in [o for o in FIRST if o in _found] + [o for o in _found if o not in FIRST]}
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    ops = []
+    while argv and not argv[0].startswith("-"):
+        ops.append(argv.pop(0))
+    if ops == ["readme"]:
+        print("wrote", common.update_readme())
+        return 0
+    unknown = [op for op in ops if op not in SCRIPTS]
+    if unknown:
+        print(f"benchmarks: unknown op(s) {', '.join(unknown)}; choose from {', '.join(SCRIPTS)} (or `readme`)",
+              file=sys.stderr)
+        return 2
+    if not ops and any(a in ("-h", "--help") for a in argv):
+        print(__doc__)
+        common.base_parser("").print_help()
+        return 0
+    if "--list" in argv:
+        print("\n".join(SCRIPTS))
+        return 0
+    status = 0
+    for op in ops or list(SCRIPTS):
+        sys.argv[0] = f"python -m benchmarks {op}"  # argparse's prog in --help and errors
+        status = max(status, importlib.import_module(SCRIPTS[op]).main(argv))
+    return status
+
+
+if __name__ == "__main__":
+    common.run_script(main)
