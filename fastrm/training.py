@@ -61,6 +61,16 @@ def setup_logging():
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
 
 
+def start_run(config, out_dir: Path):
+    """The first lines of every trainer's setup: logging, seeds, the output folder and its config.yaml."""
+    from fastrm.config import save_config
+
+    setup_logging()
+    set_seed(config.seed)
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    save_config(config, Path(out_dir) / "config.yaml")
+
+
 def pick_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -37,3 +37,31 @@ def new_output(shape, *, dtype, device):
     if POISON_OUTPUTS:
         return torch.full(shape, float("nan"), dtype=dtype, device=device)
     return torch.empty(shape, dtype=dtype, device=device)
+
+
+# Row-scan kernels (GAE, PPO losses): one program per row walks T in chunks of BLOCK_T lanes. Compiled,
+# 1024 fp32 lanes over 4 warps is 8 per thread, so a chunk's scan stays in registers and long rows loop;
+# the interpreter pays per chunk iteration, so it takes bigger chunks. Chunks are powers of two
+# (tl.arange); below 16 lanes they would only add compiled variants.
+ROW_BLOCK_T = 1024
+ROW_BLOCK_T_INTERPRET = 4096
+ROW_MIN_BLOCK_T = 16
+ROW_NUM_WARPS = 4
+
+
+def row_block_t(T: int, block_t: int | None = None) -> int:
+    """Chunk length for a row of T positions; short rows take one chunk just big enough."""
+    if block_t is None:
+        block_t = ROW_BLOCK_T_INTERPRET if INTERPRET else ROW_BLOCK_T
+    return max(ROW_MIN_BLOCK_T, min(next_power_of_2(block_t), next_power_of_2(T)))
+
+
+def row_num_warps(block: int) -> int:
+    return max(1, min(ROW_NUM_WARPS, block // 256))
+
+
+def mask_as_bytes(mask):
+    """Bool masks go to kernels as bytes (same storage and strides, no copy)."""
+    import torch
+
+    return mask.view(torch.uint8) if mask.dtype == torch.bool else mask

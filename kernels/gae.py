@@ -23,20 +23,13 @@ Nothing here checks user input or touches autograd (see fastrm/ops/gae.py).
 
 import torch
 
-from fastrm.kernels import HAS_TRITON, INTERPRET, new_output, next_power_of_2
+from fastrm.kernels import HAS_TRITON, mask_as_bytes, new_output, row_block_t, row_num_warps
 
 if HAS_TRITON:  # without triton (e.g. macOS) the reference below and the PyTorch path still work
     import triton
     import triton.language as tl
 
-# One chunk of a row per loop iteration. Compiled, 1024 fp32 lanes over 4 warps is 8 per thread: the scan
-# stays in registers and long rows (T up to tens of thousands) loop. Under the interpreter each block
-# iteration has a large fixed cost, so take bigger chunks (the scan itself costs per element either way).
-BLOCK_T = 1024
-BLOCK_T_INTERPRET = 4096
-NUM_WARPS = 4
-MIN_BLOCK_T = 16  # chunks are powers of two (tl.arange); smaller ones would only add compiled variants
-
+# Chunk sizes and warps: the shared row-scan settings of fastrm.kernels (row_block_t, row_num_warps).
 
 if HAS_TRITON:
 
@@ -166,20 +159,7 @@ if HAS_TRITON:
             tl.store(dboot_ptr + row * stride_dboot, (gamma * z_carry).to(dboot_ptr.dtype.element_ty))
 
 
-def _block_t(T: int, block_t: int | None) -> int:
-    if block_t is None:
-        block_t = BLOCK_T_INTERPRET if INTERPRET else BLOCK_T
-    # Short rows take one chunk just big enough; fewer lanes means fewer idle threads.
-    return max(MIN_BLOCK_T, min(next_power_of_2(block_t), next_power_of_2(T)))
 
-
-def _num_warps(block: int) -> int:
-    return max(1, min(NUM_WARPS, block // 256))
-
-
-def _mask_arg(mask: torch.Tensor) -> torch.Tensor:
-    # Hand bool masks to the kernel as bytes (same storage and strides, no copy).
-    return mask.view(torch.uint8) if mask.dtype == torch.bool else mask
 
 
 def gae_fwd(rewards, values, mask, bootstrap_value, gamma: float, lam: float, block_t: int | None = None):
@@ -189,14 +169,14 @@ def gae_fwd(rewards, values, mask, bootstrap_value, gamma: float, lam: float, bl
     ret = new_output((B, T), dtype=torch.float32, device=rewards.device)
     has_boot = bootstrap_value is not None
     boot = bootstrap_value if has_boot else adv  # any valid pointer; never read without HAS_BOOT
-    block = _block_t(T, block_t)
+    block = row_block_t(T, block_t)
     _gae_fwd_kernel[(B,)](
-        rewards, values, _mask_arg(mask), boot, adv, ret,
+        rewards, values, mask_as_bytes(mask), boot, adv, ret,
         T,
         rewards.stride(0), rewards.stride(1), values.stride(0), values.stride(1),
         mask.stride(0), mask.stride(1), boot.stride(0) if has_boot else 0,
         float(gamma), float(gamma) * float(lam),  # gamma*lam in double, rounded once
-        HAS_BOOT=has_boot, BLOCK_T=block, num_warps=_num_warps(block),
+        HAS_BOOT=has_boot, BLOCK_T=block, num_warps=row_num_warps(block),
     )
     return adv, ret
 
@@ -210,14 +190,14 @@ def gae_bwd(grad_adv, grad_ret, mask, gamma: float, lam: float, *, rewards_dtype
     d_values = new_output((B, T), dtype=values_dtype, device=device)
     has_boot = bootstrap_dtype is not None
     d_boot = new_output((B,), dtype=bootstrap_dtype, device=device) if has_boot else None
-    block = _block_t(T, block_t)
+    block = row_block_t(T, block_t)
     _gae_bwd_kernel[(B,)](
-        grad_adv, grad_ret, _mask_arg(mask), d_rewards, d_values, d_boot if has_boot else d_rewards,
+        grad_adv, grad_ret, mask_as_bytes(mask), d_rewards, d_values, d_boot if has_boot else d_rewards,
         T,
         grad_adv.stride(0), grad_adv.stride(1), grad_ret.stride(0), grad_ret.stride(1),
         mask.stride(0), mask.stride(1), d_boot.stride(0) if has_boot else 0,
         float(gamma), float(gamma) * float(lam),
-        HAS_BOOT=has_boot, BLOCK_T=block, num_warps=_num_warps(block),
+        HAS_BOOT=has_boot, BLOCK_T=block, num_warps=row_num_warps(block),
     )
     return d_rewards, d_values, d_boot
 

@@ -51,19 +51,14 @@ from __future__ import annotations
 
 import torch
 
-from fastrm.kernels import HAS_TRITON, INTERPRET, new_output, next_power_of_2
+from fastrm.kernels import HAS_TRITON, mask_as_bytes, new_output, row_block_t, row_num_warps
 
 if HAS_TRITON:
     import triton
     import triton.language as tl
 
-# One chunk of a row per loop iteration. Compiled, 1024 fp32 lanes over 4 warps is 8 per thread: the
-# accumulators stay in registers and long rows loop. The interpreter pays per block iteration, not per
-# element, so it takes bigger chunks. Tests shrink these to cross chunk boundaries.
-BLOCK_T = 1024
-BLOCK_T_INTERPRET = 4096
-MIN_BLOCK_T = 16
-NUM_WARPS = 4
+# Chunk sizes and warps: the shared row-scan settings of fastrm.kernels (row_block_t, row_num_warps);
+# tests pass a small block_t to cross chunk boundaries.
 
 # Rows of the per-row statistics buffers written by the forward kernels (fp32 [N_STATS, B]).
 POLICY_STATS = ("loss", "count", "clipped", "dual_clipped", "approx_kl", "ratio")
@@ -272,20 +267,7 @@ if HAS_TRITON:
 # ----------------------------------------------------------------------------------------------
 
 
-def _block_t(T: int, block_t: int | None = None) -> int:
-    if block_t is None:
-        block_t = BLOCK_T_INTERPRET if INTERPRET else BLOCK_T
-    # Short rows take one chunk just big enough; fewer lanes means fewer idle threads.
-    return max(MIN_BLOCK_T, min(next_power_of_2(block_t), next_power_of_2(T)))
 
-
-def _num_warps(block: int) -> int:
-    return max(1, min(NUM_WARPS, block // 256))
-
-
-def _mask_arg(mask: torch.Tensor) -> torch.Tensor:
-    # Hand bool masks to the kernel as bytes (same storage and strides, no copy).
-    return mask.view(torch.uint8) if mask.dtype == torch.bool else mask
 
 
 def ppo_policy_fwd(logprobs, old_logprobs, advantages, mask, *, clip_eps: float, clip_eps_high: float,
@@ -300,9 +282,9 @@ def ppo_policy_fwd(logprobs, old_logprobs, advantages, mask, *, clip_eps: float,
     device = logprobs.device
     stats = new_output((len(POLICY_STATS), B), dtype=torch.float32, device=device)
     grad = new_output((B, T), dtype=torch.float32, device=device) if write_grads else None
-    block = _block_t(T, block_t)
+    block = row_block_t(T, block_t)
     _ppo_policy_fwd_kernel[(B,)](
-        logprobs, old_logprobs, advantages, _mask_arg(mask),
+        logprobs, old_logprobs, advantages, mask_as_bytes(mask),
         grad if grad is not None else stats,  # dummy when WRITE_GRADS is off
         stats,
         B, T,
@@ -314,7 +296,7 @@ def ppo_policy_fwd(logprobs, old_logprobs, advantages, mask, *, clip_eps: float,
         HAS_DUAL_CLIP=dual_clip is not None,
         WRITE_GRADS=write_grads,
         BLOCK_T=block,
-        num_warps=_num_warps(block),
+        num_warps=row_num_warps(block),
     )
     return stats, grad
 
@@ -330,9 +312,9 @@ def value_loss_fwd(values, old_values, returns, mask, *, clip: float | None, wri
     device = values.device
     stats = new_output((len(VALUE_STATS), B), dtype=torch.float32, device=device)
     grad = new_output((B, T), dtype=torch.float32, device=device) if write_grads else None
-    block = _block_t(T, block_t)
+    block = row_block_t(T, block_t)
     _value_loss_fwd_kernel[(B,)](
-        values, old_values, returns, _mask_arg(mask),
+        values, old_values, returns, mask_as_bytes(mask),
         grad if grad is not None else stats,
         stats,
         B, T,
@@ -342,7 +324,7 @@ def value_loss_fwd(values, old_values, returns, mask, *, clip: float | None, wri
         HAS_CLIP=clip is not None,
         WRITE_GRADS=write_grads,
         BLOCK_T=block,
-        num_warps=_num_warps(block),
+        num_warps=row_num_warps(block),
     )
     return stats, grad
 
@@ -356,7 +338,7 @@ def kl_penalty_fwd(logprobs, ref_logprobs, kind: str, block_t: int | None = None
     """Launch ``_kl_fwd_kernel``; returns the fp32 [B, T] per-token penalty."""
     B, T = logprobs.shape
     out = new_output((B, T), dtype=torch.float32, device=logprobs.device)
-    block = _block_t(T, block_t)
+    block = row_block_t(T, block_t)
     _kl_fwd_kernel[_kl_grid(B, T, block)](
         logprobs, ref_logprobs, out,
         T,
@@ -364,7 +346,7 @@ def kl_penalty_fwd(logprobs, ref_logprobs, kind: str, block_t: int | None = None
         K3_LOG_RATIO_CLAMP, K3_CLAMP,
         KIND=KL_KINDS[kind],
         BLOCK_T=block,
-        num_warps=_num_warps(block),
+        num_warps=row_num_warps(block),
     )
     return out
 
@@ -377,7 +359,7 @@ def kl_penalty_bwd(grad_out, logprobs, ref_logprobs, kind: str, *, need_logprobs
     g_logp = new_output((B, T), dtype=logprobs.dtype, device=device) if need_logprobs else None
     g_ref = new_output((B, T), dtype=ref_logprobs.dtype, device=device) if need_ref else None
     dummy = g_logp if g_logp is not None else g_ref
-    block = _block_t(T, block_t)
+    block = row_block_t(T, block_t)
     _kl_bwd_kernel[_kl_grid(B, T, block)](
         logprobs, ref_logprobs, grad_out,
         g_logp if g_logp is not None else dummy,
@@ -390,7 +372,7 @@ def kl_penalty_bwd(grad_out, logprobs, ref_logprobs, kind: str, *, need_logprobs
         NEED_LOGP=need_logprobs,
         NEED_REF=need_ref,
         BLOCK_T=block,
-        num_warps=_num_warps(block),
+        num_warps=row_num_warps(block),
     )
     return g_logp, g_ref
 

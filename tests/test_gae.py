@@ -59,8 +59,10 @@ def assert_close_to_reference(out, ref, tol=TOL[torch.float32]):
 @pytest.fixture
 def small_blocks(monkeypatch):
     """Tiny chunks in both backends, so T=300 crosses many chunk boundaries (carries, recursion)."""
-    monkeypatch.setattr(gae_kernels, "BLOCK_T", 16)
-    monkeypatch.setattr(gae_kernels, "BLOCK_T_INTERPRET", 16)
+    import fastrm.kernels
+
+    monkeypatch.setattr(fastrm.kernels, "ROW_BLOCK_T", 16)  # the shared row-scan chunk sizes
+    monkeypatch.setattr(fastrm.kernels, "ROW_BLOCK_T_INTERPRET", 16)
     monkeypatch.setattr(gae_ops, "_CUMSUM_CHUNK", 4)
 
 

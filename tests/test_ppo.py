@@ -48,8 +48,10 @@ def _uniform(lo, hi, n):
 @pytest.fixture
 def small_blocks(monkeypatch):
     """16-wide chunks: T=37 and T=300 walk several chunks per row, the last one partial."""
-    monkeypatch.setattr(ppo_kernels, "BLOCK_T", 16)
-    monkeypatch.setattr(ppo_kernels, "BLOCK_T_INTERPRET", 16)
+    import fastrm.kernels
+
+    monkeypatch.setattr(fastrm.kernels, "ROW_BLOCK_T", 16)  # the shared row-scan chunk sizes
+    monkeypatch.setattr(fastrm.kernels, "ROW_BLOCK_T_INTERPRET", 16)
 
 
 def make_mask(B, T, layout, *, empty_row=True):

@@ -16,7 +16,7 @@ import torch
 import fastrm
 from fastrm import data as fdata
 from fastrm import training
-from fastrm.config import parse_cli, require, save_config
+from fastrm.config import parse_cli, require
 from fastrm.models import ModelConfig, load_reward_model, reward_scores
 
 log = logging.getLogger("fastrm")
@@ -84,10 +84,7 @@ class RewardTrainer:
 
     def setup(self):
         c = self.config
-        training.setup_logging()
-        training.set_seed(c.seed)
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        save_config(c, self.out_dir / "config.yaml")
+        training.start_run(c, self.out_dir)
         self.tokenizer = fdata.load_tokenizer(c.tokenizer)
         train_rows, eval_rows = self._load_rows()
         self.train_examples, self.kind = self._tokenize(train_rows, "train")

@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 import fastrm
 from fastrm import data as fdata
 from fastrm import rl, training
-from fastrm.config import require, save_config
+from fastrm.config import require
 from fastrm.generation import decode_completions, generate
 from fastrm.models import (
     TINY,
@@ -264,10 +264,7 @@ class RLTrainer:
 
     def setup(self):
         c = self.config
-        training.setup_logging()
-        training.set_seed(c.seed)
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        save_config(c, self.out_dir / "config.yaml")
+        training.start_run(c, self.out_dir)
         self.tokenizer = self._load_tokenizer()
         self.train_rows, self.eval_rows = self._load_prompts()
         # Policy, and the frozen reference: a copy of the initial policy (or the same checkpoint in 8 bits).

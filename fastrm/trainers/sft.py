@@ -17,7 +17,7 @@ import torch
 
 from fastrm import data as fdata
 from fastrm import training
-from fastrm.config import parse_cli, require, save_config
+from fastrm.config import parse_cli, require
 from fastrm.models import ModelConfig, load_causal_lm, token_logprobs
 
 log = logging.getLogger("fastrm")
@@ -80,10 +80,7 @@ class SFTTrainer:
 
     def setup(self):
         c = self.config
-        training.setup_logging()
-        training.set_seed(c.seed)
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        save_config(c, self.out_dir / "config.yaml")
+        training.start_run(c, self.out_dir)
         self.tokenizer = fdata.load_tokenizer(c.tokenizer)
         train_rows, eval_rows = self._load_rows()
         self.train_examples = self._tokenize(train_rows, "train")
