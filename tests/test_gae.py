@@ -5,7 +5,6 @@ import torch
 from helpers import BACKENDS, DEVICE, TOL, non_contiguous, requires_cuda, row_strided
 
 from fastrm import kernels
-from fastrm.kernels import gae as gae_kernels
 from fastrm.kernels.gae import compute_gae_reference
 from fastrm.ops import gae as gae_ops
 from fastrm.ops.gae import GAE, compute_gae, whiten
