@@ -15,6 +15,8 @@ from pathlib import Path
 
 import torch
 
+from fastrm import distributed
+
 log = logging.getLogger("fastrm")
 
 CHECKPOINT_PREFIX = "checkpoint-"
@@ -40,6 +42,8 @@ def validate_loop_settings(config):
     require(config.mixed_precision in ("auto", "bf16", "no"), "mixed_precision", config.mixed_precision,
             "must be auto, bf16 or no")
     require(config.backend in ("auto", "triton", "torch"), "backend", config.backend, "must be auto, triton or torch")
+    if hasattr(config, "distributed"):
+        distributed.validate_setting(config.distributed)
 
 
 def use_bf16_autocast(mixed_precision: str, device: torch.device) -> bool:
@@ -62,17 +66,25 @@ def setup_logging():
 
 
 def start_run(config, out_dir: Path):
-    """The first lines of every trainer's setup: logging, seeds, the output folder and its config.yaml."""
+    """The first lines of every trainer's setup: logging, seeds, the output folder and its config.yaml.
+
+    A config with a ``distributed`` setting (reward, SFT) also joins the torchrun process group here when
+    launched with more than one process; then only rank 0 logs at INFO and writes config.yaml."""
     from fastrm.config import save_config
 
     setup_logging()
+    if hasattr(config, "distributed") and distributed.init_from_env(config.distributed) and not distributed.is_main():
+        log.setLevel(logging.WARNING)
     set_seed(config.seed)
     Path(out_dir).mkdir(parents=True, exist_ok=True)
-    save_config(config, Path(out_dir) / "config.yaml")
+    if distributed.is_main():
+        save_config(config, Path(out_dir) / "config.yaml")
 
 
 def pick_device(name: str) -> torch.device:
     if name == "auto":
+        if torch.cuda.is_available() and distributed.env_world_size() > 1:
+            return torch.device("cuda", distributed.env_local_rank())  # torchrun: one GPU per process
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -137,6 +149,16 @@ def optimizer_step(model, optimizer, scheduler, max_grad_norm: float) -> float:
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
     return float(grad_norm)
+
+
+class NullMetricsLogger:
+    """What ranks other than 0 get: they compute metrics (collectives need them) but write nothing."""
+
+    def log(self, step: int, metrics: dict):
+        pass
+
+    def close(self):
+        pass
 
 
 class MetricsLogger:
@@ -219,11 +241,40 @@ class MetricsWindow:
         self.tokens += tokens
 
     def summary(self) -> dict:
+        """Window means; under DDP averaged over ranks too (tokens/s summed: the whole job's throughput)."""
         elapsed = max(time.perf_counter() - self.start, 1e-9)
-        out = {k: torch.stack([torch.as_tensor(r[k]).float() for r in self.rows]).mean().item() for k in self.rows[0]}
-        out["throughput/tokens_per_s"] = self.tokens / elapsed
+        keys = list(self.rows[0])
+        means = torch.stack([torch.stack([torch.as_tensor(r[k]).float().cpu() for r in self.rows]).mean()
+                             for k in keys] + [torch.tensor(self.tokens / elapsed)])
+        means = _reduce_mean_cpu(means)
+        out = {k: v.item() for k, v in zip(keys, means[:-1])}
+        out["throughput/tokens_per_s"] = means[-1].item() * distributed.world_size()
         self.reset()
         return out
+
+
+def _reduce_mean_cpu(values: torch.Tensor) -> torch.Tensor:
+    """all_reduce_mean of a small CPU tensor, moved to the GPU and back when the backend is nccl."""
+    if distributed.world_size() == 1:
+        return values
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else values.device
+    return distributed.all_reduce_mean(values.to(device, torch.float64)).cpu()
+
+
+def reduce_sums(*values: float) -> list[float]:
+    """Sums over ranks of a few Python numbers (eval totals and counts); the numbers themselves with one process."""
+    if distributed.world_size() == 1:
+        return list(values)
+    return (_reduce_mean_cpu(torch.tensor(values, dtype=torch.float64)) * distributed.world_size()).tolist()
+
+
+def model_forward(trainer, fn, batch, **kwargs):
+    """``fn(trainer.model, batch, **kwargs)`` - through the DDP wrapper while training distributed (so the
+    gradients are all-reduced in backward), directly otherwise (single process, eval, generation)."""
+    ddp = getattr(trainer, "ddp", None)
+    if ddp is not None and torch.is_grad_enabled() and trainer.model.training:
+        return ddp(fn, batch, **kwargs)
+    return fn(trainer.model, batch, **kwargs)
 
 
 # ---- the supervised loop --------------------------------------------------------------------------------------------
@@ -232,21 +283,32 @@ def fit(trainer, desc: str, postfix: dict):
     """Train ``trainer`` (reward or SFT) to ``config.max_steps``. One step: ``grad_accum_steps`` batches through
     ``trainer.compute_loss``, stop on a non-finite loss, backward, then clip / optimizer / schedule; log every
     ``log_steps``, evaluate every ``eval_steps``, checkpoint every ``save_steps`` (and at the end).
-    ``postfix`` maps progress-bar labels to metric names."""
+    ``postfix`` maps progress-bar labels to metric names.
+
+    Under torchrun (DDP), every rank draws the same global batch of ``batch_size * world_size`` examples
+    from the stream and trains on its shard ``rank::world_size``; DDP averages the gradients (only on the
+    last micro-batch of a step); metrics are averaged over ranks and rank 0 alone writes them."""
+    import contextlib
+
     from tqdm.auto import tqdm
 
     from fastrm.data import count_tokens
 
     c = trainer.config
+    ddp = getattr(trainer, "ddp", None)
     trainer.model.train()
-    bar = tqdm(total=c.max_steps, initial=trainer.step, desc=desc, disable=not c.progress)
+    bar = tqdm(total=c.max_steps, initial=trainer.step, desc=desc, disable=not (c.progress and distributed.is_main()))
     window = MetricsWindow()
     while trainer.step < c.max_steps:
-        for _ in range(c.grad_accum_steps):
-            batch = trainer.collate(next(trainer.stream))
-            loss, metrics = trainer.compute_loss(batch)
-            check_finite_loss(loss, trainer.step, trainer.last_checkpoint)
-            (loss / c.grad_accum_steps).backward()
+        for micro in range(c.grad_accum_steps):
+            batch = trainer.collate(distributed.shard(next(trainer.stream)))
+            sync = ddp is None or micro == c.grad_accum_steps - 1
+            with contextlib.nullcontext() if sync else ddp.no_sync():
+                loss, metrics = trainer.compute_loss(batch)
+                # every rank stops together: a NaN on one rank makes the averaged loss NaN on all
+                check_finite_loss(distributed.all_reduce_mean(loss.detach().clone()) if ddp is not None else loss,
+                                  trainer.step, trainer.last_checkpoint)
+                (loss / c.grad_accum_steps).backward()
             window.add(metrics, count_tokens(batch))
         grad_norm = optimizer_step(trainer.model, trainer.optimizer, trainer.scheduler, c.max_grad_norm)
         trainer.step += 1
@@ -270,17 +332,25 @@ def prepare_optimization(trainer):
     trainer.optimizer = make_optimizer(trainer.model.parameters(), c.optimizer, c.lr, c.weight_decay, trainer.device)
     trainer.scheduler = make_scheduler(trainer.optimizer, c.lr_scheduler, c.warmup_steps, c.max_steps)
     trainer.autocast = use_bf16_autocast(c.mixed_precision, trainer.device)
-    trainer.stream = BatchStream(trainer.train_examples, c.batch_size, c.seed)
+    # The stream yields GLOBAL batches (batch_size per device x world_size); fit() shards them per rank.
+    # Its position is global, so a checkpoint resumes on any number of ranks with the same global batch.
+    trainer.stream = BatchStream(trainer.train_examples, c.batch_size * distributed.world_size(), c.seed)
     if c.resume:
         trainer.step, trainer.last_checkpoint = restore_training_state(
             trainer.out_dir, trainer.model, trainer.optimizer, trainer.scheduler, trainer.stream)
-    trainer.metrics = MetricsLogger(trainer.out_dir, c.tensorboard)
+    trainer.ddp = distributed.wrap_ddp(trainer.model, trainer.device) if distributed.world_size() > 1 else None
+    trainer.metrics = MetricsLogger(trainer.out_dir, c.tensorboard) if distributed.is_main() else NullMetricsLogger()
 
 
 def save_trainer(trainer) -> Path:
-    trainer.last_checkpoint = save_training_state(trainer.out_dir, trainer.step, trainer.model, trainer.tokenizer,
-                                                  trainer.optimizer, trainer.scheduler, trainer.stream,
-                                                  trainer.config, trainer.config.keep_checkpoints)
+    """Checkpoint the (unwrapped) model and the training state; under DDP rank 0 writes and all ranks wait."""
+    if distributed.is_main():
+        trainer.last_checkpoint = save_training_state(trainer.out_dir, trainer.step, trainer.model, trainer.tokenizer,
+                                                      trainer.optimizer, trainer.scheduler, trainer.stream,
+                                                      trainer.config, trainer.config.keep_checkpoints)
+    else:
+        trainer.last_checkpoint = Path(trainer.out_dir) / f"{CHECKPOINT_PREFIX}{trainer.step}"
+    distributed.barrier()
     return trainer.last_checkpoint
 
 

@@ -15,7 +15,7 @@ import torch
 
 import fastrm
 from fastrm import data as fdata
-from fastrm import training
+from fastrm import distributed, training
 from fastrm.config import parse_cli, require
 from fastrm.models import ModelConfig, load_reward_model, reward_scores
 
@@ -63,6 +63,9 @@ class RewardConfig:
     tensorboard: bool = True
     progress: bool = True
     backend: str = "auto"  # fastrm ops backend
+    # Multi-process: under torchrun with more than one process, DDP (data-parallel) is used automatically;
+    # batch_size is then per device (global batch = batch_size * world_size). auto | ddp (fsdp: not yet).
+    distributed: str = "auto"
 
     def validate(self):
         training.validate_loop_settings(self)
@@ -140,7 +143,7 @@ class RewardTrainer:
         """Loss and detached metrics of one batch."""
         c = self.config
         with training.autocast(self.autocast, self.device):
-            scores = reward_scores(self.model, batch)
+            scores = training.model_forward(self, reward_scores, batch)
         if self.kind == "ranking":
             ranks = batch["ranks"]
             loss, accuracy = fastrm.ranking_loss(scores.view(ranks.shape), ranks, return_accuracy=True,
@@ -166,14 +169,16 @@ class RewardTrainer:
         was_training = self.model.training
         self.model.eval()
         losses, correct, n = [], 0.0, 0
-        for start in range(0, len(self.eval_examples), self.config.batch_size):
-            chunk = self.eval_examples[start:start + self.config.batch_size]
+        examples = distributed.shard(self.eval_examples)  # under DDP each rank scores its share; sums are reduced
+        for start in range(0, len(examples), self.config.batch_size):
+            chunk = examples[start:start + self.config.batch_size]
             loss, metrics = self.compute_loss(self.collate(chunk))
             losses.append(loss.item() * len(chunk))
             correct += metrics["rewards/accuracies"].item() * len(chunk)
             n += len(chunk)
         self.model.train(was_training)
-        return {"eval/loss": sum(losses) / n, "eval/accuracy": correct / n}
+        loss_sum, correct, n = training.reduce_sums(sum(losses), correct, n)
+        return {"eval/loss": loss_sum / n, "eval/accuracy": correct / n}
 
     # ---- checkpoints ------------------------------------------------------------------------------------------
 
@@ -189,6 +194,8 @@ def main(argv=None) -> int:
     trainer.train()
     if before is not None:
         after = trainer.evaluate()
-        print(f"held-out accuracy: {before['eval/accuracy']:.3f} before training -> {after['eval/accuracy']:.3f} "
-              f"after {trainer.step} steps (chance = 0.5); model saved in {trainer.last_checkpoint}")
+        if distributed.is_main():
+            print(f"held-out accuracy: {before['eval/accuracy']:.3f} before training -> {after['eval/accuracy']:.3f} "
+                  f"after {trainer.step} steps (chance = 0.5); model saved in {trainer.last_checkpoint}")
+    distributed.cleanup()
     return 0

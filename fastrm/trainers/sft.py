@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from fastrm import data as fdata
-from fastrm import training
+from fastrm import distributed, training
 from fastrm.config import parse_cli, require
 from fastrm.models import ModelConfig, load_causal_lm, token_logprobs
 
@@ -61,6 +61,9 @@ class SFTConfig:
     tensorboard: bool = True
     progress: bool = True
     backend: str = "auto"
+    # Multi-process: under torchrun with more than one process, DDP (data-parallel) is used automatically;
+    # batch_size is then per device (global batch = batch_size * world_size). auto | ddp (fsdp: not yet).
+    distributed: str = "auto"
 
     def validate(self):
         training.validate_loop_settings(self)
@@ -123,9 +126,15 @@ class SFTTrainer:
 
     def compute_loss(self, batch):
         with training.autocast(self.autocast, self.device):
-            logprobs = token_logprobs(self.model, batch, backend=self.config.backend)
+            logprobs = training.model_forward(self, token_logprobs, batch, backend=self.config.backend)
         n_tokens = (batch["labels"][:, 1:] != fdata.IGNORE_INDEX).sum().clamp_min(1)
-        loss = -logprobs.sum() / n_tokens
+        if getattr(self, "ddp", None) is not None and self.model.training:
+            # DDP averages gradients over ranks: normalise by the global token count (x world_size) so the
+            # gradient is that of the mean over all the global batch's tokens, as with one process.
+            n_global = distributed.all_reduce_sum(n_tokens.detach().clone().float())
+            loss = -logprobs.sum() * distributed.world_size() / n_global
+        else:
+            loss = -logprobs.sum() / n_tokens
         return loss, {"loss": loss.detach(), "num_tokens": n_tokens.float()}
 
     def train(self):
@@ -136,14 +145,18 @@ class SFTTrainer:
         was_training = self.model.training
         self.model.eval()
         total, n = 0.0, 0
-        for start in range(0, len(self.eval_examples), self.config.batch_size):
-            batch = self.collate(self.eval_examples[start:start + self.config.batch_size])
+        examples = distributed.shard(self.eval_examples)  # under DDP each rank takes its share; sums are reduced
+        for start in range(0, len(examples), self.config.batch_size):
+            batch = self.collate(examples[start:start + self.config.batch_size])
             loss, metrics = self.compute_loss(batch)
             total += loss.item() * metrics["num_tokens"].item()
             n += metrics["num_tokens"].item()
+        total, n = training.reduce_sums(total, n)
         out = {"eval/loss": total / max(n, 1)}
         if self.task is not None and self.config.eval_generate:
-            out["eval/task_accuracy"] = self.task_accuracy(self.eval_rows[: self.config.eval_generate])
+            rows = distributed.shard(self.eval_rows[: self.config.eval_generate])
+            correct, count = training.reduce_sums(self.task_accuracy(rows) * len(rows) if rows else 0.0, len(rows))
+            out["eval/task_accuracy"] = correct / max(count, 1)
         self.model.train(was_training)
         return out
 
@@ -167,5 +180,8 @@ def main(argv=None) -> int:
     trainer = SFTTrainer(config).setup()
     trainer.train()
     result = trainer.evaluate() if trainer.eval_examples else {}
-    print(f"held-out: {', '.join(f'{k}={v:.4f}' for k, v in result.items())}; model saved in {trainer.last_checkpoint}")
+    if distributed.is_main():
+        print(f"held-out: {', '.join(f'{k}={v:.4f}' for k, v in result.items())}; "
+              f"model saved in {trainer.last_checkpoint}")
+    distributed.cleanup()
     return 0
