@@ -532,6 +532,25 @@ def _prepare(rows, tokenizer, max_length, truncation, task: str):
     return rows, encoded, bos, eos
 
 
+def _tokenize_responses(rows, tokenizer, max_length, truncation, task: str, make_example):
+    """One prompt, several responses per row (preference pairs, K-way rankings): fit each row to
+    ``max_length`` (responses keep their EOS when cut), count truncations and drops, and build each
+    example with ``make_example(row, fitted)``."""
+    rows, encoded, bos, eos = _prepare(rows, tokenizer, max_length, truncation, task)
+    report = TokenizeReport(n_rows=len(rows))
+    examples = []
+    for row, (prompt, responses) in zip(rows, encoded):
+        fitted = _fit(prompt, responses, bos, eos, max_length, truncation, eos_on_cut=True)
+        if fitted is None:
+            report.dropped += 1
+            continue
+        report.truncated += fitted.truncated
+        examples.append(make_example(row, fitted))
+    report.n_examples = len(examples)
+    logger.info("tokenize_%s: %s", task, report)
+    return examples, report
+
+
 def tokenize_preference(rows, tokenizer, max_length: int | None = None, truncation: str = "truncate"):
     """Tokenize preference rows (any preference format) into ``{"chosen_ids", "rejected_ids",
     "prompt_len", "margin"?}`` examples (lists of ints; ``prompt_len`` counts BOS + kept prompt tokens,
@@ -539,23 +558,14 @@ def tokenize_preference(rows, tokenizer, max_length: int | None = None, truncati
 
     ``rows``: validated rows or a JSONL path. Returns ``(examples, TokenizeReport)``.
     """
-    rows, encoded, bos, eos = _prepare(rows, tokenizer, max_length, truncation, "preference")
-    report = TokenizeReport(n_rows=len(rows))
-    examples = []
-    for row, (prompt, responses) in zip(rows, encoded):
-        fitted = _fit(prompt, responses, bos, eos, max_length, truncation, eos_on_cut=True)
-        if fitted is None:
-            report.dropped += 1
-            continue
-        report.truncated += fitted.truncated
+    def example(row, fitted):
         chosen, rejected = fitted.sequences()
         ex = {"chosen_ids": chosen, "rejected_ids": rejected, "prompt_len": fitted.prompt_len}
         if row.get("margin") is not None:
             ex["margin"] = float(row["margin"])
-        examples.append(ex)
-    report.n_examples = len(examples)
-    logger.info("tokenize_preference: %s", report)
-    return examples, report
+        return ex
+
+    return _tokenize_responses(rows, tokenizer, max_length, truncation, "preference", example)
 
 
 def tokenize_ranking(rows, tokenizer, max_length: int | None = None, truncation: str = "truncate"):
@@ -563,20 +573,10 @@ def tokenize_ranking(rows, tokenizer, max_length: int | None = None, truncation:
 
     Returns ``(examples, TokenizeReport)``.
     """
-    rows, encoded, bos, eos = _prepare(rows, tokenizer, max_length, truncation, "ranking")
-    report = TokenizeReport(n_rows=len(rows))
-    examples = []
-    for row, (prompt, responses) in zip(rows, encoded):
-        fitted = _fit(prompt, responses, bos, eos, max_length, truncation, eos_on_cut=True)
-        if fitted is None:
-            report.dropped += 1
-            continue
-        report.truncated += fitted.truncated
-        examples.append({"response_ids": fitted.sequences(), "ranks": list(row["ranks"]),
-                         "prompt_len": fitted.prompt_len})
-    report.n_examples = len(examples)
-    logger.info("tokenize_ranking: %s", report)
-    return examples, report
+    def example(row, fitted):
+        return {"response_ids": fitted.sequences(), "ranks": list(row["ranks"]), "prompt_len": fitted.prompt_len}
+
+    return _tokenize_responses(rows, tokenizer, max_length, truncation, "ranking", example)
 
 
 def tokenize_sft(rows, tokenizer, max_length: int | None = None, truncation: str = "truncate"):
