@@ -20,13 +20,18 @@ def encode_prompts(tokenizer, prompts: list[str], device) -> dict:
 
 @torch.no_grad()
 def generate(model, tokenizer, prompts: list[str], *, max_new_tokens: int, do_sample: bool = True,
-             temperature: float = 1.0, top_p: float = 1.0, num_return_sequences: int = 1) -> dict:
+             temperature: float = 1.0, top_p: float = 1.0, num_return_sequences: int = 1,
+             synced_gpus: bool = False) -> dict:
     """Sample completions. Returns ``prompt_ids`` [N, P] (left-padded), ``completion_ids`` [N, C]
-    (right-padded with pad after EOS), ``completion_mask`` [N, C] (1 up to and including EOS)."""
+    (right-padded with pad after EOS), ``completion_mask`` [N, C] (1 up to and including EOS).
+
+    ``synced_gpus``: keep stepping until every rank is done (FSDP: each forward is a collective, so a rank
+    whose sequences all ended early must still join the others' forwards)."""
     device = next(model.parameters()).device
     enc = encode_prompts(tokenizer, prompts, device)
     kwargs = {"do_sample": do_sample, "max_new_tokens": max_new_tokens, "num_return_sequences": num_return_sequences,
-              "pad_token_id": tokenizer.pad_token_id, "eos_token_id": tokenizer.eos_token_id, "use_cache": True}
+              "pad_token_id": tokenizer.pad_token_id, "eos_token_id": tokenizer.eos_token_id, "use_cache": True,
+              "synced_gpus": synced_gpus}
     if do_sample:
         kwargs.update(temperature=temperature, top_p=top_p, top_k=0)
     out = model.generate(**enc, **kwargs)

@@ -42,8 +42,7 @@ def validate_loop_settings(config):
     require(config.mixed_precision in ("auto", "bf16", "no"), "mixed_precision", config.mixed_precision,
             "must be auto, bf16 or no")
     require(config.backend in ("auto", "triton", "torch"), "backend", config.backend, "must be auto, triton or torch")
-    if hasattr(config, "distributed"):
-        distributed.validate_setting(config.distributed)
+    distributed.validate_setting(config.distributed, config.optimizer)
 
 
 def use_bf16_autocast(mixed_precision: str, device: torch.device) -> bool:
@@ -65,20 +64,22 @@ def setup_logging():
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
 
 
-def start_run(config, out_dir: Path):
+def start_run(config, out_dir: Path) -> str | None:
     """The first lines of every trainer's setup: logging, seeds, the output folder and its config.yaml.
 
-    A config with a ``distributed`` setting (reward, SFT) also joins the torchrun process group here when
-    launched with more than one process; then only rank 0 logs at INFO and writes config.yaml."""
+    Also joins the torchrun process group (see :mod:`fastrm.distributed`) and returns the data-parallel mode
+    (``"ddp"``, ``"fsdp"`` or ``None``); only rank 0 then logs at INFO and writes config.yaml."""
     from fastrm.config import save_config
 
     setup_logging()
-    if hasattr(config, "distributed") and distributed.init_from_env(config.distributed) and not distributed.is_main():
+    mode = distributed.init_from_env(config.distributed)
+    if not distributed.is_main():
         log.setLevel(logging.WARNING)
     set_seed(config.seed)
     Path(out_dir).mkdir(parents=True, exist_ok=True)
     if distributed.is_main():
         save_config(config, Path(out_dir) / "config.yaml")
+    return mode
 
 
 def pick_device(name: str) -> torch.device:
@@ -113,11 +114,12 @@ def set_rng_state(state: dict):
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def make_optimizer(params, name: str, lr: float, weight_decay: float, device: torch.device):
-    """``adamw`` (torch), ``adamw8bit`` (bitsandbytes, 8-bit states), or ``auto``: 8-bit on CUDA."""
+def make_optimizer(params, name: str, lr: float, weight_decay: float, device: torch.device, sharded: bool = False):
+    """``adamw`` (torch), ``adamw8bit`` (bitsandbytes, 8-bit states), or ``auto``: 8-bit on CUDA unless the
+    parameters are FSDP-``sharded`` (bitsandbytes cannot step DTensors; sharding already divides the states)."""
     params = [p for p in params if p.requires_grad]
     if name == "auto":
-        name = "adamw8bit" if device.type == "cuda" else "adamw"
+        name = "adamw8bit" if device.type == "cuda" and not sharded else "adamw"
     if name == "adamw8bit":
         import bitsandbytes as bnb
 
@@ -134,6 +136,9 @@ def make_scheduler(optimizer, name: str, warmup_steps: int, total_steps: int):
 
 
 def check_finite_loss(loss: torch.Tensor, step: int, checkpoint: Path | None):
+    """Stop on a NaN/inf loss. Distributed, every rank stops together: a NaN on one makes the sum NaN on all."""
+    if distributed.world_size() > 1:
+        loss = distributed.all_reduce_sum(loss.detach().float().clone())
     if not torch.isfinite(loss.detach()).all():
         where = f"the last good checkpoint is {checkpoint}" if checkpoint else "no checkpoint was written yet"
         raise NonFiniteLossError(
@@ -145,6 +150,8 @@ def check_finite_loss(loss: torch.Tensor, step: int, checkpoint: Path | None):
 def optimizer_step(model, optimizer, scheduler, max_grad_norm: float) -> float:
     """Clip, step, schedule, zero: the end of every training step. Returns the pre-clip gradient norm."""
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
+    if hasattr(grad_norm, "full_tensor"):  # FSDP: a replicated DTensor
+        grad_norm = grad_norm.full_tensor()
     optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
@@ -246,35 +253,18 @@ class MetricsWindow:
         keys = list(self.rows[0])
         means = torch.stack([torch.stack([torch.as_tensor(r[k]).float().cpu() for r in self.rows]).mean()
                              for k in keys] + [torch.tensor(self.tokens / elapsed)])
-        means = _reduce_mean_cpu(means)
+        means = distributed.all_reduce_mean(means.double())
         out = {k: v.item() for k, v in zip(keys, means[:-1])}
         out["throughput/tokens_per_s"] = means[-1].item() * distributed.world_size()
         self.reset()
         return out
 
 
-def _reduce_mean_cpu(values: torch.Tensor) -> torch.Tensor:
-    """all_reduce_mean of a small CPU tensor, moved to the GPU and back when the backend is nccl."""
-    if distributed.world_size() == 1:
-        return values
-    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else values.device
-    return distributed.all_reduce_mean(values.to(device, torch.float64)).cpu()
-
-
 def reduce_sums(*values: float) -> list[float]:
     """Sums over ranks of a few Python numbers (eval totals and counts); the numbers themselves with one process."""
     if distributed.world_size() == 1:
         return list(values)
-    return (_reduce_mean_cpu(torch.tensor(values, dtype=torch.float64)) * distributed.world_size()).tolist()
-
-
-def model_forward(trainer, fn, batch, **kwargs):
-    """``fn(trainer.model, batch, **kwargs)`` - through the DDP wrapper while training distributed (so the
-    gradients are all-reduced in backward), directly otherwise (single process, eval, generation)."""
-    ddp = getattr(trainer, "ddp", None)
-    if ddp is not None and torch.is_grad_enabled() and trainer.model.training:
-        return ddp(fn, batch, **kwargs)
-    return fn(trainer.model, batch, **kwargs)
+    return distributed.all_reduce_sum(torch.tensor(values, dtype=torch.float64)).tolist()
 
 
 # ---- the supervised loop --------------------------------------------------------------------------------------------
@@ -285,29 +275,23 @@ def fit(trainer, desc: str, postfix: dict):
     ``log_steps``, evaluate every ``eval_steps``, checkpoint every ``save_steps`` (and at the end).
     ``postfix`` maps progress-bar labels to metric names.
 
-    Under torchrun (DDP), every rank draws the same global batch of ``batch_size * world_size`` examples
-    from the stream and trains on its shard ``rank::world_size``; DDP averages the gradients (only on the
-    last micro-batch of a step); metrics are averaged over ranks and rank 0 alone writes them."""
-    import contextlib
-
+    Under torchrun (DDP / FSDP), every rank draws the same global batch of ``batch_size * world_size`` examples
+    from the stream and trains on its shard ``rank::world_size``; gradients are averaged over ranks on the last
+    micro-batch of a step only; metrics are averaged over ranks and rank 0 alone writes them."""
     from tqdm.auto import tqdm
 
     from fastrm.data import count_tokens
 
     c = trainer.config
-    ddp = getattr(trainer, "ddp", None)
     trainer.model.train()
     bar = tqdm(total=c.max_steps, initial=trainer.step, desc=desc, disable=not (c.progress and distributed.is_main()))
     window = MetricsWindow()
     while trainer.step < c.max_steps:
         for micro in range(c.grad_accum_steps):
             batch = trainer.collate(distributed.shard(next(trainer.stream)))
-            sync = ddp is None or micro == c.grad_accum_steps - 1
-            with contextlib.nullcontext() if sync else ddp.no_sync():
+            with trainer.parallel.gradient_sync(micro == c.grad_accum_steps - 1):
                 loss, metrics = trainer.compute_loss(batch)
-                # every rank stops together: a NaN on one rank makes the averaged loss NaN on all
-                check_finite_loss(distributed.all_reduce_mean(loss.detach().clone()) if ddp is not None else loss,
-                                  trainer.step, trainer.last_checkpoint)
+                check_finite_loss(loss, trainer.step, trainer.last_checkpoint)
                 (loss / c.grad_accum_steps).backward()
             window.add(metrics, count_tokens(batch))
         grad_norm = optimizer_step(trainer.model, trainer.optimizer, trainer.scheduler, c.max_grad_norm)
@@ -327,70 +311,90 @@ def fit(trainer, desc: str, postfix: dict):
 
 
 def prepare_optimization(trainer):
-    """Optimizer, schedule, batch stream, resume and metrics: the end of every supervised trainer's setup."""
+    """Resume weights, data-parallel wrapping, optimizer, schedule, batch stream, resume state and metrics: the
+    end of every supervised trainer's setup. The order matters: weights are loaded into the whole model, FSDP
+    then shards it, and the optimizer is built on the (sharded) parameters FSDP leaves in the model."""
     c = trainer.config
-    trainer.optimizer = make_optimizer(trainer.model.parameters(), c.optimizer, c.lr, c.weight_decay, trainer.device)
-    trainer.scheduler = make_scheduler(trainer.optimizer, c.lr_scheduler, c.warmup_steps, c.max_steps)
+    checkpoint = resume_checkpoint(trainer.out_dir, c.resume)
+    if checkpoint is not None:
+        load_model_weights(trainer.model, checkpoint)
     trainer.autocast = use_bf16_autocast(c.mixed_precision, trainer.device)
+    trainer.parallel = distributed.Parallel.wrap(trainer.model, trainer.mode, trainer.device, bf16=trainer.autocast)
+    trainer.optimizer = make_optimizer(trainer.model.parameters(), c.optimizer, c.lr, c.weight_decay, trainer.device,
+                                       sharded=trainer.parallel.is_fsdp)
+    trainer.scheduler = make_scheduler(trainer.optimizer, c.lr_scheduler, c.warmup_steps, c.max_steps)
     # The stream yields GLOBAL batches (batch_size per device x world_size); fit() shards them per rank.
     # Its position is global, so a checkpoint resumes on any number of ranks with the same global batch.
     trainer.stream = BatchStream(trainer.train_examples, c.batch_size * distributed.world_size(), c.seed)
-    if c.resume:
-        trainer.step, trainer.last_checkpoint = restore_training_state(
-            trainer.out_dir, trainer.model, trainer.optimizer, trainer.scheduler, trainer.stream)
-    trainer.ddp = distributed.wrap_ddp(trainer.model, trainer.device) if distributed.world_size() > 1 else None
+    if checkpoint is not None:
+        state = load_trainer_state(checkpoint)
+        load_optimizer_state(trainer.model, trainer.optimizer, state["optimizer"])
+        trainer.scheduler.load_state_dict(state["scheduler"])
+        trainer.stream.load_state_dict(state["stream"])
+        set_rng_state(state["rng"])
+        trainer.step, trainer.last_checkpoint = state["step"], checkpoint
+        log.info("resumed from %s at step %d", checkpoint, trainer.step)
     trainer.metrics = MetricsLogger(trainer.out_dir, c.tensorboard) if distributed.is_main() else NullMetricsLogger()
 
 
 def save_trainer(trainer) -> Path:
-    """Checkpoint the (unwrapped) model and the training state; under DDP rank 0 writes and all ranks wait."""
-    if distributed.is_main():
-        trainer.last_checkpoint = save_training_state(trainer.out_dir, trainer.step, trainer.model, trainer.tokenizer,
-                                                      trainer.optimizer, trainer.scheduler, trainer.stream,
-                                                      trainer.config, trainer.config.keep_checkpoints)
-    else:
-        trainer.last_checkpoint = Path(trainer.out_dir) / f"{CHECKPOINT_PREFIX}{trainer.step}"
-    distributed.barrier()
+    """Checkpoint the model and the training state of a supervised trainer (see :func:`save_distributed`)."""
+    state = {"step": trainer.step, "stream": trainer.stream.state_dict(),
+             "optimizer": distributed.full_optimizer_state(trainer.model, trainer.optimizer),
+             "scheduler": trainer.scheduler.state_dict(), "rng": rng_state(), "config": trainer.config}
+    trainer.last_checkpoint = save_distributed(trainer, state)
     return trainer.last_checkpoint
 
 
 # ---- checkpoints --------------------------------------------------------------------------------------------------
 
-def save_training_state(out_dir: Path, step: int, model, tokenizer, optimizer, scheduler, stream: BatchStream,
-                        config, keep: int) -> Path:
-    state = {"step": step, "stream": stream.state_dict(), "optimizer": optimizer.state_dict(),
-             "scheduler": scheduler.state_dict(), "rng": rng_state(), "config": config}
-    return save_checkpoint(out_dir, step, model, tokenizer, state, keep=keep)
+def save_distributed(trainer, state: dict) -> Path:
+    """Write ``checkpoint-<step>`` of ``trainer.model`` with ``state``, once: every rank takes part in gathering
+    FSDP shards (``state`` is built on every rank for the same reason), rank 0 writes, all ranks wait for it."""
+    weights = distributed.full_model_state(trainer.model) if trainer.parallel.is_fsdp else None
+    final = Path(trainer.out_dir) / f"{CHECKPOINT_PREFIX}{trainer.step}"
+    if distributed.is_main():
+        final = save_checkpoint(trainer.out_dir, trainer.step, trainer.model, trainer.tokenizer, state,
+                                keep=trainer.config.keep_checkpoints, model_state=weights)
+    distributed.barrier()
+    return final
 
 
-def restore_training_state(out_dir: Path, model, optimizer, scheduler, stream: BatchStream):
-    """Load the latest checkpoint of ``out_dir`` into the given objects; returns ``(step, checkpoint)``,
-    or ``(0, None)`` when there is none."""
+def resume_checkpoint(out_dir: Path, resume: bool) -> Path | None:
+    """The checkpoint to resume from: the latest of ``out_dir`` when ``resume`` (None, and a log line, if none)."""
+    if not resume:
+        return None
     checkpoint = latest_checkpoint(out_dir)
     if checkpoint is None:
         log.info("resume: no checkpoint in %s, starting fresh", out_dir)
-        return 0, None
-    state = load_trainer_state(checkpoint)
+    return checkpoint
+
+
+def load_model_weights(model, checkpoint: Path):
     model.load_state_dict(type(model).from_pretrained(checkpoint).state_dict())
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    stream.load_state_dict(state["stream"])
-    set_rng_state(state["rng"])
-    log.info("resumed from %s at step %d", checkpoint, state["step"])
-    return state["step"], checkpoint
 
 
-def save_checkpoint(out_dir: Path, step: int, model, tokenizer, trainer_state: dict, keep: int = 2) -> Path:
+def load_optimizer_state(model, optimizer, saved: dict):
+    """Optimizer state saved by name (any mode, any number of ranks) or, from older checkpoints, by number."""
+    if saved.get("format") == "named":
+        distributed.load_full_optimizer_state(model, optimizer, saved)
+    else:
+        optimizer.load_state_dict(saved)
+
+
+def save_checkpoint(out_dir: Path, step: int, model, tokenizer, trainer_state: dict, keep: int = 2,
+                    model_state: dict | None = None) -> Path:
     """Write ``checkpoint-<step>`` atomically: everything goes to a temporary folder first, which is renamed
     into place only once complete, and ``latest`` is replaced atomically after that. A crash at any point
-    leaves the previous checkpoint as ``latest``."""
+    leaves the previous checkpoint as ``latest``. ``model_state``: the weights to write instead of
+    ``model.state_dict()`` (the gathered full state of an FSDP-sharded model)."""
     out_dir = Path(out_dir)
     final = out_dir / f"{CHECKPOINT_PREFIX}{step}"
     for stale in out_dir.glob(f".tmp-{CHECKPOINT_PREFIX}*"):  # left by a crash mid-write: never a checkpoint
         shutil.rmtree(stale, ignore_errors=True)
     tmp = out_dir / f".tmp-{CHECKPOINT_PREFIX}{step}-{os.getpid()}"
     tmp.mkdir(parents=True)
-    model.save_pretrained(tmp, safe_serialization=True)
+    model.save_pretrained(tmp, safe_serialization=True, state_dict=model_state)
     if tokenizer is not None:
         tokenizer.save_pretrained(tmp)
     torch.save(trainer_state, tmp / STATE_FILE)

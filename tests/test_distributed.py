@@ -1,6 +1,6 @@
-"""Multi-process (DDP over gloo, CPU) reward and SFT training: 2 processes with a per-device batch of 4 end at
-the same parameters as 1 process with a batch of 8 on the same data; only rank 0 writes. Each torchrun launch
-is bounded by a timeout."""
+"""Multi-process (gloo, CPU) training through torchrun, DDP and FSDP2: 2 processes with a per-device batch of 4
+end at the same parameters as 1 process with a batch of 8 on the same data; only rank 0 writes; checkpoints
+resume on another number of ranks and in another mode. Each torchrun launch is bounded by a timeout."""
 
 import json
 import socket
@@ -50,20 +50,30 @@ def assert_only_rank0_wrote(out_dir, steps):
     assert not list(out_dir.glob(".tmp-*"))
 
 
-@pytest.mark.parametrize("kind", ["reward", "sft"])
-def test_two_processes_match_one_with_the_global_batch(tmp_path, kind):
+RUN = {"reward": (reward_trainer, "train-rm", ["num_train_pairs=96", "num_eval_pairs=32"]),
+       "sft": (sft_trainer, "sft", ["num_train_examples=96", "num_eval_examples=16", "eval_generate=4"])}
+
+
+@pytest.mark.parametrize("kind,mode,batch,accum", [
+    ("reward", "ddp", 8, 1), ("sft", "ddp", 8, 1),
+    ("reward", "fsdp", 8, 1), ("sft", "fsdp", 8, 1),
+    ("reward", "ddp", 4, 2), ("sft", "fsdp", 4, 2),  # gradient accumulation: no reduction on the first micro-batch
+])
+def test_two_processes_match_one_with_the_global_batch(tmp_path, kind, mode, batch, accum):
     steps = 3
-    common = ["max_steps=3", "save_steps=3", "eval_steps=3", "warmup_steps=0", "optimizer=adamw"]
-    make, command = (reward_trainer, "train-rm") if kind == "reward" else (sft_trainer, "sft")
-    single = make(tmp_path / "one", "batch_size=8", *common)
+    common = ["max_steps=3", "save_steps=3", "eval_steps=3", "warmup_steps=0", "optimizer=adamw",
+              f"grad_accum_steps={accum}"]
+    make, command, data = RUN[kind]
+    single = make(tmp_path / "one", f"batch_size={batch}", *common)
     single.train()
     ours = final_params(tmp_path / "one", steps)
 
-    extra = ["num_train_pairs=96", "num_eval_pairs=32"] if kind == "reward" else \
-        ["num_train_examples=96", "num_eval_examples=16", "eval_generate=4"]
-    torchrun(command, TINY + extra + ["batch_size=4", *common, f"output_dir={tmp_path / 'two'}"])
+    torchrun(command, TINY + data + [f"batch_size={batch // 2}", f"distributed={mode}", *common,
+                                     f"output_dir={tmp_path / 'two'}"])
     assert_same_params(final_params(tmp_path / "two", steps), ours)
     assert_only_rank0_wrote(tmp_path / "two", steps)
+    rows = [json.loads(line) for line in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
+    assert any("eval/loss" in row for row in rows)
 
 
 def test_resume_on_two_processes_from_a_one_process_checkpoint(tmp_path):
@@ -78,18 +88,37 @@ def test_resume_on_two_processes_from_a_one_process_checkpoint(tmp_path):
     assert_same_params(final_params(tmp_path / "half", 4), final_params(tmp_path / "full", 4))
 
 
-@pytest.mark.parametrize("value,match", [
-    ("fsdp", "setting distributed='fsdp': FSDP is not yet supported"),
-    ("dp", "setting distributed='dp'"),
+def test_fsdp_checkpoint_is_whole_and_resumes_on_one_process(tmp_path):
+    """FSDP gathers the shards into one ordinary checkpoint (weights and named optimizer state), which a
+    single process resumes from and finishes exactly as an uninterrupted single-process run."""
+    common = ["max_steps=4", "save_steps=2", "eval_steps=4", "warmup_steps=0", "optimizer=adamw",
+              "lr_scheduler=constant"]
+    full = reward_trainer(tmp_path / "full", "batch_size=8", *common)
+    full.train()
+    torchrun("train-rm", TINY + ["num_train_pairs=96", "num_eval_pairs=32", "batch_size=4", "distributed=fsdp",
+                                 *common[1:], "max_steps=2", f"output_dir={tmp_path / 'half'}"])
+    state = torch.load(tmp_path / "half" / "checkpoint-2" / "trainer_state.pt", weights_only=False)
+    assert state["optimizer"]["format"] == "named"
+    assert set(state["optimizer"]["state"]) == set(final_params(tmp_path / "half", 2))  # every weight trained
+    resumed = reward_trainer(tmp_path / "half", "batch_size=8", *common, "resume=true")
+    assert resumed.step == 2
+    resumed.train()
+    assert_same_params(final_params(tmp_path / "half", 4), final_params(tmp_path / "full", 4))
+
+
+@pytest.mark.parametrize("overrides,match", [
+    (["distributed=dp"], "setting distributed='dp'"),
+    (["distributed=fsdp", "optimizer=adamw8bit"], "setting optimizer='adamw8bit'.*FSDP2"),
 ])
-def test_distributed_setting_is_validated(value, match):
+def test_distributed_setting_is_validated(overrides, match):
     with pytest.raises(ConfigError, match=match):
-        load_config(RewardConfig, None, [f"distributed={value}"])
+        load_config(RewardConfig, None, overrides)
 
 
-def test_ddp_without_torchrun_says_how_to_launch(tmp_path):
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_explicit_mode_without_torchrun_says_how_to_launch(tmp_path, mode):
     with pytest.raises(ConfigError, match="torchrun"):
-        reward_trainer(tmp_path, "distributed=ddp")
+        reward_trainer(tmp_path, f"distributed={mode}")
 
 
 def test_one_process_helpers_are_identities():

@@ -63,8 +63,8 @@ class RewardConfig:
     tensorboard: bool = True
     progress: bool = True
     backend: str = "auto"  # fastrm ops backend
-    # Multi-process: under torchrun with more than one process, DDP (data-parallel) is used automatically;
-    # batch_size is then per device (global batch = batch_size * world_size). auto | ddp (fsdp: not yet).
+    # Multi-process (torchrun): auto (DDP with more than one process) | ddp | fsdp (FSDP2, sharded); batch_size
+    # is then per device (global batch = batch_size * world_size). See fastrm.distributed.
     distributed: str = "auto"
 
     def validate(self):
@@ -87,7 +87,7 @@ class RewardTrainer:
 
     def setup(self):
         c = self.config
-        training.start_run(c, self.out_dir)
+        self.mode = training.start_run(c, self.out_dir)
         self.tokenizer = fdata.load_tokenizer(c.tokenizer)
         train_rows, eval_rows = self._load_rows()
         self.train_examples, self.kind = self._tokenize(train_rows, "train")
@@ -143,7 +143,7 @@ class RewardTrainer:
         """Loss and detached metrics of one batch."""
         c = self.config
         with training.autocast(self.autocast, self.device):
-            scores = training.model_forward(self, reward_scores, batch)
+            scores = self.parallel(reward_scores, batch)
         if self.kind == "ranking":
             ranks = batch["ranks"]
             loss, accuracy = fastrm.ranking_loss(scores.view(ranks.shape), ranks, return_accuracy=True,
@@ -168,16 +168,15 @@ class RewardTrainer:
     def evaluate(self) -> dict:
         was_training = self.model.training
         self.model.eval()
-        losses, correct, n = [], 0.0, 0
-        examples = distributed.shard(self.eval_examples)  # under DDP each rank scores its share; sums are reduced
-        for start in range(0, len(examples), self.config.batch_size):
-            chunk = examples[start:start + self.config.batch_size]
+        loss_sum, correct, n = 0.0, 0.0, 0
+        # each rank scores its share; as many batches on every rank (FSDP forwards are collectives); sums reduced
+        for chunk, weight in distributed.shard_batches(self.eval_examples, self.config.batch_size):
             loss, metrics = self.compute_loss(self.collate(chunk))
-            losses.append(loss.item() * len(chunk))
-            correct += metrics["rewards/accuracies"].item() * len(chunk)
-            n += len(chunk)
+            loss_sum += loss.item() * weight
+            correct += metrics["rewards/accuracies"].item() * weight
+            n += weight
         self.model.train(was_training)
-        loss_sum, correct, n = training.reduce_sums(sum(losses), correct, n)
+        loss_sum, correct, n = training.reduce_sums(loss_sum, correct, n)
         return {"eval/loss": loss_sum / n, "eval/accuracy": correct / n}
 
     # ---- checkpoints ------------------------------------------------------------------------------------------

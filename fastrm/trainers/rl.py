@@ -35,6 +35,7 @@ from tqdm.auto import tqdm
 
 import fastrm
 from fastrm import data as fdata
+from fastrm import distributed as fdist
 from fastrm import rl, training
 from fastrm.config import require
 from fastrm.generation import decode_completions, generate
@@ -136,9 +137,13 @@ class RLConfig:
     tensorboard: bool = True
     progress: bool = True
     backend: str = "auto"
+    # Multi-process (torchrun): auto (DDP with more than one process) | ddp | fsdp (FSDP2, sharded); batch_size
+    # is then prompts per device. See fastrm.distributed.
+    distributed: str = "auto"
 
     def validate(self):
         self.model.validate()
+        fdist.validate_setting(self.distributed, self.optimizer)
         for name in ("batch_size", "num_samples", "max_new_tokens", "ppo_epochs", "num_minibatches", "max_steps",
                      "log_steps", "eval_steps", "save_steps", "num_train_prompts", "kl_horizon", "curriculum_stages"):
             require(getattr(self, name) >= 1, name, getattr(self, name), "must be >= 1")

@@ -61,8 +61,8 @@ class SFTConfig:
     tensorboard: bool = True
     progress: bool = True
     backend: str = "auto"
-    # Multi-process: under torchrun with more than one process, DDP (data-parallel) is used automatically;
-    # batch_size is then per device (global batch = batch_size * world_size). auto | ddp (fsdp: not yet).
+    # Multi-process (torchrun): auto (DDP with more than one process) | ddp | fsdp (FSDP2, sharded); batch_size
+    # is then per device (global batch = batch_size * world_size). See fastrm.distributed.
     distributed: str = "auto"
 
     def validate(self):
@@ -83,7 +83,7 @@ class SFTTrainer:
 
     def setup(self):
         c = self.config
-        training.start_run(c, self.out_dir)
+        self.mode = training.start_run(c, self.out_dir)
         self.tokenizer = fdata.load_tokenizer(c.tokenizer)
         train_rows, eval_rows = self._load_rows()
         self.train_examples = self._tokenize(train_rows, "train")
@@ -126,10 +126,10 @@ class SFTTrainer:
 
     def compute_loss(self, batch):
         with training.autocast(self.autocast, self.device):
-            logprobs = training.model_forward(self, token_logprobs, batch, backend=self.config.backend)
+            logprobs = self.parallel(token_logprobs, batch, backend=self.config.backend)
         n_tokens = (batch["labels"][:, 1:] != fdata.IGNORE_INDEX).sum().clamp_min(1)
-        if getattr(self, "ddp", None) is not None and self.model.training:
-            # DDP averages gradients over ranks: normalise by the global token count (x world_size) so the
+        if distributed.world_size() > 1 and self.model.training:
+            # DDP / FSDP average gradients over ranks: normalise by the global token count (x world_size) so the
             # gradient is that of the mean over all the global batch's tokens, as with one process.
             n_global = distributed.all_reduce_sum(n_tokens.detach().clone().float())
             loss = -logprobs.sum() * distributed.world_size() / n_global
@@ -144,18 +144,22 @@ class SFTTrainer:
     def evaluate(self) -> dict:
         was_training = self.model.training
         self.model.eval()
-        total, n = 0.0, 0
-        examples = distributed.shard(self.eval_examples)  # under DDP each rank takes its share; sums are reduced
-        for start in range(0, len(examples), self.config.batch_size):
-            batch = self.collate(examples[start:start + self.config.batch_size])
-            loss, metrics = self.compute_loss(batch)
-            total += loss.item() * metrics["num_tokens"].item()
-            n += metrics["num_tokens"].item()
+        total, n = 0.0, 0.0
+        # each rank takes its share; as many batches on every rank (FSDP forwards are collectives); sums reduced
+        for chunk, weight in distributed.shard_batches(self.eval_examples, self.config.batch_size):
+            loss, metrics = self.compute_loss(self.collate(chunk))
+            if weight:
+                total += loss.item() * metrics["num_tokens"].item()
+                n += metrics["num_tokens"].item()
         total, n = training.reduce_sums(total, n)
         out = {"eval/loss": total / max(n, 1)}
         if self.task is not None and self.config.eval_generate:
-            rows = distributed.shard(self.eval_rows[: self.config.eval_generate])
-            correct, count = training.reduce_sums(self.task_accuracy(rows) * len(rows) if rows else 0.0, len(rows))
+            correct, count = 0.0, 0
+            for rows, weight in distributed.shard_batches(self.eval_rows[: self.config.eval_generate],
+                                                          self.config.batch_size):
+                correct += self.task_accuracy(rows) * weight
+                count += weight
+            correct, count = training.reduce_sums(correct, count)
             out["eval/task_accuracy"] = correct / max(count, 1)
         self.model.train(was_training)
         return out
@@ -166,8 +170,9 @@ class SFTTrainer:
         from fastrm.generation import generate_completions
 
         prompts = [r["prompt"] for r in rows]
-        completions = generate_completions(self.model, self.tokenizer, prompts, max_new_tokens=self.config.max_new_tokens,
-                                           do_sample=False)
+        completions = self.parallel(generate_completions, self.tokenizer, prompts,
+                                    max_new_tokens=self.config.max_new_tokens, do_sample=False,
+                                    synced_gpus=self.parallel.is_fsdp)
         return sum(self.task.is_correct(p, c) for p, c in zip(prompts, completions)) / max(len(prompts), 1)
 
     def save(self) -> Path:
