@@ -59,6 +59,16 @@ def bench(argv) -> int:
 
 
 def main(argv=None) -> int:
+    """Run a command. Under torchrun the process ends here (see :func:`fastrm.distributed.exit_process`)."""
+    code = run_command(argv)
+    from fastrm import distributed
+
+    if distributed.launched_by_torchrun():
+        distributed.exit_process(code)
+    return code
+
+
+def run_command(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
         print(usage())

@@ -25,6 +25,12 @@ def require(condition: bool, setting: str, value, expected: str):
         raise ConfigError(f"setting {setting}={value!r}: {expected}")
 
 
+def unyaml_no(value):
+    """``no`` as its user meant it: YAML 1.1 (OmegaConf) reads ``mixed_precision=no`` as the boolean false, which
+    a string setting then receives as ``"False"``."""
+    return "no" if value in ("False", False) else value
+
+
 def load_config(cls: type[T], config_path: str | Path | None = None, overrides=()) -> T:
     """``cls`` defaults, then the YAML file, then ``key=value`` overrides (dotted keys for nesting)."""
     layers = [OmegaConf.structured(cls)]

@@ -172,6 +172,22 @@ def cleanup():
         dist.destroy_process_group()
 
 
+def exit_process(code: int):
+    """End a torchrun worker: leave the process group, flush, and exit without interpreter finalization.
+
+    Measured here (CPU, gloo, torch 2.13): about 1 run in 10 under load aborted with SIGABRT ("terminate called
+    without an active exception") *after* ``destroy_process_group`` had returned on every rank, while Python
+    finalised, failing a job whose work was done and written. ``os._exit`` skips that finalisation; every file
+    fastrm writes is closed or flushed before this point."""
+    import sys
+
+    cleanup()
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 # ---- wrapping models ------------------------------------------------------------------------------------------------
 
 class ForwardAdapter(nn.Module):

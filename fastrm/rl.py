@@ -20,6 +20,10 @@
 * :class:`CurriculumSampler`: prompts easy -> hard by a difficulty score, a pool that widens over training.
 
 Everything with state has ``state_dict()`` / ``load_state_dict()`` so a resumed run continues exactly.
+
+Under torchrun every batch statistic here (baseline mean, score normalisation, advantage whitening) is taken
+over all ranks' rollouts, so it does not depend on how many processes share the batch; the group baselines
+(rloo, grpo) need nothing: the n samples of a prompt are generated on the same rank.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 import fastrm
+from fastrm import distributed
 
 ESTIMATORS = ("gae", "reinforce", "reinforce_baseline", "rloo", "grpo")
 # Estimators whose baseline needs several samples of the same prompt.
@@ -114,8 +119,8 @@ class MovingAverageBaseline:
         self.kind, self.decay, self.value = kind, decay, None
 
     def __call__(self, scores: torch.Tensor) -> torch.Tensor:
-        """Baselined scores; updates the moving average."""
-        mean = scores.float().mean().item()
+        """Baselined scores; updates the moving average. The batch mean is over all ranks' scores."""
+        mean = distributed.global_moments(scores)[1].item()
         if self.kind == "batch":
             return scores.float() - mean
         baseline = mean if self.value is None else self.value
@@ -165,6 +170,18 @@ def compute_advantages(estimator: str, scores: torch.Tensor, mask: torch.Tensor,
     return discounted_returns(rewards, mask, gamma), None
 
 
+def whiten_advantages(advantages: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """:func:`fastrm.whiten` with the mean and (unbiased) variance over every rank's valid tokens; advantages
+    come back unchanged when fewer than 2 tokens are valid in all (no variance to divide by)."""
+    if distributed.world_size() == 1:
+        return fastrm.whiten(advantages, mask, eps=eps) if int((mask != 0).sum()) >= 2 else advantages
+    count, mean, m2 = distributed.global_moments(advantages, mask)
+    if count < 2:
+        return advantages
+    scale = torch.rsqrt(m2 / (count - 1) + eps)
+    return torch.where(mask != 0, (advantages.double() - mean) * scale, 0.0).to(advantages.dtype)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # score normalisation
 # ---------------------------------------------------------------------------------------------------------------
@@ -184,10 +201,12 @@ class RewardNormalizer:
         self.count, self.mean, self.m2 = 0, 0.0, 0.0
 
     def __call__(self, scores: torch.Tensor) -> torch.Tensor:
+        """Normalised (and clipped) scores; batch statistics are over all ranks' scores."""
         x = scores.float()
         if self.kind == "batch":
-            std = x.std() if x.numel() > 1 else torch.ones((), device=x.device)
-            x = (x - x.mean()) / (std + self.eps)
+            count, mean, m2 = distributed.global_moments(x)
+            std = (m2 / (count - 1)).sqrt().item() if count > 1 else 1.0
+            x = (x - mean.item()) / (std + self.eps)
         elif self.kind == "running":
             self.update(x)
             var = self.m2 / max(self.count - 1, 1)
@@ -197,9 +216,7 @@ class RewardNormalizer:
         return x
 
     def update(self, x: torch.Tensor):
-        n = x.numel()
-        mean = x.mean().item()
-        m2 = ((x - mean) ** 2).sum().item()
+        n, mean, m2 = (v.item() for v in distributed.global_moments(x))
         total = self.count + n
         delta = mean - self.mean
         self.mean += delta * n / total

@@ -26,9 +26,10 @@ LATEST_FILE = "latest"
 
 def validate_loop_settings(config):
     """Checks of the settings every trainer config shares (each trainer adds its own)."""
-    from fastrm.config import require
+    from fastrm.config import require, unyaml_no
 
     config.model.validate()
+    config.mixed_precision = unyaml_no(config.mixed_precision)
     for name in ("batch_size", "grad_accum_steps", "max_steps", "max_length", "log_steps", "eval_steps",
                  "save_steps"):
         require(getattr(config, name) >= 1, name, getattr(config, name), "must be >= 1")
@@ -260,6 +261,15 @@ class MetricsWindow:
         return out
 
 
+def mean_over_ranks(metrics: dict) -> dict:
+    """Each metric (a number or a 0-d tensor) averaged over ranks; the metrics themselves with one process."""
+    if distributed.world_size() == 1 or not metrics:
+        return metrics
+    keys = list(metrics)
+    values = distributed.all_reduce_mean(torch.tensor([float(metrics[k]) for k in keys], dtype=torch.float64))
+    return dict(zip(keys, values.tolist()))
+
+
 def reduce_sums(*values: float) -> list[float]:
     """Sums over ranks of a few Python numbers (eval totals and counts); the numbers themselves with one process."""
     if distributed.world_size() == 1:
@@ -307,6 +317,7 @@ def fit(trainer, desc: str, postfix: dict):
         if trainer.step % c.save_steps == 0 or trainer.step == c.max_steps:
             trainer.save()
     bar.close()
+    trainer.metrics.close()
     return trainer
 
 
@@ -342,20 +353,21 @@ def save_trainer(trainer) -> Path:
     state = {"step": trainer.step, "stream": trainer.stream.state_dict(),
              "optimizer": distributed.full_optimizer_state(trainer.model, trainer.optimizer),
              "scheduler": trainer.scheduler.state_dict(), "rng": rng_state(), "config": trainer.config}
-    trainer.last_checkpoint = save_distributed(trainer, state)
+    trainer.last_checkpoint = save_distributed(trainer.parallel, trainer.tokenizer, trainer.out_dir, trainer.step,
+                                               state, trainer.config.keep_checkpoints)
     return trainer.last_checkpoint
 
 
 # ---- checkpoints --------------------------------------------------------------------------------------------------
 
-def save_distributed(trainer, state: dict) -> Path:
-    """Write ``checkpoint-<step>`` of ``trainer.model`` with ``state``, once: every rank takes part in gathering
+def save_distributed(parallel: distributed.Parallel, tokenizer, out_dir: Path, step: int, state: dict,
+                     keep: int) -> Path:
+    """Write ``checkpoint-<step>`` of ``parallel.model`` with ``state``, once: every rank takes part in gathering
     FSDP shards (``state`` is built on every rank for the same reason), rank 0 writes, all ranks wait for it."""
-    weights = distributed.full_model_state(trainer.model) if trainer.parallel.is_fsdp else None
-    final = Path(trainer.out_dir) / f"{CHECKPOINT_PREFIX}{trainer.step}"
+    weights = distributed.full_model_state(parallel.model) if parallel.is_fsdp else None
+    final = Path(out_dir) / f"{CHECKPOINT_PREFIX}{step}"
     if distributed.is_main():
-        final = save_checkpoint(trainer.out_dir, trainer.step, trainer.model, trainer.tokenizer, state,
-                                keep=trainer.config.keep_checkpoints, model_state=weights)
+        final = save_checkpoint(out_dir, step, parallel.model, tokenizer, state, keep=keep, model_state=weights)
     distributed.barrier()
     return final
 

@@ -3,17 +3,24 @@ end at the same parameters as 1 process with a batch of 8 on the same data; only
 resume on another number of ranks and in another mode. Each torchrun launch is bounded by a timeout."""
 
 import json
+import os
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
+from fastrm import rl
 from fastrm.config import ConfigError, load_config
 from fastrm.trainers.reward import RewardConfig
+from test_rl import TINY as RL_TINY
+from test_rl import params, rl_trainer
 from test_trainers import TINY, reward_trainer, sft_trainer
+
+TESTS = Path(__file__).parent
 
 TIMEOUT_S = 120  # one 2-process launch of 3 tiny steps takes ~15 s on 2 CPU cores
 
@@ -25,9 +32,12 @@ def free_port() -> int:
 
 
 def torchrun(command: str, args: list[str], nproc: int = 2):
+    """``torchrun ... -m fastrm <command> <args>``; a command ending in .py runs that script instead."""
+    target = [command] if command.endswith(".py") else ["-m", "fastrm", command]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--nnodes", "1",
-           "--master-addr", "127.0.0.1", "--master-port", str(free_port()), "-m", "fastrm", command, *args]
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=TIMEOUT_S)
+           "--master-addr", "127.0.0.1", "--master-port", str(free_port()), *target, *args]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=TIMEOUT_S, env=env)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
     return result
 
@@ -54,12 +64,13 @@ RUN = {"reward": (reward_trainer, "train-rm", ["num_train_pairs=96", "num_eval_p
        "sft": (sft_trainer, "sft", ["num_train_examples=96", "num_eval_examples=16", "eval_generate=4"])}
 
 
-@pytest.mark.parametrize("kind,mode,batch,accum", [
-    ("reward", "ddp", 8, 1), ("sft", "ddp", 8, 1),
-    ("reward", "fsdp", 8, 1), ("sft", "fsdp", 8, 1),
-    ("reward", "ddp", 4, 2), ("sft", "fsdp", 4, 2),  # gradient accumulation: no reduction on the first micro-batch
+@pytest.mark.parametrize("kind,mode,batch,accum,nproc", [
+    ("reward", "ddp", 8, 1, 2), ("sft", "ddp", 8, 1, 2),
+    ("reward", "fsdp", 8, 1, 2), ("sft", "fsdp", 8, 1, 2),
+    ("reward", "ddp", 4, 2, 2), ("sft", "fsdp", 4, 2, 2),  # gradient accumulation: no reduction on micro-batch 1
+    ("reward", "fsdp", 8, 1, 1),  # the 1-rank path (what one GPU runs under torchrun)
 ])
-def test_two_processes_match_one_with_the_global_batch(tmp_path, kind, mode, batch, accum):
+def test_two_processes_match_one_with_the_global_batch(tmp_path, kind, mode, batch, accum, nproc):
     steps = 3
     common = ["max_steps=3", "save_steps=3", "eval_steps=3", "warmup_steps=0", "optimizer=adamw",
               f"grad_accum_steps={accum}"]
@@ -68,8 +79,8 @@ def test_two_processes_match_one_with_the_global_batch(tmp_path, kind, mode, bat
     single.train()
     ours = final_params(tmp_path / "one", steps)
 
-    torchrun(command, TINY + data + [f"batch_size={batch // 2}", f"distributed={mode}", *common,
-                                     f"output_dir={tmp_path / 'two'}"])
+    torchrun(command, TINY + data + [f"batch_size={batch // nproc}", f"distributed={mode}", *common,
+                                     f"output_dir={tmp_path / 'two'}"], nproc=nproc)
     assert_same_params(final_params(tmp_path / "two", steps), ours)
     assert_only_rank0_wrote(tmp_path / "two", steps)
     rows = [json.loads(line) for line in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
@@ -104,6 +115,69 @@ def test_fsdp_checkpoint_is_whole_and_resumes_on_one_process(tmp_path):
     assert resumed.step == 2
     resumed.train()
     assert_same_params(final_params(tmp_path / "half", 4), final_params(tmp_path / "full", 4))
+
+
+# ---- RL ----------------------------------------------------------------------------------------------------------
+
+RL_COMMON = ["advantage=gae", "reward=rule", "reward_fn=rl_update_worker:answer_length", "lr=1e-3", "ppo_epochs=2",
+             "num_minibatches=1", "optimizer=adamw", "mixed_precision=no", "entropy_coef=0.01", "kl_in=loss",
+             "kl_coef=0.1", "seed=3"]
+
+
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_ppo_update_on_two_ranks_equals_one_process(tmp_path, mode):
+    """Each rank updates on half the rows of one rollout (halves with different token counts): policy and critic
+    end where one process updating on the whole rollout ends. The worker also checks that whitening, score
+    normalisation and the baseline over two ranks equal the one-process statistics of the whole batch."""
+    from rl_update_worker import answer_length
+
+    one = rl_trainer(tmp_path / "one", *RL_COMMON, reward_fn=answer_length)
+    ro = one.rollout(one.train_rows[:3])  # 6 rows: 3 per rank
+    ro["mask"][0, 1:] = 0  # rank 0's half gets fewer tokens: token means need the global token count
+    assert ro["mask"][0::2].sum() != ro["mask"][1::2].sum()
+    keys = ("batch", "prompt_len", "mask", "old_logprobs", "ref_logprobs", "values", "advantages", "returns")
+    generator = torch.Generator().manual_seed(0)
+    scores, advantages = torch.randn(6, generator=generator), torch.randn(ro["mask"].shape, generator=generator)
+    saved = {"rollout": {k: ro[k] for k in keys}, "scores": scores, "advantages": advantages,
+             "whitened": rl.whiten_advantages(advantages, ro["mask"])}
+    for kind in ("batch", "running"):
+        norm = rl.RewardNormalizer(kind)
+        norm(scores + 1.0)
+        saved[f"normalized_{kind}"] = norm(scores)
+    baseline = rl.MovingAverageBaseline("moving", decay=0.5)
+    baseline(scores + 1.0)
+    saved["baselined"] = baseline(scores)
+    torch.save(saved, tmp_path / "rollout.pt")
+    one.update(ro)
+
+    torchrun(str(TESTS / "rl_update_worker.py"), [str(tmp_path / "rollout.pt"), *RL_TINY, *RL_COMMON,
+                                                   f"distributed={mode}", f"output_dir={tmp_path / 'two'}"])
+    assert_same_params(final_params(tmp_path / "two", 1), params(one.policy))
+    state = torch.load(tmp_path / "two" / "checkpoint-1" / "trainer_state.pt", weights_only=False)
+    assert_same_params(state["value_model"], params(one.value))
+
+
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_ppo_runs_on_two_ranks_and_resumes_on_one(tmp_path, mode):
+    """``fastrm ppo`` on 2 ranks with a learned reward model (sharded too under fsdp) and a critic built on it:
+    rollouts, update, greedy eval, one checkpoint; a single process then resumes it."""
+    reward_trainer(tmp_path / "rm", "max_steps=1", "save_steps=1", "eval_steps=1").train()
+    args = [*RL_TINY, "advantage=gae", "reward=both", "reward_fn=rl_update_worker:answer_length",
+            f"reward_model_path={tmp_path / 'rm' / 'checkpoint-1'}", "value_model=reward", "optimizer=adamw",
+            "max_steps=2", "save_steps=2", "eval_steps=2", "log_steps=1", f"output_dir={tmp_path / 'run'}"]
+    torchrun("ppo", [*args, f"distributed={mode}"])
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "objective/kl" in r] == [1, 2]  # one writer
+    assert [r["step"] for r in rows if "eval/accuracy" in r] == [2]
+    assert sorted(p.name for p in (tmp_path / "run").iterdir() if "checkpoint" in p.name) == ["checkpoint-2"]
+
+    from rl_update_worker import answer_length
+
+    resumed = rl_trainer(tmp_path / "run", *args[len(RL_TINY):], "max_steps=3", "resume=true",
+                         reward_fn=answer_length)
+    assert resumed.step == 2
+    resumed.train()
+    assert (tmp_path / "run" / "checkpoint-3" / "model.safetensors").is_file()
 
 
 @pytest.mark.parametrize("overrides,match", [

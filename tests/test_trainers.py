@@ -261,3 +261,11 @@ def test_cli_entry_points(tmp_path, capsys):
     assert code == 0
     assert "eval/task_accuracy" in capsys.readouterr().out
     assert (tmp_path / "checkpoint-2" / "model.safetensors").is_file()
+
+
+def test_mixed_precision_no_survives_yaml():
+    """YAML 1.1 reads a bare ``no`` as false; the setting must still mean "no mixed precision"."""
+    from fastrm.trainers.rl import RLConfig
+
+    assert load_config(RewardConfig, None, ["mixed_precision=no"]).mixed_precision == "no"
+    assert load_config(RLConfig, None, ["mixed_precision=no", "reward=rule"]).mixed_precision == "no"

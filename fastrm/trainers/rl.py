@@ -33,11 +33,10 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-import fastrm
 from fastrm import data as fdata
 from fastrm import distributed as fdist
 from fastrm import rl, training
-from fastrm.config import require
+from fastrm.config import require, unyaml_no
 from fastrm.generation import decode_completions, generate
 from fastrm.models import (
     TINY,
@@ -143,6 +142,7 @@ class RLConfig:
 
     def validate(self):
         self.model.validate()
+        self.mixed_precision = unyaml_no(self.mixed_precision)
         fdist.validate_setting(self.distributed, self.optimizer)
         for name in ("batch_size", "num_samples", "max_new_tokens", "ppo_epochs", "num_minibatches", "max_steps",
                      "log_steps", "eval_steps", "save_steps", "num_train_prompts", "kl_horizon", "curriculum_stages"):
@@ -247,6 +247,10 @@ def _read_jsonl(path) -> list:
     return rows
 
 
+def _call(model, *args):
+    return model(*args)
+
+
 def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     m = (mask != 0).to(x.dtype)
     return (x * m).sum() / m.sum().clamp_min(1)
@@ -269,7 +273,7 @@ class RLTrainer:
 
     def setup(self):
         c = self.config
-        training.start_run(c, self.out_dir)
+        self.mode = training.start_run(c, self.out_dir)
         self.tokenizer = self._load_tokenizer()
         self.train_rows, self.eval_rows = self._load_prompts()
         # Policy, and the frozen reference: a copy of the initial policy (or the same checkpoint in 8 bits).
@@ -288,33 +292,53 @@ class RLTrainer:
         if c.reward in ("rule", "both") or self._reward_fn is not None:
             self.rule = self._reward_fn or load_reward_fn(c.reward_fn)
         self.value = self._build_value_model()
+        # Resumed weights go into the whole models, before FSDP shards them (see training.prepare_optimization).
+        checkpoint = training.resume_checkpoint(self.out_dir, c.resume)
+        state = training.load_trainer_state(checkpoint) if checkpoint is not None else None
+        if checkpoint is not None:
+            training.load_model_weights(self.policy, checkpoint)
+            if self.value is not None:
+                if "value_model" not in state:
+                    raise ValueError(f"resume: {checkpoint} has no critic state but this run has value_model="
+                                     f"{c.resolved_value_model()}")
+                self.value.load_state_dict(state["value_model"])
+        # Data parallel: trained models DDP-wrapped (or FSDP-sharded), frozen ones replicated (or sharded).
+        self.autocast = training.use_bf16_autocast(c.mixed_precision, self.device)
+        wrap = lambda model: fdist.Parallel.wrap(model, self.mode, self.device, bf16=self.autocast)  # noqa: E731
+        self.policy_p, self.ref_p = wrap(self.policy), wrap(self.ref)
+        self.reward_p = wrap(self.reward_model) if self.reward_model is not None else None
+        self.value_p = wrap(self.value) if self.value is not None else None
         # Optimizers: one per trained model; one optimizer step per minibatch.
         total = c.max_steps * c.ppo_epochs * c.num_minibatches
+        sharded = self.mode == "fsdp"
         self.optimizer = training.make_optimizer(self.policy.parameters(), c.optimizer, c.lr, c.weight_decay,
-                                                 self.device)
+                                                 self.device, sharded=sharded)
         self.scheduler = training.make_scheduler(self.optimizer, c.lr_scheduler, c.warmup_steps, total)
         self.value_optimizer = self.value_scheduler = None
         if self.value is not None:
             self.value_optimizer = training.make_optimizer(self.value.parameters(), c.optimizer, c.value_lr or c.lr,
-                                                           c.weight_decay, self.device)
+                                                           c.weight_decay, self.device, sharded=sharded)
             self.value_scheduler = training.make_scheduler(self.value_optimizer, c.lr_scheduler, c.warmup_steps, total)
-        self.autocast = c.mixed_precision == "bf16" or (c.mixed_precision == "auto" and self.device.type == "cuda")
-        # Prompt order: shuffled epochs, or the curriculum.
+        # Prompt order: shuffled epochs, or the curriculum. Both yield GLOBAL batches (batch_size prompts per
+        # rank); each rank takes its share ``rank::world_size`` in train_step.
+        global_batch = c.batch_size * fdist.world_size()
         if c.curriculum:
             difficulty = self._difficulty()
-            self.sampler = rl.CurriculumSampler(self.train_rows, difficulty, c.batch_size,
+            self.sampler = rl.CurriculumSampler(self.train_rows, difficulty, global_batch,
                                                 start_fraction=c.curriculum_start, warmup_steps=c.curriculum_steps,
                                                 schedule=c.curriculum_schedule, num_stages=c.curriculum_stages,
                                                 seed=c.seed)
         else:
-            self.sampler = training.BatchStream(self.train_rows, c.batch_size, c.seed)
+            self.sampler = training.BatchStream(self.train_rows, global_batch, c.seed)
         self.kl_ctl = (rl.AdaptiveKLController(c.kl_coef, c.kl_target, c.kl_horizon) if c.adaptive_kl
                        else rl.FixedKLController(c.kl_coef))
         self.baseline = rl.MovingAverageBaseline(c.baseline, c.baseline_decay)
         self.normalizer = rl.RewardNormalizer(c.reward_norm, c.reward_clip)
-        if c.resume:
-            self._restore()
-        self.metrics = training.MetricsLogger(self.out_dir, c.tensorboard)
+        if checkpoint is not None:
+            self._restore(checkpoint, state)
+        fdist.decorrelate_rng(c.seed, self.step)  # ranks sample different completions
+        self.metrics = training.MetricsLogger(self.out_dir, c.tensorboard) if fdist.is_main() \
+            else training.NullMetricsLogger()
         log.info("policy %.2fM parameters; reward=%s; advantage=%s; critic=%s; %d train / %d eval prompts; "
                  "curriculum=%s; device=%s", sum(p.numel() for p in self.policy.parameters()) / 1e6, c.reward,
                  c.advantage, c.resolved_value_model(), len(self.train_rows), len(self.eval_rows), c.curriculum,
@@ -397,18 +421,18 @@ class RLTrainer:
         return {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids,
                 "labels": labels}
 
-    def _logprobs(self, model, batch, prompt_len, return_entropy=False):
+    def _logprobs(self, model: fdist.Parallel, batch, prompt_len, return_entropy=False):
         """``[B, C]`` log-probs of the completion tokens (and entropies)."""
         with self._autocast():
-            out = token_logprobs(model, batch, temperature=self.config.temperature, return_entropy=return_entropy,
-                                 backend=self.config.backend)
+            out = model(token_logprobs, batch, temperature=self.config.temperature, return_entropy=return_entropy,
+                        backend=self.config.backend)
         if return_entropy:
             return out[0][:, prompt_len - 1:], out[1][:, prompt_len - 1:]
         return out[:, prompt_len - 1:]
 
     def _values(self, batch, prompt_len):
         with self._autocast():
-            return self.value(batch)[:, prompt_len - 1:-1].float()
+            return self.value_p(_call, batch)[:, prompt_len - 1:-1].float()
 
     @torch.no_grad()
     def score(self, prompts: list[str], gen: dict, completions: list[str]) -> tuple[torch.Tensor, dict]:
@@ -423,7 +447,7 @@ class RLTrainer:
             packed = {k: v.to(self.device) if isinstance(v, torch.Tensor) else v
                       for k, v in fdata._pack(seqs).items()}
             with self._autocast():
-                model_scores = reward_scores(self.reward_model, packed).float()
+                model_scores = self.reward_p(reward_scores, packed).float()
             parts["reward/model"] = model_scores.mean()
             total = total + c.reward_model_weight * model_scores
         if c.reward in ("rule", "both"):
@@ -443,8 +467,9 @@ class RLTrainer:
         timing = {}
         start = time.perf_counter()
         prompts = [r["prompt"] for r in rows]
-        gen = generate(self.policy, self.tokenizer, prompts, max_new_tokens=c.max_new_tokens, do_sample=True,
-                       temperature=c.temperature, top_p=c.top_p, num_return_sequences=n)
+        gen = self.policy_p(generate, self.tokenizer, prompts, max_new_tokens=c.max_new_tokens, do_sample=True,
+                            temperature=c.temperature, top_p=c.top_p, num_return_sequences=n,
+                            synced_gpus=self.policy_p.is_fsdp)
         completions = decode_completions(self.tokenizer, gen["completion_ids"], gen["completion_mask"])
         prompts_n = [p for p in prompts for _ in range(n)]
         timing["timing/generate"] = time.perf_counter() - start
@@ -453,8 +478,8 @@ class RLTrainer:
         batch = self._sequences(gen)
         prompt_len = gen["prompt_ids"].shape[1]
         mask = gen["completion_mask"]
-        old_logprobs = self._logprobs(self.policy, batch, prompt_len)
-        ref_logprobs = self._logprobs(self.ref, batch, prompt_len)
+        old_logprobs = self._logprobs(self.policy_p, batch, prompt_len)
+        ref_logprobs = self._logprobs(self.ref_p, batch, prompt_len)
         values = self._values(batch, prompt_len) if self.value is not None else None
         timing["timing/logprobs"] = time.perf_counter() - start
 
@@ -470,8 +495,8 @@ class RLTrainer:
         advantages, returns = rl.compute_advantages(
             c.advantage, scores, mask, n=n, kl=kl if c.kl_in == "reward" else None, kl_coef=kl_coef, values=values,
             gamma=c.gamma, lam=c.lam, baseline=self.baseline, grpo_scale=c.grpo_scale)
-        if c.whiten_advantages and int((mask != 0).sum()) >= 2:
-            advantages = fastrm.whiten(advantages, mask)
+        if c.whiten_advantages:
+            advantages = rl.whiten_advantages(advantages, mask)  # statistics over all ranks' rollouts
         timing["timing/advantages"] = time.perf_counter() - start
 
         seq_kl = kl.sum(1)
@@ -502,31 +527,45 @@ class RLTrainer:
         c = self.config
         batch = {k: v[idx] for k, v in ro["batch"].items()}
         mask, adv = ro["mask"][idx], ro["advantages"][idx]
-        logprobs, entropy = self._logprobs(self.policy, batch, ro["prompt_len"], return_entropy=True)
+        logprobs, entropy = self._logprobs(self.policy_p, batch, ro["prompt_len"], return_entropy=True)
         pol = ppo_policy_loss(logprobs, ro["old_logprobs"][idx], adv, mask, clip_eps=c.clip_eps,
                               clip_eps_high=c.clip_eps_high, dual_clip=c.dual_clip, agg=c.loss_agg,
                               backend=c.backend)
         mean_entropy = masked_mean(entropy, mask)
-        loss = pol.loss
+        # Data parallel: gradients are averaged over ranks, each rank's a mean over its own tokens; weighting
+        # token means by this rank's share of the minibatch's tokens makes the result the mean over all tokens
+        # of all ranks, as one process would take it. (Sequence means need nothing: ranks hold equal rows.)
+        token_weight = self._token_weight(mask)
+        seq_weight = token_weight if c.loss_agg == "token-mean" else 1.0
+        loss = seq_weight * pol.loss
         metrics = {"loss/policy": pol.loss.detach(), "policy/approxkl": pol.approx_kl, "policy/clipfrac": pol.clipfrac,
                    "policy/ratio": pol.ratio_mean, "policy/dual_clipfrac": pol.clipfrac_lower,
                    "objective/entropy": mean_entropy.detach()}
         if c.entropy_coef:
-            loss = loss - c.entropy_coef * mean_entropy
+            loss = loss - c.entropy_coef * token_weight * mean_entropy
         if c.kl_in == "loss" and self.kl_ctl.value:
             kl_loss = masked_mean(kl_penalty(logprobs, ro["ref_logprobs"][idx], c.kl_estimator, backend=c.backend), mask)
-            loss = loss + self.kl_ctl.value * kl_loss
+            loss = loss + self.kl_ctl.value * token_weight * kl_loss
             metrics["loss/kl"] = kl_loss.detach()
         if self.value is not None:
             values = self._values(batch, ro["prompt_len"])
             vl = value_loss(values, ro["values"][idx], ro["returns"][idx], mask, clip=c.value_clip, agg=c.loss_agg,
                             backend=c.backend)
-            loss = loss + c.vf_coef * vl.loss
+            loss = loss + c.vf_coef * seq_weight * vl.loss
             metrics.update({"loss/value": vl.loss.detach(), "val/clipfrac": vl.clipfrac,
                             "val/vpred": masked_mean(values.detach(), mask),
                             "val/error": masked_mean((values.detach() - ro["returns"][idx]) ** 2, mask)})
         metrics["loss/total"] = loss.detach()
         return loss, metrics
+
+    @staticmethod
+    def _token_weight(mask: torch.Tensor):
+        """``world_size * local tokens / all ranks' tokens`` (1 with one process); a collective under torchrun."""
+        if fdist.world_size() == 1:
+            return 1.0
+        local = (mask != 0).sum().double()
+        total = fdist.all_reduce_sum(local.clone())
+        return float(fdist.world_size() * local / total.clamp_min(1))
 
     def update(self, ro: dict) -> dict:
         c = self.config
@@ -552,7 +591,7 @@ class RLTrainer:
 
     def train_step(self) -> dict:
         c = self.config
-        rows = next(self.sampler)
+        rows = fdist.shard(next(self.sampler))  # this rank's prompts of the global batch
         row = {}
         if c.curriculum:
             row.update(self.sampler.stats())
@@ -560,15 +599,20 @@ class RLTrainer:
         start = time.perf_counter()
         row.update(self.update(ro))
         row["timing/update"] = time.perf_counter() - start
-        row.update(ro["stats"])
-        self.kl_ctl.update(float(ro["seq_kl"].mean()), ro["mask"].shape[0])
+        row.update(training.mean_over_ranks(ro["stats"]))
+        # The controller sees the KL of the whole global batch (every rank holds as many rollouts).
+        kl_sum = fdist.all_reduce_sum(torch.stack([ro["seq_kl"].sum().double(),
+                                                   torch.tensor(float(ro["mask"].shape[0]), device=self.device,
+                                                                dtype=torch.float64)]))
+        self.kl_ctl.update(float(kl_sum[0] / kl_sum[1]), int(kl_sum[1]))
         row["lr"] = self.scheduler.get_last_lr()[0]
         self.step += 1
         return row
 
     def train(self):
         c = self.config
-        bar = tqdm(total=c.max_steps, initial=self.step, desc=f"rl:{c.advantage}", disable=not c.progress)
+        bar = tqdm(total=c.max_steps, initial=self.step, desc=f"rl:{c.advantage}",
+                   disable=not (c.progress and fdist.is_main()))
         while self.step < c.max_steps:
             row = self.train_step()
             bar.update(1)
@@ -583,6 +627,7 @@ class RLTrainer:
             if self.step % c.save_steps == 0 or self.step == c.max_steps:
                 self.save()
         bar.close()
+        self.metrics.close()
         return self
 
     @torch.no_grad()
@@ -595,10 +640,11 @@ class RLTrainer:
         was_training = self.policy.training
         self.policy.eval()
         totals: dict[str, float] = {}
-        for start in range(0, len(rows), batch_size):
-            prompts = [r["prompt"] for r in rows[start:start + batch_size]]
-            gen = generate(self.policy, self.tokenizer, prompts, max_new_tokens=self.config.max_new_tokens,
-                           do_sample=False)
+        # Each rank answers its share; as many batches on every rank (FSDP forwards are collectives).
+        for chunk, weight in fdist.shard_batches(rows, batch_size):
+            prompts = [r["prompt"] for r in chunk]
+            gen = self.policy_p(generate, self.tokenizer, prompts, max_new_tokens=self.config.max_new_tokens,
+                                do_sample=False, synced_gpus=self.policy_p.is_fsdp)
             completions = decode_completions(self.tokenizer, gen["completion_ids"], gen["completion_mask"])
             parts = {}
             if self.task is not None:
@@ -609,9 +655,11 @@ class RLTrainer:
                 parts.update({f"eval/{k.split('/')[1]}_score": v * len(prompts) for k, v in scored.items()})
             parts["eval/eos_fraction"] = float((gen["completion_ids"] == self.tokenizer.eos_token_id).any(1).sum())
             for k, v in parts.items():
-                totals[k] = totals.get(k, 0.0) + float(v)
+                totals[k] = totals.get(k, 0.0) + float(v) * (weight > 0)
         self.policy.train(was_training)
-        return {k: v / len(rows) for k, v in totals.items()}
+        keys = sorted(totals)
+        sums = training.reduce_sums(*(totals[k] for k in keys))
+        return {k: v / len(rows) for k, v in zip(keys, sums)}
 
     def _score_parts(self, prompts, gen, completions):
         parts = {}
@@ -625,35 +673,29 @@ class RLTrainer:
     # ---- checkpoints ------------------------------------------------------------------------------------------
 
     def state_dict(self) -> dict:
-        state = {"step": self.step, "sampler": self.sampler.state_dict(), "optimizer": self.optimizer.state_dict(),
+        """Everything but the policy's weights, whole (FSDP shards gathered: every rank must call it)."""
+        state = {"step": self.step, "sampler": self.sampler.state_dict(),
+                 "optimizer": fdist.full_optimizer_state(self.policy, self.optimizer),
                  "scheduler": self.scheduler.state_dict(), "kl_ctl": self.kl_ctl.state_dict(),
                  "baseline": self.baseline.state_dict(), "normalizer": self.normalizer.state_dict(),
                  "rng": training.rng_state(), "config": self.config}
         if self.value is not None:
-            state.update({"value_model": self.value.state_dict(), "value_optimizer": self.value_optimizer.state_dict(),
+            state.update({"value_model": fdist.full_model_state(self.value),
+                          "value_optimizer": fdist.full_optimizer_state(self.value, self.value_optimizer),
                           "value_scheduler": self.value_scheduler.state_dict()})
         return state
 
     def save(self) -> Path:
-        self.last_checkpoint = training.save_checkpoint(self.out_dir, self.step, self.policy, self.tokenizer,
-                                                        self.state_dict(), keep=self.config.keep_checkpoints)
+        self.last_checkpoint = training.save_distributed(self.policy_p, self.tokenizer, self.out_dir, self.step,
+                                                         self.state_dict(), self.config.keep_checkpoints)
         return self.last_checkpoint
 
-    def _restore(self):
-        checkpoint = training.latest_checkpoint(self.out_dir)
-        if checkpoint is None:
-            log.info("resume: no checkpoint in %s, starting fresh", self.out_dir)
-            return
-        state = training.load_trainer_state(checkpoint)
-        self.policy.load_state_dict(type(self.policy).from_pretrained(checkpoint).state_dict())
-        self.optimizer.load_state_dict(state["optimizer"])
+    def _restore(self, checkpoint: Path, state: dict):
+        """The rest of a checkpoint once models are wrapped and optimizers built (weights are loaded in setup)."""
+        training.load_optimizer_state(self.policy, self.optimizer, state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         if self.value is not None:
-            if "value_model" not in state:
-                raise ValueError(f"resume: {checkpoint} has no critic state but this run has value_model="
-                                 f"{self.config.resolved_value_model()}")
-            self.value.load_state_dict(state["value_model"])
-            self.value_optimizer.load_state_dict(state["value_optimizer"])
+            training.load_optimizer_state(self.value, self.value_optimizer, state["value_optimizer"])
             self.value_scheduler.load_state_dict(state["value_scheduler"])
         self.sampler.load_state_dict(state["sampler"])
         self.kl_ctl.load_state_dict(state["kl_ctl"])
@@ -684,5 +726,7 @@ def main(argv=None) -> int:
     after = trainer.evaluate()
     keys = [k for k in ("eval/accuracy", "eval/true_score", "eval/model_score", "eval/rule_score") if k in after]
     summary = ", ".join(f"{k} {before.get(k, float('nan')):.3f} -> {after[k]:.3f}" for k in keys)
-    print(f"held-out (greedy): {summary or 'no eval prompts'}; policy saved in {trainer.last_checkpoint}")
+    if fdist.is_main():
+        print(f"held-out (greedy): {summary or 'no eval prompts'}; policy saved in {trainer.last_checkpoint}")
+    fdist.cleanup()
     return 0

@@ -1,0 +1,48 @@
+"""Run by tests/test_distributed.py under torchrun (2 gloo processes): one PPO update of a saved rollout, each rank
+holding half of its rows, then a checkpoint; and the rollout statistics over the two halves, which must equal
+the one-process statistics of the whole rollout (saved beside it). Usage:
+
+    torchrun --nproc-per-node 2 tests/rl_update_worker.py ROLLOUT.pt key=value ...
+"""
+
+import sys
+
+import torch
+
+from fastrm import distributed, rl
+from fastrm.config import load_config
+from fastrm.trainers.rl import RLConfig, RLTrainer
+
+
+def main():
+    saved = torch.load(sys.argv[1], weights_only=False)
+    trainer = RLTrainer(load_config(RLConfig, None, sys.argv[2:])).setup()
+    assert distributed.world_size() == 2, distributed.world_size()
+    rank = distributed.rank()
+
+    half = {k: (v[rank::2] if isinstance(v, torch.Tensor) else v) for k, v in saved["rollout"].items()}
+    half["batch"] = {k: v[rank::2] for k, v in saved["rollout"]["batch"].items()}
+    trainer.update(half)
+    trainer.step = 1
+    trainer.save()
+
+    # statistics over ranks == statistics of the whole batch
+    scores, adv, mask = saved["scores"], saved["advantages"], saved["rollout"]["mask"]
+    torch.testing.assert_close(rl.whiten_advantages(adv[rank::2], mask[rank::2]), saved["whitened"][rank::2])
+    for kind in ("batch", "running"):
+        norm = rl.RewardNormalizer(kind)
+        norm(scores[rank::2] + 1.0)  # running: a first batch to merge with
+        torch.testing.assert_close(norm(scores[rank::2]), saved[f"normalized_{kind}"][rank::2])
+    baseline = rl.MovingAverageBaseline("moving", decay=0.5)
+    baseline(scores[rank::2] + 1.0)
+    torch.testing.assert_close(baseline(scores[rank::2]), saved["baselined"][rank::2])
+    distributed.exit_process(0)
+
+
+if __name__ == "__main__":
+    main()
+
+
+def answer_length(prompts, completions):
+    """A rule reward with spread on a random tiny policy (reward_fn=rl_update_worker:answer_length)."""
+    return [float(len(c)) for c in completions]
