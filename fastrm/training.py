@@ -11,11 +11,13 @@ import os
 import random
 import shutil
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from fastrm import distributed
+from fastrm.models import ModelConfig
 
 log = logging.getLogger("fastrm")
 
@@ -24,26 +26,78 @@ STATE_FILE = "trainer_state.pt"
 LATEST_FILE = "latest"
 
 
-def validate_loop_settings(config):
-    """Checks of the settings every trainer config shares (each trainer adds its own)."""
-    from fastrm.config import require, unyaml_no
+@dataclass
+class TrainerSettings:
+    """The settings every trainer has. Each trainer's config subclasses this (or :class:`SupervisedSettings`),
+    re-declaring a setting where its default differs, and adds its own."""
 
-    config.model.validate()
-    config.mixed_precision = unyaml_no(config.mixed_precision)
-    for name in ("batch_size", "grad_accum_steps", "max_steps", "max_length", "log_steps", "eval_steps",
-                 "save_steps"):
-        require(getattr(config, name) >= 1, name, getattr(config, name), "must be >= 1")
-    require(config.lr > 0, "lr", config.lr, "must be > 0")
-    require(config.warmup_steps >= 0, "warmup_steps", config.warmup_steps, "must be >= 0")
-    require(config.max_grad_norm > 0, "max_grad_norm", config.max_grad_norm, "must be > 0")
-    require(0 <= config.eval_fraction < 1, "eval_fraction", config.eval_fraction, "must lie in [0, 1)")
-    require(config.truncation in ("truncate", "drop"), "truncation", config.truncation, "must be truncate or drop")
-    require(config.optimizer in ("auto", "adamw", "adamw8bit"), "optimizer", config.optimizer,
-            "must be auto, adamw or adamw8bit")
-    require(config.mixed_precision in ("auto", "bf16", "no"), "mixed_precision", config.mixed_precision,
-            "must be auto, bf16 or no")
-    require(config.backend in ("auto", "triton", "torch"), "backend", config.backend, "must be auto, triton or torch")
-    distributed.validate_setting(config.distributed, config.optimizer)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    output_dir: str = "runs/fastrm"
+    batch_size: int = 16  # per device under torchrun (global batch = batch_size * world_size)
+    max_steps: int = 100
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    lr_scheduler: str = "constant"
+    warmup_steps: int = 0
+    max_grad_norm: float = 1.0
+    optimizer: str = "auto"  # auto (AdamW8bit on CUDA, AdamW under fsdp) | adamw | adamw8bit
+    mixed_precision: str = "auto"  # auto (bf16 on CUDA) | bf16 | no
+    log_steps: int = 1
+    eval_steps: int = 50
+    save_steps: int = 100
+    keep_checkpoints: int = 2
+    seed: int = 0
+    device: str = "auto"
+    resume: bool = False
+    tensorboard: bool = True
+    progress: bool = True
+    backend: str = "auto"  # fastrm ops backend
+    # Multi-process (torchrun): auto (DDP with more than one process) | ddp | fsdp (FSDP2, sharded).
+    # See fastrm.distributed.
+    distributed: str = "auto"
+
+    def validate(self):
+        """Checks of the shared settings; a trainer's config extends this with its own."""
+        from fastrm.config import require, unyaml_no
+
+        self.model.validate()
+        self.mixed_precision = unyaml_no(self.mixed_precision)
+        for name in ("batch_size", "max_steps", "log_steps", "eval_steps", "save_steps"):
+            require(getattr(self, name) >= 1, name, getattr(self, name), "must be >= 1")
+        require(self.lr > 0, "lr", self.lr, "must be > 0")
+        require(self.warmup_steps >= 0, "warmup_steps", self.warmup_steps, "must be >= 0")
+        require(self.max_grad_norm > 0, "max_grad_norm", self.max_grad_norm, "must be > 0")
+        require(self.optimizer in ("auto", "adamw", "adamw8bit"), "optimizer", self.optimizer,
+                "must be auto, adamw or adamw8bit")
+        require(self.mixed_precision in ("auto", "bf16", "no"), "mixed_precision", self.mixed_precision,
+                "must be auto, bf16 or no")
+        require(self.backend in ("auto", "triton", "torch"), "backend", self.backend, "must be auto, triton or torch")
+        distributed.validate_setting(self.distributed, self.optimizer)
+
+
+@dataclass
+class SupervisedSettings(TrainerSettings):
+    """What the reward and SFT trainers add: a tokenized dataset, its length limit, packing, accumulation."""
+
+    tokenizer: str = "embedded"  # "embedded": the built-in task's tokenizer; else a local tokenizer path
+    train_data: str | None = None  # JSONL; None: the embedded arithmetic task
+    eval_data: str | None = None
+    eval_fraction: float = 0.05  # held-out share of train_data when eval_data is not given
+    task_max_level: int = 0  # embedded task: one-digit sums, which a tiny model learns in minutes on CPU
+    skip_malformed: bool = False
+    max_length: int = 32
+    truncation: str = "truncate"  # truncate | drop
+    packed: bool = True  # padding-free batches
+    grad_accum_steps: int = 1
+
+    def validate(self):
+        from fastrm.config import require
+
+        super().validate()
+        for name in ("grad_accum_steps", "max_length"):
+            require(getattr(self, name) >= 1, name, getattr(self, name), "must be >= 1")
+        require(0 <= self.eval_fraction < 1, "eval_fraction", self.eval_fraction, "must lie in [0, 1)")
+        require(self.truncation in ("truncate", "drop"), "truncation", self.truncation, "must be truncate or drop")
 
 
 def use_bf16_autocast(mixed_precision: str, device: torch.device) -> bool:

@@ -8,7 +8,7 @@ stop on a non-finite loss; backward; clip; optimizer and schedule step; log; eva
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -17,7 +17,7 @@ import fastrm
 from fastrm import data as fdata
 from fastrm import distributed, training
 from fastrm.config import parse_cli, require
-from fastrm.models import ModelConfig, load_reward_model, reward_scores
+from fastrm.models import load_reward_model, reward_scores
 
 log = logging.getLogger("fastrm")
 
@@ -25,50 +25,26 @@ EMBEDDED = "embedded"
 
 
 @dataclass
-class RewardConfig:
-    model: ModelConfig = field(default_factory=ModelConfig)
-    tokenizer: str = EMBEDDED  # "embedded": the built-in task's tokenizer; else a local tokenizer path
-    # Preference data (JSONL). None: generate the embedded arithmetic task's pairs (noisy annotator).
-    train_data: str | None = None
-    eval_data: str | None = None
-    eval_fraction: float = 0.1  # held-out share of train_data when eval_data is not given
+class RewardConfig(training.SupervisedSettings):
+    # Preference data (train_data, JSONL; None: the embedded arithmetic task's pairs, noisy annotator)
+    eval_fraction: float = 0.1
     num_train_pairs: int = 6000  # embedded task only
     num_eval_pairs: int = 500
     annotator_noise: float = 0.1
-    task_max_level: int = 0  # one-digit sums: a 0.1M-parameter model learns them in minutes on CPU
-    skip_malformed: bool = False
-    max_length: int = 32
-    truncation: str = "truncate"  # truncate | drop
-    packed: bool = True  # padding-free batches
-    output_dir: str = "runs/reward"
-    batch_size: int = 64
-    grad_accum_steps: int = 1
-    max_steps: int = 400
-    lr: float = 2e-3
-    weight_decay: float = 0.0
-    lr_scheduler: str = "cosine"
-    warmup_steps: int = 30
-    max_grad_norm: float = 1.0
-    optimizer: str = "auto"  # auto (AdamW8bit on CUDA) | adamw | adamw8bit
-    mixed_precision: str = "auto"  # auto (bf16 on CUDA) | bf16 | no
     center_coef: float = 0.0
     use_margin: bool = False
+    output_dir: str = "runs/reward"
+    batch_size: int = 64
+    max_steps: int = 400
+    lr: float = 2e-3
+    lr_scheduler: str = "cosine"
+    warmup_steps: int = 30
     log_steps: int = 20
     eval_steps: int = 200
     save_steps: int = 200
-    keep_checkpoints: int = 2
-    seed: int = 0
-    device: str = "auto"
-    resume: bool = False
-    tensorboard: bool = True
-    progress: bool = True
-    backend: str = "auto"  # fastrm ops backend
-    # Multi-process (torchrun): auto (DDP with more than one process) | ddp | fsdp (FSDP2, sharded); batch_size
-    # is then per device (global batch = batch_size * world_size). See fastrm.distributed.
-    distributed: str = "auto"
 
     def validate(self):
-        training.validate_loop_settings(self)
+        super().validate()
         for name in ("num_train_pairs", "num_eval_pairs"):
             require(getattr(self, name) >= 1, name, getattr(self, name), "must be >= 1")
         require(0 <= self.annotator_noise <= 0.5, "annotator_noise", self.annotator_noise, "must lie in [0, 0.5]")

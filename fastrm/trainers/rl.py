@@ -16,6 +16,10 @@ One step, top to bottom (seed §3.2: sample, score, estimate the gradient, updat
    (:func:`fastrm.ops.ppo.ppo_policy_loss`, + dual clip), clipped value loss, entropy bonus; stop on a
    non-finite loss; one optimizer step per minibatch;
 7. KL controller update, log, evaluate (greedy answers scored by the task's checker), checkpoint.
+
+Under torchrun (``distributed=auto|ddp|fsdp``) each rank takes its share of every global prompt batch and
+samples its own completions; the batch statistics of steps 4-5 and 7 are taken over all ranks, token-mean
+losses are weighted by the global token count, and rank 0 writes (see :mod:`fastrm.distributed`).
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ import importlib
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -36,7 +40,7 @@ from tqdm.auto import tqdm
 from fastrm import data as fdata
 from fastrm import distributed as fdist
 from fastrm import rl, training
-from fastrm.config import require, unyaml_no
+from fastrm.config import require
 from fastrm.generation import decode_completions, generate
 from fastrm.models import (
     TINY,
@@ -55,9 +59,8 @@ VALUE_MODELS = ("auto", "none", "policy", "reward")
 
 
 @dataclass
-class RLConfig:
-    # The policy: an SFT checkpoint from `fastrm sft` (model.name_or_path=<checkpoint dir>), or "tiny" from scratch.
-    model: ModelConfig = field(default_factory=ModelConfig)
+class RLConfig(training.TrainerSettings):
+    # The policy (model): an SFT checkpoint from `fastrm sft` (model.name_or_path=<checkpoint dir>), or "tiny".
     tokenizer: str = "auto"  # auto: the policy checkpoint's tokenizer if it has one, else the embedded one
     # Prompts (JSONL rows with "prompt", optional numeric "difficulty"). None: the embedded arithmetic task.
     train_data: str | None = None
@@ -79,7 +82,7 @@ class RLConfig:
     value_model: str = "auto"
     ref_8bit: bool = False  # load the frozen reference in 8 bits (CUDA, model.name_or_path must be a checkpoint)
     # Rollouts
-    batch_size: int = 16  # prompts per step
+    batch_size: int = 16  # prompts per step (per device under torchrun)
     num_samples: int = 4  # completions per prompt (n)
     max_new_tokens: int = 6
     temperature: float = 1.0
@@ -115,45 +118,21 @@ class RLConfig:
     curriculum_steps: int = 100
     curriculum_schedule: str = "linear"  # linear | step
     curriculum_stages: int = 4
-    # Optimisation
+    # Optimisation (the rest: training.TrainerSettings)
     output_dir: str = "runs/ppo"
     max_steps: int = 200
-    lr: float = 1e-4
     value_lr: float | None = None  # default: lr
-    weight_decay: float = 0.0
-    lr_scheduler: str = "constant"
-    warmup_steps: int = 0
-    max_grad_norm: float = 1.0
-    optimizer: str = "auto"
-    mixed_precision: str = "auto"
-    log_steps: int = 1
-    eval_steps: int = 50
-    save_steps: int = 100
-    keep_checkpoints: int = 2
-    seed: int = 0
-    device: str = "auto"
-    resume: bool = False
-    tensorboard: bool = True
-    progress: bool = True
-    backend: str = "auto"
-    # Multi-process (torchrun): auto (DDP with more than one process) | ddp | fsdp (FSDP2, sharded); batch_size
-    # is then prompts per device. See fastrm.distributed.
-    distributed: str = "auto"
 
     def validate(self):
-        self.model.validate()
-        self.mixed_precision = unyaml_no(self.mixed_precision)
-        fdist.validate_setting(self.distributed, self.optimizer)
-        for name in ("batch_size", "num_samples", "max_new_tokens", "ppo_epochs", "num_minibatches", "max_steps",
-                     "log_steps", "eval_steps", "save_steps", "num_train_prompts", "kl_horizon", "curriculum_stages"):
+        super().validate()
+        for name in ("num_samples", "max_new_tokens", "ppo_epochs", "num_minibatches", "num_train_prompts",
+                     "kl_horizon", "curriculum_stages"):
             require(getattr(self, name) >= 1, name, getattr(self, name), "must be >= 1")
         choices = {"reward": ("model", "rule", "both"), "advantage": rl.ESTIMATORS,
                    "reward_norm": ("none", "batch", "running"), "baseline": ("moving", "batch"),
                    "loss_agg": ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum"),
                    "kl_estimator": ("k1", "k2", "k3", "abs"), "kl_in": ("reward", "loss"),
-                   "curriculum_schedule": ("linear", "step"), "curriculum_difficulty": ("auto", "length"),
-                   "optimizer": ("auto", "adamw", "adamw8bit"), "mixed_precision": ("auto", "bf16", "no"),
-                   "backend": ("auto", "triton", "torch")}
+                   "curriculum_schedule": ("linear", "step"), "curriculum_difficulty": ("auto", "length")}
         for name, allowed in choices.items():
             require(getattr(self, name) in allowed, name, getattr(self, name), "must be one of " + ", ".join(allowed))
         require(self.num_eval_prompts >= 0, "num_eval_prompts", self.num_eval_prompts, "must be >= 0")
@@ -188,10 +167,7 @@ class RLConfig:
         require(0 <= self.baseline_decay < 1, "baseline_decay", self.baseline_decay, "must lie in [0, 1)")
         require(0 < self.curriculum_start <= 1, "curriculum_start", self.curriculum_start, "must lie in (0, 1]")
         require(self.curriculum_steps >= 0, "curriculum_steps", self.curriculum_steps, "must be >= 0")
-        require(self.lr > 0, "lr", self.lr, "must be > 0")
         require(self.value_lr is None or self.value_lr > 0, "value_lr", self.value_lr, "must be > 0")
-        require(self.max_grad_norm > 0, "max_grad_norm", self.max_grad_norm, "must be > 0")
-        require(self.warmup_steps >= 0, "warmup_steps", self.warmup_steps, "must be >= 0")
         if self.ref_8bit:
             require(self.model.name_or_path != TINY, "ref_8bit", self.ref_8bit,
                     "needs model.name_or_path to be a checkpoint (the reference is reloaded from it in 8 bits)")

@@ -10,7 +10,7 @@ answers when the data is the embedded task); checkpoint.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -18,55 +18,30 @@ import torch
 from fastrm import data as fdata
 from fastrm import distributed, training
 from fastrm.config import parse_cli, require
-from fastrm.models import ModelConfig, load_causal_lm, token_logprobs
+from fastrm.models import load_causal_lm, token_logprobs
 
 log = logging.getLogger("fastrm")
 
 
 @dataclass
-class SFTConfig:
-    model: ModelConfig = field(default_factory=ModelConfig)
-    tokenizer: str = "embedded"
-    # SFT data (JSONL of {"prompt","completion"} or {"messages"}). None: the embedded arithmetic task.
-    train_data: str | None = None
-    eval_data: str | None = None
-    eval_fraction: float = 0.05
+class SFTConfig(training.SupervisedSettings):
+    # SFT data (train_data, JSONL of {"prompt","completion"} or {"messages"}; None: the embedded arithmetic task)
     num_train_examples: int = 4000  # embedded task only
     num_eval_examples: int = 200
-    task_max_level: int = 0
-    skip_malformed: bool = False
-    max_length: int = 32
-    truncation: str = "truncate"
-    packed: bool = True
-    output_dir: str = "runs/sft"
-    batch_size: int = 64
-    grad_accum_steps: int = 1
-    max_steps: int = 300
-    lr: float = 3e-3
-    weight_decay: float = 0.0
-    lr_scheduler: str = "cosine"
-    warmup_steps: int = 20
-    max_grad_norm: float = 1.0
-    optimizer: str = "auto"
-    mixed_precision: str = "auto"
     eval_generate: int = 100  # held-out prompts answered greedily and scored by the task's checker (0: off)
     max_new_tokens: int = 6
+    output_dir: str = "runs/sft"
+    batch_size: int = 64
+    max_steps: int = 300
+    lr: float = 3e-3
+    lr_scheduler: str = "cosine"
+    warmup_steps: int = 20
     log_steps: int = 20
     eval_steps: int = 100
     save_steps: int = 100
-    keep_checkpoints: int = 2
-    seed: int = 0
-    device: str = "auto"
-    resume: bool = False
-    tensorboard: bool = True
-    progress: bool = True
-    backend: str = "auto"
-    # Multi-process (torchrun): auto (DDP with more than one process) | ddp | fsdp (FSDP2, sharded); batch_size
-    # is then per device (global batch = batch_size * world_size). See fastrm.distributed.
-    distributed: str = "auto"
 
     def validate(self):
-        training.validate_loop_settings(self)
+        super().validate()
         for name in ("num_train_examples", "num_eval_examples", "max_new_tokens"):
             require(getattr(self, name) >= 1, name, getattr(self, name), "must be >= 1")
         require(self.eval_generate >= 0, "eval_generate", self.eval_generate, "must be >= 0")
