@@ -225,6 +225,10 @@ class Parallel:
                 if device.type == "cuda" else None
             return cls(model, mode, DistributedDataParallel(ForwardAdapter(model), device_ids=device_ids))
         if mode == "fsdp":
+            if getattr(model, "is_loaded_in_8bit", False):
+                log.info("fsdp: %s is 8-bit (bitsandbytes), which FSDP cannot shard; it stays replicated",
+                         type(model).__name__)
+                return cls(model)
             return cls(model, mode, _fully_shard(ForwardAdapter(model), device, bf16))
         raise ValueError(f"unknown data-parallel mode {mode!r}")
 

@@ -100,6 +100,26 @@ class SupervisedSettings(TrainerSettings):
         require(self.truncation in ("truncate", "drop"), "truncation", self.truncation, "must be truncate or drop")
 
 
+class Trainer:
+    """What every trainer starts with: its config, output folder, device, step counter and last checkpoint."""
+
+    def __init__(self, config: TrainerSettings):
+        self.config = config
+        self.out_dir = Path(config.output_dir)
+        self.device = pick_device(config.device)
+        self.step = 0
+        self.last_checkpoint: Path | None = None
+        self.task = None  # the embedded task, when the data is its
+
+    def evaluate_and_save(self, has_eval: bool):
+        """After a step: evaluate every ``eval_steps`` and checkpoint every ``save_steps``, both at the last step."""
+        c, last = self.config, self.step == self.config.max_steps
+        if has_eval and (self.step % c.eval_steps == 0 or last):
+            self.metrics.log(self.step, self.evaluate())
+        if self.step % c.save_steps == 0 or last:
+            self.save()
+
+
 def use_bf16_autocast(mixed_precision: str, device: torch.device) -> bool:
     return mixed_precision == "bf16" or (mixed_precision == "auto" and device.type == "cuda")
 
@@ -366,10 +386,7 @@ def fit(trainer, desc: str, postfix: dict):
             row.update({"grad_norm": grad_norm, "lr": trainer.scheduler.get_last_lr()[0], "epoch": trainer.stream.epoch})
             trainer.metrics.log(trainer.step, row)
             bar.set_postfix({label: f"{row[key]:.4f}" for label, key in postfix.items()})
-        if trainer.eval_examples and (trainer.step % c.eval_steps == 0 or trainer.step == c.max_steps):
-            trainer.metrics.log(trainer.step, trainer.evaluate())
-        if trainer.step % c.save_steps == 0 or trainer.step == c.max_steps:
-            trainer.save()
+        trainer.evaluate_and_save(bool(trainer.eval_examples))
     bar.close()
     trainer.metrics.close()
     return trainer

@@ -200,5 +200,21 @@ def test_one_process_helpers_are_identities():
 
     assert (distributed.rank(), distributed.world_size(), distributed.is_main()) == (0, 1, True)
     assert distributed.shard([1, 2, 3]) == [1, 2, 3]
+    assert list(distributed.shard_batches([1, 2, 3, 4, 5], 2)) == [([1, 2], 2), ([3, 4], 2), ([5], 1)]
     x = torch.tensor([1.0, 2.0])
     assert torch.equal(distributed.all_reduce_mean(x), torch.tensor([1.0, 2.0]))
+
+
+def test_shard_batches_gives_every_rank_as_many_non_empty_batches(monkeypatch):
+    """5 items, batch 2 per rank, 2 ranks: global batches [1,2,3,4] and [5]; rank 1 has nothing in the second,
+    so it gets a stand-in with weight 0 (an FSDP forward needs every rank)."""
+    from fastrm import distributed
+
+    monkeypatch.setattr(distributed, "world_size", lambda: 2)
+    shares = {}
+    for r in (0, 1):
+        monkeypatch.setattr(distributed, "rank", lambda r=r: r)
+        shares[r] = list(distributed.shard_batches([1, 2, 3, 4, 5], 2))
+    assert shares[0] == [([1, 3], 2), ([5], 1)]
+    assert shares[1] == [([2, 4], 2), ([5], 0)]
+    assert sum(w for s in shares.values() for _, w in s) == 5  # every item counted once

@@ -51,13 +51,8 @@ class RewardConfig(training.SupervisedSettings):
         require(self.center_coef >= 0, "center_coef", self.center_coef, "must be >= 0")
 
 
-class RewardTrainer:
-    def __init__(self, config: RewardConfig):
-        self.config = config
-        self.out_dir = Path(config.output_dir)
-        self.device = training.pick_device(config.device)
-        self.step = 0
-        self.last_checkpoint: Path | None = None
+class RewardTrainer(training.Trainer):
+    """``RewardTrainer(config).setup().train()``."""
 
     # ---- setup ------------------------------------------------------------------------------------------------
 

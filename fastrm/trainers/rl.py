@@ -232,17 +232,12 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (x * m).sum() / m.sum().clamp_min(1)
 
 
-class RLTrainer:
+class RLTrainer(training.Trainer):
     """``RLTrainer(config, reward_fn=None).setup().train()``; ``reward_fn`` (a Python callable
     ``(prompts, completions) -> list[float]``) overrides ``config.reward_fn``."""
 
     def __init__(self, config: RLConfig, reward_fn: Callable | None = None):
-        self.config = config
-        self.out_dir = Path(config.output_dir)
-        self.device = training.pick_device(config.device)
-        self.step = 0
-        self.last_checkpoint: Path | None = None
-        self.task = None
+        super().__init__(config)
         self._reward_fn = reward_fn
 
     # ---- setup ------------------------------------------------------------------------------------------------
@@ -598,10 +593,7 @@ class RLTrainer:
                 if "objective/true_score" in row:
                     postfix["true"] = f"{row['objective/true_score']:.3f}"
                 bar.set_postfix(**postfix)
-            if self.eval_rows and (self.step % c.eval_steps == 0 or self.step == c.max_steps):
-                self.metrics.log(self.step, self.evaluate())
-            if self.step % c.save_steps == 0 or self.step == c.max_steps:
-                self.save()
+            self.evaluate_and_save(bool(self.eval_rows))
         bar.close()
         self.metrics.close()
         return self

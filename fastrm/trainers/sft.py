@@ -47,14 +47,8 @@ class SFTConfig(training.SupervisedSettings):
         require(self.eval_generate >= 0, "eval_generate", self.eval_generate, "must be >= 0")
 
 
-class SFTTrainer:
-    def __init__(self, config: SFTConfig):
-        self.config = config
-        self.out_dir = Path(config.output_dir)
-        self.device = training.pick_device(config.device)
-        self.step = 0
-        self.last_checkpoint: Path | None = None
-        self.task = None
+class SFTTrainer(training.Trainer):
+    """``SFTTrainer(config).setup().train()``."""
 
     def setup(self):
         c = self.config
