@@ -25,6 +25,16 @@ def main():
     trainer.update(half)
     trainer.step = 1
     trainer.save()
+    if trainer.mode == "fsdp":  # each rank holds about half of every weight and of its AdamW moments
+        from torch.distributed.tensor import DTensor
+
+        for model, optimizer in ((trainer.policy, trainer.optimizer), (trainer.value, trainer.value_optimizer)):
+            params = list(model.parameters())
+            assert all(isinstance(p, DTensor) for p in params)
+            whole = sum(p.numel() for p in params)
+            local = sum(p.to_local().numel() for p in params)
+            moments = sum(optimizer.state[p]["exp_avg"].to_local().numel() for p in params)
+            assert local == moments and 0.4 * whole <= local <= 0.6 * whole, (local, whole)
 
     # statistics over ranks == statistics of the whole batch
     scores, adv, mask = saved["scores"], saved["advantages"], saved["rollout"]["mask"]
