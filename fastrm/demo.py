@@ -89,6 +89,13 @@ def main(argv=None) -> int:
     parser.add_argument("--rm", action="append", default=[], metavar="KEY=VALUE", help="RewardConfig override")
     parser.add_argument("overrides", nargs="*", help="RLConfig key=value overrides for the RL stage")
     args = parser.parse_args(argv)
+    from fastrm import distributed
+
+    if distributed.launched_by_torchrun():
+        from fastrm.config import ConfigError
+
+        raise ConfigError("fastrm demo is a single-process CPU walk-through; under torchrun launch the stages "
+                          "themselves: fastrm sft, fastrm train-rm, fastrm ppo (see the README's Multi-GPU section)")
     from fastrm.training import setup_logging
 
     setup_logging()

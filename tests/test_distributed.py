@@ -218,3 +218,12 @@ def test_shard_batches_gives_every_rank_as_many_non_empty_batches(monkeypatch):
     assert shares[0] == [([1, 3], 2), ([5], 1)]
     assert shares[1] == [([2, 4], 2), ([5], 0)]
     assert sum(w for s in shares.values() for _, w in s) == 5  # every item counted once
+
+
+def test_demo_refuses_torchrun_and_names_the_commands(monkeypatch, capsys):
+    from fastrm.cli import run_command
+
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    assert run_command(["demo"]) == 2
+    assert "fastrm ppo" in capsys.readouterr().err
