@@ -412,6 +412,19 @@ def _render(tokenizer, prompt_msgs: list, response_msgs: list) -> tuple[str, str
     return full[:p], full[p:]
 
 
+def render_chat_prompt(tokenizer, messages: list) -> str:
+    """The text a policy continues for a conversational prompt: the chat template with the generation prompt.
+    A BOS the template writes is dropped when the tokenizer adds its own on encoding (else it would be doubled)."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError("conversational prompts need a tokenizer with a chat_template")
+    text = tokenizer.apply_chat_template(_check_messages(messages, "prompt"), tokenize=False,
+                                         add_generation_prompt=True)
+    bos = tokenizer.bos_token
+    if bos and text.startswith(bos) and tokenizer("")["input_ids"][:1] == [tokenizer.bos_token_id]:
+        text = text[len(bos):]
+    return text
+
+
 def _as_assistant(response) -> list:
     return response if isinstance(response, list) else [{"role": "assistant", "content": response}]
 

@@ -371,3 +371,32 @@ def test_ppo_cli_reports_bad_settings(capsys):
 
     assert main(["ppo", "advantage=magic"]) == 2
     assert "advantage" in capsys.readouterr().err
+
+
+def test_conversational_prompts_are_rendered_with_the_chat_template(tmp_path):
+    tokenizer = load_tokenizer("embedded")
+    tokenizer.chat_template = ("{{ bos_token }}{% for m in messages %}{{ m['content'] }}{% endfor %}"
+                               "{% if add_generation_prompt %}={% endif %}")
+    tokenizer.save_pretrained(tmp_path / "tok")
+    rows = [{"prompt": [{"role": "user", "content": "12+3"}], "difficulty": 1},
+            {"messages": [{"role": "system", "content": "1"}, {"role": "user", "content": "+4"}]},
+            {"prompt": "7+1="}]
+    (tmp_path / "prompts.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    trainer = rl_trainer(tmp_path / "run", f"tokenizer={tmp_path / 'tok'}", f"train_data={tmp_path / 'prompts.jsonl'}",
+                         "advantage=rloo", "reward=rule", "batch_size=2", reward_fn=answer_length)
+    assert [r["prompt"] for r in trainer.train_rows] == ["12+3=", "1+4=", "7+1="]
+    assert trainer.train_rows[0]["difficulty"] == 1.0
+    encoded = trainer.tokenizer(trainer.train_rows[0]["prompt"])["input_ids"]
+    assert encoded.count(trainer.tokenizer.bos_token_id) <= 1  # the template's BOS is not doubled
+    row = trainer.train_step()
+    assert math.isfinite(float(row["loss/policy"]))
+
+
+@pytest.mark.parametrize("row,match", [
+    ({"prompt": [{"role": "user"}]}, "row 1: 'prompt'\\[0\\] is missing 'content'"),
+    ({"question": "1+1="}, "row 1: needs 'prompt'"),
+])
+def test_bad_prompt_rows_name_the_file_and_row(tmp_path, row, match):
+    (tmp_path / "prompts.jsonl").write_text(json.dumps(row) + "\n")
+    with pytest.raises(ValueError, match=match):
+        rl_trainer(tmp_path / "run", f"train_data={tmp_path / 'prompts.jsonl'}", "reward=rule", "advantage=rloo")

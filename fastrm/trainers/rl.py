@@ -334,18 +334,26 @@ class RLTrainer(training.Trainer):
             evaluation = [{"prompt": p.prompt, "difficulty": p.difficulty}
                           for p in self.task.sample(max(c.num_eval_prompts, 1), seed=c.seed + 10_000)]
             return train, evaluation[: c.num_eval_prompts]
-        train = [self._prompt_row(r, c.train_data) for r in _read_jsonl(c.train_data)]
-        evaluation = [self._prompt_row(r, c.eval_data) for r in _read_jsonl(c.eval_data)] if c.eval_data else []
+        train = [self._prompt_row(r, c.train_data, i) for i, r in enumerate(_read_jsonl(c.train_data), 1)]
+        evaluation = [self._prompt_row(r, c.eval_data, i) for i, r in enumerate(_read_jsonl(c.eval_data), 1)] \
+            if c.eval_data else []
         if not train:
             raise ValueError(f"no prompts in {c.train_data}")
         return train, evaluation[: c.num_eval_prompts]
 
-    @staticmethod
-    def _prompt_row(row, source):
-        prompt = row.get("prompt") if isinstance(row, dict) else None
+    def _prompt_row(self, row, source, number: int) -> dict:
+        """``{"prompt": text[, "difficulty"]}`` of a JSONL row: ``prompt`` as a string, or conversational
+        (``prompt`` or ``messages`` as ``{"role", "content"}`` messages, rendered with the chat template)."""
+        where = f"{source}: row {number}"
+        prompt = (row.get("prompt", row.get("messages")) if isinstance(row, dict) else None)
+        if isinstance(prompt, list):
+            try:
+                prompt = fdata.render_chat_prompt(self.tokenizer, prompt)
+            except ValueError as err:
+                raise ValueError(f"{where}: {err}") from None
         if not isinstance(prompt, str):
-            raise ValueError(f"{source}: every row needs a string 'prompt' (chat prompts: render them first), "  # noqa: TRY004 (bad data, like fastrm.data)
-                             f"got {row!r:.120}")
+            raise ValueError(f"{where}: needs 'prompt' (a string, or a list of {{'role', 'content'}} messages) or "  # noqa: TRY004 (bad data, like fastrm.data)
+                             f"'messages', got {row!r:.120}")
         out = {"prompt": prompt}
         if "difficulty" in row:
             out["difficulty"] = float(row["difficulty"])
