@@ -277,7 +277,12 @@ def _block_classes(model: nn.Module) -> set[str]:
 
 def _fully_shard(adapter: ForwardAdapter, device: torch.device, bf16: bool) -> nn.Module:
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    try:
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    except ImportError:
+        raise RuntimeError(f"distributed=fsdp needs FSDP2 (torch.distributed.fsdp.fully_shard, torch >= 2.6); "
+                           f"this is torch {torch.__version__}. Use distributed=ddp or upgrade torch") from None
 
     mesh = init_device_mesh(device.type, (world_size(),))
     policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 \
@@ -327,10 +332,21 @@ def full_optimizer_state(model: nn.Module, optimizer) -> dict:
             "param_groups": [{**g, "params": [names[i] for i in g["params"]]} for g in sd["param_groups"]]}
 
 
+def _shard_like(full: torch.Tensor, param):
+    """``full`` split over the ranks the way the DTensor ``param`` is; every rank holds the same ``full``."""
+    from torch.distributed.tensor import distribute_tensor
+
+    full = full.to(param.device)
+    try:
+        return distribute_tensor(full, param.device_mesh, param.placements, src_data_rank=None)  # no communication
+    except TypeError:  # torch without src_data_rank: scattered from rank 0 instead (the same values)
+        return distribute_tensor(full, param.device_mesh, param.placements)
+
+
 def load_full_optimizer_state(model: nn.Module, optimizer, saved: dict):
     """Inverse of :func:`full_optimizer_state`; a tensor shaped like its parameter is re-sharded the way the
     parameter is (each rank keeps its own chunk, no communication)."""
-    from torch.distributed.tensor import DTensor, distribute_tensor
+    from torch.distributed.tensor import DTensor
 
     names = _param_names(model, optimizer)
     index = {n: i for i, n in enumerate(names)}
@@ -341,9 +357,8 @@ def load_full_optimizer_state(model: nn.Module, optimizer, saved: dict):
     state = {}
     for name, entries in saved["state"].items():
         param = params[index[name]]
-        state[index[name]] = {
-            k: distribute_tensor(v.to(param.device), param.device_mesh, param.placements, src_data_rank=None)
-            if isinstance(param, DTensor) and isinstance(v, torch.Tensor) and v.shape == param.shape else v
-            for k, v in entries.items()}
+        state[index[name]] = {k: _shard_like(v, param) if isinstance(param, DTensor) and
+                              isinstance(v, torch.Tensor) and v.shape == param.shape else v
+                              for k, v in entries.items()}
     groups = [{**g, "params": [index[n] for n in g["params"]]} for g in saved["param_groups"]]
     optimizer.load_state_dict({"state": state, "param_groups": groups})

@@ -87,7 +87,9 @@ def test_two_processes_match_one_with_the_global_batch(tmp_path, kind, mode, bat
     assert any("eval/loss" in row for row in rows)
 
 
-def test_resume_on_two_processes_from_a_one_process_checkpoint(tmp_path):
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_resume_on_two_processes_from_a_one_process_checkpoint(tmp_path, mode):
+    """Under fsdp the whole optimizer state of the checkpoint is re-sharded onto the ranks' parameter shards."""
     common = ["max_steps=4", "save_steps=2", "eval_steps=4", "warmup_steps=0", "optimizer=adamw",
               "lr_scheduler=constant"]
     full = reward_trainer(tmp_path / "full", "batch_size=8", *common)
@@ -95,7 +97,7 @@ def test_resume_on_two_processes_from_a_one_process_checkpoint(tmp_path):
     half = reward_trainer(tmp_path / "half", "batch_size=8", *common[1:], "max_steps=2")  # then stopped
     half.train()
     torchrun("train-rm", TINY + ["num_train_pairs=96", "num_eval_pairs=32", "batch_size=4", *common,
-                                 f"output_dir={tmp_path / 'half'}", "resume=true"])
+                                 f"distributed={mode}", f"output_dir={tmp_path / 'half'}", "resume=true"])
     assert_same_params(final_params(tmp_path / "half", 4), final_params(tmp_path / "full", 4))
 
 
