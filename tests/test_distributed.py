@@ -69,11 +69,14 @@ RUN = {"reward": (reward_trainer, "train-rm", ["num_train_pairs=96", "num_eval_p
     ("reward", "fsdp", 8, 1, 2), ("sft", "fsdp", 8, 1, 2),
     ("reward", "ddp", 4, 2, 2), ("sft", "fsdp", 4, 2, 2),  # gradient accumulation: no reduction on micro-batch 1
     ("reward", "fsdp", 8, 1, 1),  # the 1-rank path (what one GPU runs under torchrun)
+    ("sft", "fsdp-ckpt", 8, 1, 2),  # FSDP with activation (gradient) checkpointing
 ])
 def test_two_processes_match_one_with_the_global_batch(tmp_path, kind, mode, batch, accum, nproc):
     steps = 3
     common = ["max_steps=3", "save_steps=3", "eval_steps=3", "warmup_steps=0", "optimizer=adamw",
               f"grad_accum_steps={accum}"]
+    if mode == "fsdp-ckpt":
+        mode, common = "fsdp", [*common, "model.gradient_checkpointing=true"]
     make, command, data = RUN[kind]
     single = make(tmp_path / "one", f"batch_size={batch}", *common)
     single.train()
