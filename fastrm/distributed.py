@@ -142,6 +142,18 @@ def global_moments(x: torch.Tensor, mask: torch.Tensor | None = None) -> tuple[t
     return count, mean, m2
 
 
+def token_weight(local_tokens: torch.Tensor) -> float:
+    """``world_size * local_tokens / all ranks' tokens`` (1.0 with one process; a collective otherwise).
+
+    DDP and FSDP average gradients over ranks; a loss that is a mean over this rank's tokens, multiplied by
+    this weight, makes that average the mean over every token of every rank, as one process would take it."""
+    if world_size() == 1:
+        return 1.0
+    local = local_tokens.detach().double().clone()
+    total = all_reduce_sum(local.clone())
+    return float(world_size() * local / total.clamp_min(1))
+
+
 def shard(items: list) -> list:
     """This rank's disjoint part of a global batch: items ``rank::world_size`` (all of them with one process)."""
     return items[rank()::world_size()]
@@ -301,16 +313,20 @@ def _fully_shard(adapter: ForwardAdapter, device: torch.device, bf16: bool) -> n
 # ---- checkpoints: full state on rank 0, whatever the mode ----------------------------------------------------------
 
 def _full(value):
-    """A CPU copy of a state tensor, gathered from its shards when it is an FSDP DTensor (a collective)."""
+    """A CPU copy of a state tensor for rank 0, the rank that writes checkpoints (None on the others), gathered
+    from its shards when it is an FSDP DTensor (a collective every rank joins)."""
     from torch.distributed.tensor import DTensor
 
     if isinstance(value, DTensor):
         value = value.full_tensor()
+    if not is_main():
+        return None  # no host copy of the whole state on every rank
     return value.detach().cpu() if isinstance(value, torch.Tensor) else value
 
 
 def full_model_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The model's state dict with every tensor whole and on the CPU (all ranks must call it under FSDP)."""
+    """The model's state dict with every tensor whole and on rank 0's CPU (all ranks must call it under FSDP;
+    the values are None on the others)."""
     return {name: _full(value) for name, value in model.state_dict().items()}
 
 
@@ -324,7 +340,8 @@ def _param_names(model: nn.Module, optimizer) -> list[str]:
 
 def full_optimizer_state(model: nn.Module, optimizer) -> dict:
     """``optimizer.state_dict()`` with parameters named (``model.named_parameters()``) instead of numbered
-    and every state tensor whole on the CPU, so it loads into any mode and number of ranks."""
+    and every state tensor whole on rank 0's CPU (None on the others), so it loads into any mode and number
+    of ranks."""
     names = _param_names(model, optimizer)
     sd = optimizer.state_dict()
     return {"format": "named",

@@ -24,7 +24,6 @@ losses are weighted by the global token count, and rank 0 writes (see :mod:`fast
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import importlib
 import logging
@@ -387,7 +386,7 @@ class RLTrainer(training.Trainer):
     # ---- one rollout -------------------------------------------------------------------------------------------
 
     def _autocast(self):
-        return torch.autocast(self.device.type, dtype=torch.bfloat16) if self.autocast else contextlib.nullcontext()
+        return training.autocast(self.autocast, self.device)
 
     def _sequences(self, gen: dict) -> dict:
         """Prompt (left-padded) + completion as one batch for the forward passes, with position ids that
@@ -511,10 +510,9 @@ class RLTrainer(training.Trainer):
                               clip_eps_high=c.clip_eps_high, dual_clip=c.dual_clip, agg=c.loss_agg,
                               backend=c.backend)
         mean_entropy = masked_mean(entropy, mask)
-        # Data parallel: gradients are averaged over ranks, each rank's a mean over its own tokens; weighting
-        # token means by this rank's share of the minibatch's tokens makes the result the mean over all tokens
-        # of all ranks, as one process would take it. (Sequence means need nothing: ranks hold equal rows.)
-        token_weight = self._token_weight(mask)
+        # Data parallel: token means weighted to the mean over all ranks' tokens, as one process takes it.
+        # (Sequence means need nothing: ranks hold equal rows.)
+        token_weight = fdist.token_weight((mask != 0).sum())
         seq_weight = token_weight if c.loss_agg == "token-mean" else 1.0
         loss = seq_weight * pol.loss
         metrics = {"loss/policy": pol.loss.detach(), "policy/approxkl": pol.approx_kl, "policy/clipfrac": pol.clipfrac,
@@ -536,15 +534,6 @@ class RLTrainer(training.Trainer):
                             "val/error": masked_mean((values.detach() - ro["returns"][idx]) ** 2, mask)})
         metrics["loss/total"] = loss.detach()
         return loss, metrics
-
-    @staticmethod
-    def _token_weight(mask: torch.Tensor):
-        """``world_size * local tokens / all ranks' tokens`` (1 with one process); a collective under torchrun."""
-        if fdist.world_size() == 1:
-            return 1.0
-        local = (mask != 0).sum().double()
-        total = fdist.all_reduce_sum(local.clone())
-        return float(fdist.world_size() * local / total.clamp_min(1))
 
     def update(self, ro: dict) -> dict:
         c = self.config
@@ -579,11 +568,9 @@ class RLTrainer(training.Trainer):
         row.update(self.update(ro))
         row["timing/update"] = time.perf_counter() - start
         row.update(training.mean_over_ranks(ro["stats"]))
-        # The controller sees the KL of the whole global batch (every rank holds as many rollouts).
-        kl_sum = fdist.all_reduce_sum(torch.stack([ro["seq_kl"].sum().double(),
-                                                   torch.tensor(float(ro["mask"].shape[0]), device=self.device,
-                                                                dtype=torch.float64)]))
-        self.kl_ctl.update(float(kl_sum[0] / kl_sum[1]), int(kl_sum[1]))
+        # The controller sees the KL of the whole global batch.
+        count, mean_kl, _ = fdist.global_moments(ro["seq_kl"])
+        self.kl_ctl.update(float(mean_kl), int(count))
         row["lr"] = self.scheduler.get_last_lr()[0]
         self.step += 1
         return row

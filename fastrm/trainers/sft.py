@@ -97,13 +97,9 @@ class SFTTrainer(training.Trainer):
         with training.autocast(self.autocast, self.device):
             logprobs = self.parallel(token_logprobs, batch, backend=self.config.backend)
         n_tokens = (batch["labels"][:, 1:] != fdata.IGNORE_INDEX).sum().clamp_min(1)
-        if distributed.world_size() > 1 and self.model.training:
-            # DDP / FSDP average gradients over ranks: normalise by the global token count (x world_size) so the
-            # gradient is that of the mean over all the global batch's tokens, as with one process.
-            n_global = distributed.all_reduce_sum(n_tokens.detach().clone().float())
-            loss = -logprobs.sum() * distributed.world_size() / n_global
-        else:
-            loss = -logprobs.sum() / n_tokens
+        loss = -logprobs.sum() / n_tokens
+        if self.model.training:  # data parallel: the mean over all ranks' tokens, as one process takes it
+            loss = loss * distributed.token_weight(n_tokens)
         return loss, {"loss": loss.detach(), "num_tokens": n_tokens.float()}
 
     def train(self):
