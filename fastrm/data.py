@@ -414,15 +414,11 @@ def _render(tokenizer, prompt_msgs: list, response_msgs: list) -> tuple[str, str
 
 def render_chat_prompt(tokenizer, messages: list) -> str:
     """The text a policy continues for a conversational prompt: the chat template with the generation prompt.
-    A BOS the template writes is dropped when the tokenizer adds its own on encoding (else it would be doubled)."""
+    (A BOS the template writes is not doubled on encoding: :func:`fastrm.generation.encode_prompts`.)"""
     if not getattr(tokenizer, "chat_template", None):
         raise ValueError("conversational prompts need a tokenizer with a chat_template")
-    text = tokenizer.apply_chat_template(_check_messages(messages, "prompt"), tokenize=False,
+    return tokenizer.apply_chat_template(_check_messages(messages, "prompt"), tokenize=False,
                                          add_generation_prompt=True)
-    bos = tokenizer.bos_token
-    if bos and text.startswith(bos) and tokenizer("")["input_ids"][:1] == [tokenizer.bos_token_id]:
-        text = text[len(bos):]
-    return text
 
 
 def _as_assistant(response) -> list:

@@ -6,8 +6,11 @@ import torch
 
 
 def encode_prompts(tokenizer, prompts: list[str], device) -> dict:
-    """Left-padded ``input_ids`` / ``attention_mask`` (the tokenizer adds BOS if it has one)."""
+    """Left-padded ``input_ids`` / ``attention_mask`` (the tokenizer adds BOS if it has one; a prompt whose text
+    already starts with BOS, as chat templates write it, keeps one, as the data layer's ``_fit`` does)."""
+    bos = tokenizer.bos_token_id
     ids = [tokenizer(p)["input_ids"] for p in prompts]
+    ids = [x[1:] if bos is not None and x[:2] == [bos, bos] else x for x in ids]
     length = max(len(x) for x in ids)
     pad = tokenizer.pad_token_id
     input_ids = torch.full((len(ids), length), pad, dtype=torch.long)

@@ -380,14 +380,20 @@ def test_conversational_prompts_are_rendered_with_the_chat_template(tmp_path):
     tokenizer.save_pretrained(tmp_path / "tok")
     rows = [{"prompt": [{"role": "user", "content": "12+3"}], "difficulty": 1},
             {"messages": [{"role": "system", "content": "1"}, {"role": "user", "content": "+4"}]},
-            {"prompt": "7+1="}]
+            {"prompt": "7+1="}, {"prompt": "<bos>2+2="}]  # the last one rendered by its author, BOS included
     (tmp_path / "prompts.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     trainer = rl_trainer(tmp_path / "run", f"tokenizer={tmp_path / 'tok'}", f"train_data={tmp_path / 'prompts.jsonl'}",
                          "advantage=rloo", "reward=rule", "batch_size=2", reward_fn=answer_length)
-    assert [r["prompt"] for r in trainer.train_rows] == ["12+3=", "1+4=", "7+1="]
+    assert [r["prompt"] for r in trainer.train_rows] == ["<bos>12+3=", "<bos>1+4=", "7+1=", "<bos>2+2="]
     assert trainer.train_rows[0]["difficulty"] == 1.0
-    encoded = trainer.tokenizer(trainer.train_rows[0]["prompt"])["input_ids"]
-    assert encoded.count(trainer.tokenizer.bos_token_id) <= 1  # the template's BOS is not doubled
+    # what the policy sees: exactly one BOS, first, whether the template, the tokenizer or both wrote it
+    from fastrm.generation import encode_prompts
+
+    encoded = encode_prompts(trainer.tokenizer, [r["prompt"] for r in trainer.train_rows], "cpu")
+    bos = trainer.tokenizer.bos_token_id
+    for ids, mask in zip(encoded["input_ids"].tolist(), encoded["attention_mask"].tolist()):
+        real = [t for t, m in zip(ids, mask) if m]
+        assert real[0] == bos and real.count(bos) == 1, real
     row = trainer.train_step()
     assert math.isfinite(float(row["loss/policy"]))
 
