@@ -25,6 +25,17 @@ def require(condition: bool, setting: str, value, expected: str):
         raise ConfigError(f"setting {setting}={value!r}: {expected}")
 
 
+def setting(default, meaning: str):
+    """A config field with its one-line meaning (``fastrm <command> --help`` prints it):
+    ``lr: float = setting(1e-4, "peak learning rate")``. A mutable default (a nested config, a list) is
+    copied for every instance."""
+    if dataclasses.is_dataclass(default) or isinstance(default, (list, dict)):
+        import copy
+
+        return dataclasses.field(default_factory=lambda: copy.deepcopy(default), metadata={"help": meaning})
+    return dataclasses.field(default=default, metadata={"help": meaning})
+
+
 def unyaml_no(value):
     """``no`` as its user meant it: YAML 1.1 (OmegaConf) reads ``mixed_precision=no`` as the boolean false, which
     a string setting then receives as ``"False"``."""
