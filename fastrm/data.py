@@ -16,7 +16,17 @@ format                         row
 ``sft``                        ``{"prompt": str, "completion": str}``: loss on the completion only
 ``conversational_sft``         ``{"messages": [...]}`` (loss on the last, assistant, turn only) or
                                ``{"prompt": [messages], "completion": [messages]}``
+``prompt``                     RL prompts: ``{"prompt": str, "difficulty"?: float, ...}``; every other field
+                               is passed to the reward functions (:mod:`fastrm.rewards`)
+``conversational_prompt``      ``{"prompt": [messages]}`` or ``{"messages": [...]}``, rendered with the chat
+                               template and its generation prompt
 =============================  ===========================================================================
+
+Sources (:func:`load_rows`): a JSONL file, a Parquet file (or a folder of them), a
+``datasets.Dataset.save_to_disk`` folder, a ``datasets.Dataset`` / ``DatasetDict`` object, or any iterable of
+dicts. Parquet and ``save_to_disk`` folders are read with the ``datasets`` library (imported only then); of a
+``DatasetDict`` one split is taken (``split=``, the trainers' ``train_split`` / ``eval_split``). In rows read
+through ``datasets`` a null field counts as absent (Arrow gives every row every column).
 
 Every tokenized sequence is ``BOS + prompt + response + EOS`` (BOS only if the tokenizer has one; a
 BOS or EOS the chat template already emits is not doubled). Over ``max_length`` a sequence keeps its
@@ -49,9 +59,11 @@ FORMAT_TASK = {
     "ranking": "ranking",
     "sft": "sft",
     "conversational_sft": "sft",
+    "prompt": "prompt",
+    "conversational_prompt": "prompt",
 }
 FORMATS = tuple(FORMAT_TASK)
-TASKS = ("preference", "ranking", "sft")
+TASKS = ("preference", "ranking", "sft", "prompt")
 TRUNCATION_MODES = ("truncate", "drop")
 
 
@@ -103,8 +115,10 @@ def detect_format(row) -> str:
         if any(isinstance(row.get(k), list) for k in ("prompt", "completion")):
             return "conversational_sft"
         return "sft"
+    if "prompt" in row:
+        return "conversational_prompt" if isinstance(row["prompt"], list) else "prompt"
     raise ValueError(f"unrecognised row with keys {sorted(row)}: expected prompt/chosen/rejected, chosen/rejected, "
-                     "prompt/responses/ranks, prompt/completion or messages")
+                     "prompt/responses/ranks, prompt/completion, messages or prompt")
 
 
 def _check_text(row: dict, key: str) -> str:
@@ -180,7 +194,32 @@ def extract_prompt(row: dict) -> dict:
     return out
 
 
+def _validate_prompt(row) -> str:
+    """An RL prompt row: ``prompt`` (text or messages) or ``messages``; other fields are the reward functions'."""
+    if not isinstance(row, dict):
+        raise ValueError(f"row must be a JSON object, got {type(row).__name__}")
+    if "prompt" in row:
+        fmt = "conversational_prompt" if isinstance(row["prompt"], list) else "prompt"
+        if fmt == "prompt":
+            _check_text(row, "prompt")
+        else:
+            _check_messages(row["prompt"], "prompt")
+    elif "messages" in row:
+        fmt = "conversational_prompt"
+        _check_messages(row["messages"], "messages")
+    else:
+        raise ValueError("needs 'prompt' (a string, or a list of {'role', 'content'} messages) or 'messages', "
+                         f"got keys {sorted(row)}")
+    difficulty = row.get("difficulty")
+    if difficulty is not None and (isinstance(difficulty, bool) or not isinstance(difficulty, (int, float))
+                                   or not math.isfinite(difficulty)):
+        raise ValueError(f"'difficulty' must be a finite number, got {difficulty!r}")
+    return fmt
+
+
 def _validate(row, task: str | None = None) -> str:
+    if task == "prompt":  # a prompt row may carry any other fields (chosen, completion, ...) for its rewards
+        return _validate_prompt(row)
     fmt = detect_format(row)
     if task is not None and FORMAT_TASK[fmt] != task:
         raise ValueError(f"a {FORMAT_TASK[fmt]} row ({fmt}) where {task} rows are expected")
@@ -242,6 +281,8 @@ def _validate(row, task: str | None = None) -> str:
             raise ValueError("all 'ranks' are equal: the row carries no preference")
     elif fmt == "sft":
         _check_text(row, "prompt"), _check_text(row, "completion")
+    elif fmt in ("prompt", "conversational_prompt"):
+        _validate_prompt(row)
     else:  # conversational_sft
         if "messages" in row:
             _check_messages(row["messages"], "messages", last_assistant=True)
@@ -257,7 +298,7 @@ def _validate(row, task: str | None = None) -> str:
 def validate_row(row, task: str | None = None) -> str:
     """Check one row; return its format. ``ValueError`` says what is wrong (no location).
 
-    ``task`` (``"preference"``, ``"ranking"`` or ``"sft"``) also requires the row to be of that task.
+    ``task`` (``"preference"``, ``"ranking"``, ``"sft"`` or ``"prompt"``) also requires the row to be of that task.
     """
     if task is not None and task not in TASKS:
         raise ValueError(f"task must be one of {TASKS} or None, got {task!r}")
@@ -267,10 +308,67 @@ def validate_row(row, task: str | None = None) -> str:
 # ============================================================================ loading
 
 
-def _iter_source(source) -> Iterator[tuple[str, Any]]:
-    """Yield ``(location, row-or-exception)``; ``location`` is 'FILE, line N' or 'row N' (1-based)."""
+DEFAULT_SPLIT = "train"
+
+
+def _is_datasets_object(obj) -> bool:
+    """A ``datasets`` Dataset / DatasetDict (or their iterable forms), without importing ``datasets``."""
+    return type(obj).__module__.split(".")[0] == "datasets"
+
+
+def _is_split_dict(obj) -> bool:
+    return _is_datasets_object(obj) and type(obj).__name__ in ("DatasetDict", "IterableDatasetDict")
+
+
+def _open_dataset(path: Path):
+    """A Parquet file, a folder of Parquet files, or a ``save_to_disk`` folder as a ``datasets`` object."""
+    import datasets
+
+    saved = path.is_dir() and any((path / name).is_file()
+                                  for name in ("dataset_dict.json", "state.json", "dataset_info.json"))
+    files = [str(path)]
+    if path.is_dir() and not saved:
+        files = sorted(str(f) for f in path.glob("*.parquet"))
+        if not files:
+            raise ValueError(f"{path} is a folder but neither a datasets save_to_disk folder nor a folder of "
+                             ".parquet files")
+    try:
+        return datasets.load_from_disk(str(path)) if saved else datasets.Dataset.from_parquet(files)
+    except Exception as err:  # noqa: BLE001 (pyarrow / datasets errors of a bad file: named, chained)
+        raise ValueError(f"{path}: cannot read it with datasets ({type(err).__name__}: {err})") from err
+
+
+def _select_split(dataset, split: str, name: str):
+    """The ``split`` of a DatasetDict (an error naming the splits there are); a Dataset as it is."""
+    if not _is_split_dict(dataset):
+        return dataset
+    if split not in dataset:
+        raise ValueError(f"{name} has the splits {sorted(dataset)}, not {split!r} "
+                         "(choose one with train_split= / eval_split=)")
+    return dataset[split]
+
+
+def dataset_splits(source) -> list[str] | None:
+    """The split names of a DatasetDict source (an object or a ``save_to_disk`` folder), else None."""
+    if _is_split_dict(source):
+        return list(source)
+    if isinstance(source, (str, os.PathLike)) and (Path(source) / "dataset_dict.json").is_file():
+        return list(json.loads((Path(source) / "dataset_dict.json").read_text())["splits"])
+    return None
+
+
+def _iter_source(source, split: str = DEFAULT_SPLIT) -> Iterator[tuple[str, Any]]:
+    """Yield ``(location, row-or-exception)``; ``location`` is 'FILE, line N' (JSONL), 'FILE, row N' (read
+    with ``datasets``; 'FOLDER [split], row N' for a DatasetDict) or 'row N' (in memory), 1-based."""
     if isinstance(source, (str, os.PathLike)):
         path = Path(source)
+        if not path.exists():
+            raise ValueError(f"data file {path} does not exist")
+        if path.is_dir() or path.suffix == ".parquet":
+            dataset = _open_dataset(path)
+            prefix = f"{path} [{split}], " if _is_split_dict(dataset) else f"{path}, "
+            yield from _iter_dataset(_select_split(dataset, split, str(path)), prefix)
+            return
         with open(path, "rb") as f:
             for lineno, raw in enumerate(f, start=1):
                 where = f"{path}, line {lineno}"
@@ -286,44 +384,57 @@ def _iter_source(source) -> Iterator[tuple[str, Any]]:
                 except json.JSONDecodeError as e:
                     yield where, ValueError(f"invalid JSON ({e.msg} at column {e.colno})")
         return
+    if _is_datasets_object(source):
+        prefix = f"split {split!r}, " if _is_split_dict(source) else ""
+        yield from _iter_dataset(_select_split(source, split, "the DatasetDict"), prefix)
+        return
     if isinstance(source, (dict, bytes)):
-        raise TypeError("source must be a JSONL path or an iterable of row dicts, got a single "
+        raise TypeError("source must be a data file path or an iterable of row dicts, got a single "
                         f"{type(source).__name__}")
     try:
         iterator = iter(source)
     except TypeError:
-        raise TypeError("source must be a JSONL path or an iterable of row dicts, "
+        raise TypeError("source must be a data file path or an iterable of row dicts, "
                         f"got {type(source).__name__}") from None
     for i, row in enumerate(iterator, start=1):
         yield f"row {i}", row
 
 
-def _source_name(source) -> str:
+def _iter_dataset(dataset, prefix: str) -> Iterator[tuple[str, Any]]:
+    for i, row in enumerate(dataset, start=1):
+        # Arrow gives every row every column: null there means the field is absent (e.g. an optional margin).
+        yield f"{prefix}row {i}", {k: v for k, v in row.items() if v is not None} if isinstance(row, dict) else row
+
+
+def source_name(source) -> str:
     if isinstance(source, (str, os.PathLike)):
         return str(source)
     return f"<{type(source).__name__}>"
 
 
-def load_rows(source, task: str | None = None, *, skip_malformed: bool = False, return_report: bool = False,
-              max_errors_kept: int = 20):
-    """Load and validate rows from a JSONL file or an iterable of dicts (a list, a ``datasets.Dataset``).
+def load_rows(source, task: str | None = None, *, split: str = DEFAULT_SPLIT, skip_malformed: bool = False,
+              return_report: bool = False, max_errors_kept: int = 20):
+    """Load and validate rows from a JSONL file, a Parquet file or folder, a ``save_to_disk`` folder, a
+    ``datasets.Dataset`` / ``DatasetDict`` (its ``split``), or an iterable of dicts.
 
-    ``task`` (``"preference"``, ``"ranking"``, ``"sft"``) fixes what rows must be; with None the first
+    ``task`` (``"preference"``, ``"ranking"``, ``"sft"``, ``"prompt"``) fixes what rows must be; with None the first
     valid row decides and every later row must be of the same task (formats within it may mix).
     A malformed row (invalid JSON, missing key, wrong type, empty string, ranks/responses length
     mismatch, ...) raises ``ValueError`` naming the file and 1-based line (``"data.jsonl, line 7:
-    'chosen' is an empty string"``; ``"row 7"`` for in-memory sources). With ``skip_malformed=True``
-    such rows are skipped, counted and logged instead. Blank lines are ignored. No valid row at all
-    is an error either way.
+    'chosen' is an empty string"``; ``"prefs.parquet, row 7"`` for files read with ``datasets``; ``"row 7"``
+    for in-memory sources). A missing file or a split the source does not have is an error too. With
+    ``skip_malformed=True`` such rows are skipped, counted and logged instead. Blank lines are ignored. No
+    valid row at all is an error either way.
 
-    Returns the list of rows (the dicts as given), or ``(rows, LoadReport)`` if ``return_report``.
+    Returns the list of rows (the dicts as given; null fields of ``datasets`` rows left out), or
+    ``(rows, LoadReport)`` if ``return_report``.
     """
     if task is not None and task not in TASKS:
         raise ValueError(f"task must be one of {TASKS} or None, got {task!r}")
-    report = LoadReport(source=_source_name(source))
+    report = LoadReport(source=source_name(source))
     rows: list[dict] = []
     first_where = None
-    for where, item in _iter_source(source):
+    for where, item in _iter_source(source, split):
         try:
             if isinstance(item, Exception):
                 raise item
@@ -787,7 +898,9 @@ __all__ = [
     "iterate_batches",
     "load_rows",
     "load_tokenizer",
+    "load_train_eval",
     "num_batches",
+    "prepare_prompts",
     "tokenize_preference",
     "tokenize_ranking",
     "tokenize_sft",
@@ -802,14 +915,44 @@ def count_tokens(batch: dict) -> int:
     return int(batch["input_ids"].numel())
 
 
-def load_train_eval(train_data, eval_data, eval_fraction: float, seed: int, skip_malformed: bool = False):
-    """Rows of ``train_data`` and of ``eval_data``; without ``eval_data``, a seeded ``eval_fraction``
-    of ``train_data`` is held out instead. Skipped malformed rows are logged."""
-    train, report = load_rows(train_data, skip_malformed=skip_malformed, return_report=True)
+def load_train_eval(train_data, eval_data, eval_fraction: float, seed: int, skip_malformed: bool = False, *,
+                    task: str | None = None, train_split: str = DEFAULT_SPLIT, eval_split: str = "test"):
+    """Rows of ``train_data`` and of ``eval_data`` (any :func:`load_rows` source). Without ``eval_data``: the
+    ``eval_split`` of ``train_data`` when it is a DatasetDict that has one, else a seeded ``eval_fraction`` of
+    ``train_data`` held out. Skipped malformed rows are logged."""
+    train, report = load_rows(train_data, task, split=train_split, skip_malformed=skip_malformed, return_report=True)
     if report.skipped:
-        logger.warning("skipped %d malformed rows of %s", report.skipped, train_data)
+        logger.warning("skipped %d malformed rows of %s", report.skipped, report.source)
     if eval_data is not None:
-        return train, load_rows(eval_data, skip_malformed=skip_malformed)
+        return train, load_rows(eval_data, task, split=eval_split, skip_malformed=skip_malformed)
+    if eval_split in (dataset_splits(train_data) or ()):
+        logger.info("evaluating on the %r split of %s", eval_split, report.source)
+        return train, load_rows(train_data, task, split=eval_split, skip_malformed=skip_malformed)
     n_eval = int(len(train) * eval_fraction)
+    if n_eval == 0:
+        return train, []
     order = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed)).tolist()
     return [train[i] for i in order[n_eval:]], [train[i] for i in order[:n_eval]]
+
+
+def prepare_prompts(rows: Sequence[dict], tokenizer, source: str = "prompts") -> list[dict]:
+    """RL prompt rows (validated, task ``"prompt"``) as ``{"prompt": the text the policy continues (a
+    conversational prompt rendered with the chat template and its generation prompt), "conversation": the
+    messages or None, "difficulty"?: float, "columns": every other field}``. ``columns`` go to the reward
+    functions as keyword arguments (:mod:`fastrm.rewards`)."""
+    out = []
+    for i, row in enumerate(rows, start=1):
+        key = "prompt" if "prompt" in row else "messages"
+        prompt = row[key]
+        conversation = prompt if isinstance(prompt, list) else None
+        if conversation is not None:
+            try:
+                prompt = render_chat_prompt(tokenizer, conversation)
+            except Exception as err:  # noqa: BLE001 (a template's own raise_exception is a jinja error)
+                raise ValueError(f"{source}, row {i}: {err}") from None
+        prepared = {"prompt": prompt, "conversation": conversation,
+                    "columns": {k: v for k, v in row.items() if k != "prompt"}}
+        if row.get("difficulty") is not None:
+            prepared["difficulty"] = float(row["difficulty"])
+        out.append(prepared)
+    return out

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from fastrm import distributed
+from fastrm.config import setting
 from fastrm.models import ModelConfig
 
 log = logging.getLogger("fastrm")
@@ -55,6 +56,10 @@ class TrainerSettings:
     # Multi-process (torchrun): auto (DDP with more than one process) | ddp | fsdp (FSDP2, sharded).
     # See fastrm.distributed.
     distributed: str = "auto"
+    train_split: str = setting("train", "the split of train_data to train on when it is a DatasetDict "
+                                        "(a datasets save_to_disk folder)")
+    eval_split: str = setting("test", "the split to evaluate on when eval_data (or, without it, train_data) is "
+                                      "a DatasetDict")
 
     def validate(self):
         """Checks of the shared settings; a trainer's config extends this with its own."""
@@ -80,7 +85,7 @@ class SupervisedSettings(TrainerSettings):
     """What the reward and SFT trainers add: a tokenized dataset, its length limit, packing, accumulation."""
 
     tokenizer: str = "embedded"  # "embedded": the built-in task's tokenizer; else a local tokenizer path
-    train_data: str | None = None  # JSONL; None: the embedded arithmetic task
+    train_data: str | None = None  # JSONL, Parquet, or a datasets save_to_disk folder; None: the embedded task
     eval_data: str | None = None
     eval_fraction: float = 0.05  # held-out share of train_data when eval_data is not given
     task_max_level: int = 0  # embedded task: one-digit sums, which a tiny model learns in minutes on CPU
@@ -103,8 +108,12 @@ class SupervisedSettings(TrainerSettings):
 class Trainer:
     """What every trainer starts with: its config, output folder, device, step counter and last checkpoint."""
 
-    def __init__(self, config: TrainerSettings):
+    def __init__(self, config: TrainerSettings, *, train_data=None, eval_data=None):
         self.config = config
+        # The data: config.train_data / eval_data (paths), or what was given in Python (a datasets.Dataset or
+        # DatasetDict, a list of row dicts) in their place.
+        self.train_data = getattr(config, "train_data", None) if train_data is None else train_data
+        self.eval_data = getattr(config, "eval_data", None) if eval_data is None else eval_data
         self.out_dir = Path(config.output_dir)
         self.device = pick_device(config.device)
         self.step = 0

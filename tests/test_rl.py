@@ -263,7 +263,7 @@ def test_rule_reward_path(tmp_path):
     trainer2 = rl_trainer(tmp_path / "b", "advantage=rloo", "reward=rule")
     from fastrm.tasks.arithmetic import reward_fn
 
-    assert trainer2.rule is reward_fn
+    assert [(f.fn, f.name, f.weight) for f in trainer2.rules] == [(reward_fn, "reward_fn", 1.0)]
 
 
 def test_learned_reward_model_path(tmp_path):
@@ -399,8 +399,8 @@ def test_conversational_prompts_are_rendered_with_the_chat_template(tmp_path):
 
 
 @pytest.mark.parametrize("row,match", [
-    ({"prompt": [{"role": "user"}]}, "row 1: 'prompt'\\[0\\] is missing 'content'"),
-    ({"question": "1+1="}, "row 1: needs 'prompt'"),
+    ({"prompt": [{"role": "user"}]}, "prompts.jsonl, line 1: 'prompt'\\[0\\] is missing 'content'"),
+    ({"question": "1+1="}, "prompts.jsonl, line 1: needs 'prompt'"),
 ])
 def test_bad_prompt_rows_name_the_file_and_row(tmp_path, row, match):
     (tmp_path / "prompts.jsonl").write_text(json.dumps(row) + "\n")

@@ -52,7 +52,9 @@ class RewardConfig(training.SupervisedSettings):
 
 
 class RewardTrainer(training.Trainer):
-    """``RewardTrainer(config).setup().train()``."""
+    """``RewardTrainer(config).setup().train()``; ``RewardTrainer(config, train_data=ds, eval_data=None)`` trains on
+    rows given in Python (a ``datasets.Dataset`` / ``DatasetDict``, a list of dicts) instead of
+    ``config.train_data``."""
 
     # ---- setup ------------------------------------------------------------------------------------------------
 
@@ -74,7 +76,7 @@ class RewardTrainer(training.Trainer):
 
     def _load_rows(self):
         c = self.config
-        if c.train_data is None:
+        if self.train_data is None:
             from fastrm.tasks.arithmetic import ArithmeticTask, make_preference_data
 
             log.info("no train_data given: generating the embedded arithmetic task (noisy annotator, noise=%.2f)",
@@ -84,7 +86,8 @@ class RewardTrainer(training.Trainer):
             # The held-out set is labelled by the truth (noise 0): accuracy then measures what was learned.
             evaluation = make_preference_data(c.num_eval_pairs, seed=c.seed + 10_000, noise=0.0, task=task)
             return train, evaluation
-        return fdata.load_train_eval(c.train_data, c.eval_data, c.eval_fraction, c.seed, c.skip_malformed)
+        return fdata.load_train_eval(self.train_data, self.eval_data, c.eval_fraction, c.seed, c.skip_malformed,
+                                     train_split=c.train_split, eval_split=c.eval_split)
 
     def _tokenize(self, rows, split):
         c = self.config

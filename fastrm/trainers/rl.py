@@ -7,15 +7,17 @@ One step, top to bottom (seed §3.2: sample, score, estimate the gradient, updat
    (temperature, top-p, stop at EOS);
 3. **logprobs**: per-token log-probs of the sampled tokens under the policy and the frozen reference
    (and the critic's values) via :func:`fastrm.models.token_logprobs` — fused, no ``[B, T, V]`` tensor;
-4. **score**: learned reward model and/or the rule ``reward_fn(prompts, completions)``, weighted; minus the
-   missing-EOS penalty; normalised and clipped;
+4. **score**: learned reward model and/or rule reward functions (``reward_fn``, called as TRL calls them, with
+   the prompt row's other fields as keyword arguments: :mod:`fastrm.rewards`), weighted; minus the missing-EOS
+   penalty; normalised and clipped;
 5. **advantages** (``advantage=``): gae (fused ``compute_gae`` with the critic), reinforce, reinforce_baseline,
    rloo, grpo (see :mod:`fastrm.rl`); KL to the reference as a per-token reward penalty or a loss term;
    optional whitening;
 6. **update**: ``ppo_epochs`` passes over shuffled minibatches of the clipped surrogate
    (:func:`fastrm.ops.ppo.ppo_policy_loss`, + dual clip), clipped value loss, entropy bonus; stop on a
    non-finite loss; one optimizer step per minibatch;
-7. KL controller update, log, evaluate (greedy answers scored by the task's checker), checkpoint.
+7. KL controller update, log, evaluate (greedy answers scored by the reward functions, ``eval/score``, and by
+   the embedded task's checker), checkpoint.
 
 Under torchrun (``distributed=auto|ddp|fsdp``) each rank takes its share of every global prompt batch and
 samples its own completions; the batch statistics of steps 4-5 and 7 are taken over all ranks, token-mean
@@ -25,12 +27,13 @@ losses are weighted by the global token count, and rank 0 writes (see :mod:`fast
 from __future__ import annotations
 
 import copy
-import importlib
 import logging
+import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -38,8 +41,8 @@ from tqdm.auto import tqdm
 
 from fastrm import data as fdata
 from fastrm import distributed as fdist
-from fastrm import rl, training
-from fastrm.config import require
+from fastrm import rewards, rl, training
+from fastrm.config import require, setting
 from fastrm.generation import decode_completions, generate
 from fastrm.models import (
     TINY,
@@ -53,7 +56,7 @@ from fastrm.ops.ppo import kl_penalty, ppo_policy_loss, value_loss
 
 log = logging.getLogger("fastrm")
 
-EMBEDDED = "embedded"
+EMBEDDED = rewards.EMBEDDED
 VALUE_MODELS = ("auto", "none", "policy", "reward")
 
 
@@ -61,7 +64,8 @@ VALUE_MODELS = ("auto", "none", "policy", "reward")
 class RLConfig(training.TrainerSettings):
     # The policy (model): an SFT checkpoint from `fastrm sft` (model.name_or_path=<checkpoint dir>), or "tiny".
     tokenizer: str = "auto"  # auto: the policy checkpoint's tokenizer if it has one, else the embedded one
-    # Prompts (JSONL rows with "prompt", optional numeric "difficulty"). None: the embedded arithmetic task.
+    # Prompts (JSONL / Parquet / save_to_disk rows with "prompt", optional numeric "difficulty", any other fields
+    # for the reward functions). None: the embedded arithmetic task.
     train_data: str | None = None
     eval_data: str | None = None
     num_train_prompts: int = 2000  # embedded task only
@@ -71,7 +75,11 @@ class RLConfig(training.TrainerSettings):
     reward: str = "model"
     reward_model_path: str | None = None
     reward_model_8bit: bool = False  # CUDA only
-    reward_fn: str = EMBEDDED  # "embedded": the arithmetic task's checker; else "package.module:function"
+    reward_fn: Any = setting(EMBEDDED, "rule reward functions: 'embedded' (the arithmetic task's checker), "
+                             "'package.module:function', or a list of them [mod:f1, mod:f2]; with reward=model, "
+                             "used for evaluation only (eval/score) when not 'embedded'")
+    reward_weights: list[float] | None = setting(None, "weight of each reward_fn function in the rule score "
+                                                       "(default 1.0 each)")
     reward_model_weight: float = 1.0
     rule_weight: float = 1.0
     missing_eos_penalty: float | None = None  # subtracted from the score of completions that never emit EOS
@@ -167,9 +175,20 @@ class RLConfig(training.TrainerSettings):
         require(0 < self.curriculum_start <= 1, "curriculum_start", self.curriculum_start, "must lie in (0, 1]")
         require(self.curriculum_steps >= 0, "curriculum_steps", self.curriculum_steps, "must be >= 0")
         require(self.value_lr is None or self.value_lr > 0, "value_lr", self.value_lr, "must be > 0")
+        specs = self.reward_fn_specs()
+        require(len(specs) > 0 and all(isinstance(s, str) and s for s in specs), "reward_fn", self.reward_fn,
+                "must be 'embedded', 'package.module:function' or a non-empty list of them")
+        if self.reward_weights is not None:
+            require(len(self.reward_weights) == len(specs), "reward_weights", self.reward_weights,
+                    f"needs one weight per reward_fn function ({len(specs)})")
+            require(all(math.isfinite(w) for w in self.reward_weights), "reward_weights", self.reward_weights,
+                    "must be finite")
         if self.ref_8bit:
             require(self.model.name_or_path != TINY, "ref_8bit", self.ref_8bit,
                     "needs model.name_or_path to be a checkpoint (the reference is reloaded from it in 8 bits)")
+
+    def reward_fn_specs(self) -> list:
+        return list(self.reward_fn) if isinstance(self.reward_fn, (list, tuple)) else [self.reward_fn]
 
     def resolved_value_model(self) -> str:
         if self.value_model == "auto":
@@ -191,37 +210,6 @@ class TokenValueModel(nn.Module):
         return self.head(hidden).squeeze(-1).float()
 
 
-def load_reward_fn(spec: str) -> Callable:
-    """``"embedded"``: the arithmetic task's checker; else ``"package.module:function"``."""
-    if spec == EMBEDDED:
-        from fastrm.tasks.arithmetic import reward_fn
-
-        return reward_fn
-    module, _, name = spec.partition(":")
-    if not name:
-        raise ValueError(f"setting reward_fn={spec!r}: expected 'embedded' or 'package.module:function'")
-    try:
-        return getattr(importlib.import_module(module), name)
-    except (ImportError, AttributeError) as err:
-        raise ValueError(f"setting reward_fn={spec!r}: cannot import it ({err})") from None
-
-
-def _read_jsonl(path) -> list:
-    import json
-
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"prompt file {path} does not exist")
-    rows = []
-    for number, line in enumerate(path.read_text().splitlines(), 1):
-        if line.strip():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{path}:{number}: not JSON ({err})") from None
-    return rows
-
-
 def _call(model, *args):
     return model(*args)
 
@@ -232,11 +220,16 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 
 class RLTrainer(training.Trainer):
-    """``RLTrainer(config, reward_fn=None).setup().train()``; ``reward_fn`` (a Python callable
-    ``(prompts, completions) -> list[float]``) overrides ``config.reward_fn``."""
+    """``RLTrainer(config, reward_fn=None, train_data=None, eval_data=None).setup().train()``.
 
-    def __init__(self, config: RLConfig, reward_fn: Callable | None = None):
-        super().__init__(config)
+    ``reward_fn``: a Python reward function or a list of them (see :mod:`fastrm.rewards`; weighted by
+    ``config.reward_weights``), instead of ``config.reward_fn``. ``train_data`` / ``eval_data``: prompt rows
+    as a ``datasets.Dataset`` / ``DatasetDict`` or a list of dicts, instead of ``config.train_data`` / ``eval_data``.
+    """
+
+    def __init__(self, config: RLConfig, reward_fn: Callable | Sequence[Callable] | None = None, *,
+                 train_data=None, eval_data=None):
+        super().__init__(config, train_data=train_data, eval_data=eval_data)
         self._reward_fn = reward_fn
 
     # ---- setup ------------------------------------------------------------------------------------------------
@@ -258,9 +251,7 @@ class RLTrainer(training.Trainer):
             rm_config = ModelConfig(name_or_path=c.reward_model_path, load_in_8bit=c.reward_model_8bit)
             self.reward_model = load_reward_model(rm_config, self.tokenizer, self.device)
             self.reward_model.requires_grad_(False).eval()
-        self.rule = None
-        if c.reward in ("rule", "both") or self._reward_fn is not None:
-            self.rule = self._reward_fn or load_reward_fn(c.reward_fn)
+        self.rules = self._load_rules()
         self.value = self._build_value_model()
         # Resumed weights go into the whole models, before FSDP shards them (see training.prepare_optimization).
         checkpoint = training.resume_checkpoint(self.out_dir, c.resume)
@@ -323,8 +314,10 @@ class RLTrainer(training.Trainer):
         return fdata.load_tokenizer(spec)
 
     def _load_prompts(self):
+        """Prompt rows (:func:`fastrm.data.prepare_prompts`) for training and evaluation, and the names of their
+        other fields (``self.columns``, offered to the reward functions)."""
         c = self.config
-        if c.train_data is None:
+        if self.train_data is None:
             from fastrm.tasks.arithmetic import ArithmeticTask
 
             self.task = ArithmeticTask(max_level=c.task_max_level)
@@ -332,31 +325,32 @@ class RLTrainer(training.Trainer):
                      for p in self.task.sample(c.num_train_prompts, seed=c.seed)]
             evaluation = [{"prompt": p.prompt, "difficulty": p.difficulty}
                           for p in self.task.sample(max(c.num_eval_prompts, 1), seed=c.seed + 10_000)]
-            return train, evaluation[: c.num_eval_prompts]
-        train = [self._prompt_row(r, c.train_data, i) for i, r in enumerate(_read_jsonl(c.train_data), 1)]
-        evaluation = [self._prompt_row(r, c.eval_data, i) for i, r in enumerate(_read_jsonl(c.eval_data), 1)] \
-            if c.eval_data else []
-        if not train:
-            raise ValueError(f"no prompts in {c.train_data}")
-        return train, evaluation[: c.num_eval_prompts]
+        else:
+            # No held-out fraction: evaluation prompts come from eval_data (or a DatasetDict's eval_split) only.
+            train, evaluation = fdata.load_train_eval(self.train_data, self.eval_data, 0.0, c.seed, task="prompt",
+                                                      train_split=c.train_split, eval_split=c.eval_split)
+        train = fdata.prepare_prompts(train, self.tokenizer, fdata.source_name(self.train_data))
+        evaluation = fdata.prepare_prompts(evaluation[: c.num_eval_prompts], self.tokenizer,
+                                           fdata.source_name(self.eval_data or self.train_data))
+        self.columns = list(dict.fromkeys(k for r in train + evaluation for k in r["columns"]))
+        return train, evaluation
 
-    def _prompt_row(self, row, source, number: int) -> dict:
-        """``{"prompt": text[, "difficulty"]}`` of a JSONL row: ``prompt`` as a string, or conversational
-        (``prompt`` or ``messages`` as ``{"role", "content"}`` messages, rendered with the chat template)."""
-        where = f"{source}: row {number}"
-        prompt = (row.get("prompt", row.get("messages")) if isinstance(row, dict) else None)
-        if isinstance(prompt, list):
-            try:
-                prompt = fdata.render_chat_prompt(self.tokenizer, prompt)
-            except ValueError as err:
-                raise ValueError(f"{where}: {err}") from None
-        if not isinstance(prompt, str):
-            raise ValueError(f"{where}: needs 'prompt' (a string, or a list of {{'role', 'content'}} messages) or "  # noqa: TRY004 (bad data, like fastrm.data)
-                             f"'messages', got {row!r:.120}")
-        out = {"prompt": prompt}
-        if "difficulty" in row:
-            out["difficulty"] = float(row["difficulty"])
-        return out
+    def _load_rules(self) -> list[rewards.RewardFunction]:
+        """The rule reward functions: for the reward (reward=rule|both) and for eval/score. With reward=model, a
+        ``reward_fn`` given in Python or set to other than the embedded checker scores the evaluation only."""
+        c = self.config
+        if self._reward_fn is not None:
+            fns = list(self._reward_fn) if isinstance(self._reward_fn, (list, tuple)) else [self._reward_fn]
+        elif c.reward in ("rule", "both") or c.reward_fn != EMBEDDED:
+            fns = [rewards.load(spec) for spec in c.reward_fn_specs()]
+        else:
+            return []
+        functions = rewards.reward_functions(fns, c.reward_weights)
+        for function in functions:
+            rewards.bind(function, self.columns)
+        log.info("reward functions: %s (prompt columns offered: %s)",
+                 ", ".join(f"{f.name} x {f.weight:g}" for f in functions), ", ".join(self.columns) or "none")
+        return functions
 
     def _difficulty(self):
         c = self.config
@@ -413,25 +407,52 @@ class RLTrainer(training.Trainer):
             return self.value_p(_call, batch)[:, prompt_len - 1:-1].float()
 
     @torch.no_grad()
-    def score(self, prompts: list[str], gen: dict, completions: list[str]) -> tuple[torch.Tensor, dict]:
-        """Weighted reward of each completion, ``[B]`` float32, and the parts to log."""
+    def model_scores(self, gen: dict) -> torch.Tensor:
+        """``[B]`` float32: the learned reward model's score of each prompt + completion (one packed row)."""
+        seqs = []
+        for p_ids, p_mask, c_ids, c_mask in zip(gen["prompt_ids"].tolist(), gen["prompt_mask"].tolist(),
+                                                gen["completion_ids"].tolist(), gen["completion_mask"].tolist()):
+            seqs.append([t for t, m in zip(p_ids, p_mask) if m] + [t for t, m in zip(c_ids, c_mask) if m])
+        packed = {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in fdata._pack(seqs).items()}
+        with self._autocast():
+            return self.reward_p(reward_scores, packed).float()
+
+    def rule_scores(self, rows: list[dict], gen: dict, completions: list[str]) -> torch.Tensor:
+        """``[B, F]`` float32: each reward function's score of each completion (NaN where it returned None);
+        ``rows[i]`` is the prompt row completion i answers."""
+        ids = [[t for t, m in zip(c_ids, c_mask) if m]
+               for c_ids, c_mask in zip(gen["completion_ids"].tolist(), gen["completion_mask"].tolist())]
+        return rewards.score_all(self.rules, rows, completions, ids, self.columns)
+
+    def rule_means(self, scores: torch.Tensor, prefix: str) -> dict:
+        """``{prefix + name: mean of the function's scores over the completions it scored, on all ranks}``."""
+        scored = ~scores.isnan()
+        sums = training.reduce_sums(*scores.nan_to_num(0.0).sum(0).tolist(), *scored.sum(0).tolist())
+        f = len(self.rules)
+        return {prefix + fn.name: sums[j] / sums[f + j] for j, fn in enumerate(self.rules) if sums[f + j]}
+
+    @torch.no_grad()
+    def score(self, rows: list[dict], gen: dict, completions: list[str]) -> tuple[torch.Tensor, dict]:
+        """Weighted reward of each completion, ``[B]`` float32, and the parts to log (``reward/model``,
+        ``reward/rule``: the weighted sum of the reward functions, ``reward/<function name>``)."""
         c = self.config
         parts, total = {}, torch.zeros(len(completions), device=self.device)
         if self.reward_model is not None:
-            seqs = []
-            for p_ids, p_mask, c_ids, c_mask in zip(gen["prompt_ids"].tolist(), gen["prompt_mask"].tolist(),
-                                                    gen["completion_ids"].tolist(), gen["completion_mask"].tolist()):
-                seqs.append([t for t, m in zip(p_ids, p_mask) if m] + [t for t, m in zip(c_ids, c_mask) if m])
-            packed = {k: v.to(self.device) if isinstance(v, torch.Tensor) else v
-                      for k, v in fdata._pack(seqs).items()}
-            with self._autocast():
-                model_scores = self.reward_p(reward_scores, packed).float()
+            model_scores = self.model_scores(gen)
             parts["reward/model"] = model_scores.mean()
             total = total + c.reward_model_weight * model_scores
         if c.reward in ("rule", "both"):
-            rule_scores = torch.tensor(self.rule(prompts, completions), dtype=torch.float32, device=self.device)
-            parts["reward/rule"] = rule_scores.mean()
-            total = total + c.rule_weight * rule_scores
+            per_function = self.rule_scores(rows, gen, completions)
+            rule = rewards.weighted_sum(self.rules, per_function)
+            unscored = rule.isnan().nonzero().flatten().tolist()
+            if unscored and c.reward == "rule":
+                i = unscored[0]
+                raise ValueError(f"no reward function scored completion {i} (all returned None) of the prompt "
+                                 f"{rows[i]['prompt']!r:.200}; {len(unscored)} such completions in this batch")
+            rule = rule.nan_to_num(0.0).to(self.device)  # reward=both: the model's score alone there
+            parts["reward/rule"] = rule.mean()
+            parts.update(self.rule_means(per_function, "reward/"))
+            total = total + c.rule_weight * rule
         return total, parts
 
     @torch.no_grad()
@@ -449,7 +470,8 @@ class RLTrainer(training.Trainer):
                             temperature=c.temperature, top_p=c.top_p, num_return_sequences=n,
                             synced_gpus=self.policy_p.is_fsdp)
         completions = decode_completions(self.tokenizer, gen["completion_ids"], gen["completion_mask"])
-        prompts_n = [p for p in prompts for _ in range(n)]
+        rows_n = [r for r in rows for _ in range(n)]
+        prompts_n = [r["prompt"] for r in rows_n]
         timing["timing/generate"] = time.perf_counter() - start
 
         start = time.perf_counter()
@@ -462,7 +484,7 @@ class RLTrainer(training.Trainer):
         timing["timing/logprobs"] = time.perf_counter() - start
 
         start = time.perf_counter()
-        raw_scores, parts = self.score(prompts_n, gen, completions)
+        raw_scores, parts = self.score(rows_n, gen, completions)
         has_eos = (gen["completion_ids"] == self.tokenizer.eos_token_id).any(dim=1)
         scores = raw_scores
         if c.missing_eos_penalty is not None:
@@ -595,43 +617,47 @@ class RLTrainer(training.Trainer):
 
     @torch.no_grad()
     def evaluate(self, rows: list[dict] | None = None, batch_size: int = 256) -> dict:
-        """Greedy answers to the held-out prompts: the task's ground truth (``eval/true_score``,
-        ``eval/accuracy``) when the prompts are the embedded task's, the rule and the learned reward."""
+        """Greedy answers to the held-out prompts, scored by the reward functions (``eval/score``: their weighted
+        sum; ``eval/score/<name>``: each), the learned reward model (``eval/model_score``) and, on the embedded
+        task, the ground truth (``eval/true_score``, ``eval/accuracy``). Each is a mean over the prompts it
+        scored (a function returning None skips a prompt)."""
         rows = self.eval_rows if rows is None else rows
         if not rows:
             return {}
         was_training = self.policy.training
         self.policy.eval()
-        totals: dict[str, float] = {}
-        # Each rank answers its share; as many batches on every rank (FSDP forwards are collectives).
+        sums: dict[str, float] = {}
+        counts: dict[str, float] = {}
+
+        # Each rank answers its share; as many batches on every rank (FSDP forwards are collectives). A stand-in
+        # batch (weight 0) runs every forward too and adds nothing, so every rank has the same keys.
         for chunk, weight in fdist.shard_batches(rows, batch_size):
+
+            def add(key, total, count, real=weight > 0):
+                sums[key] = sums.get(key, 0.0) + float(total) * real
+                counts[key] = counts.get(key, 0.0) + float(count) * real
+
             prompts = [r["prompt"] for r in chunk]
             gen = self.policy_p(generate, self.tokenizer, prompts, max_new_tokens=self.config.max_new_tokens,
                                 do_sample=False, synced_gpus=self.policy_p.is_fsdp)
             completions = decode_completions(self.tokenizer, gen["completion_ids"], gen["completion_mask"])
-            parts = {}
+            n = len(prompts)
             if self.task is not None:
-                parts["eval/true_score"] = sum(self.task.score(p, x) for p, x in zip(prompts, completions))
-                parts["eval/accuracy"] = sum(self.task.is_correct(p, x) for p, x in zip(prompts, completions))
-            if self.reward_model is not None or self.rule is not None:
-                _, scored = self._score_parts(prompts, gen, completions)
-                parts.update({f"eval/{k.split('/')[1]}_score": v * len(prompts) for k, v in scored.items()})
-            parts["eval/eos_fraction"] = float((gen["completion_ids"] == self.tokenizer.eos_token_id).any(1).sum())
-            for k, v in parts.items():
-                totals[k] = totals.get(k, 0.0) + float(v) * (weight > 0)
+                add("eval/true_score", sum(self.task.score(p, x) for p, x in zip(prompts, completions)), n)
+                add("eval/accuracy", sum(self.task.is_correct(p, x) for p, x in zip(prompts, completions)), n)
+            if self.reward_model is not None:
+                add("eval/model_score", self.model_scores(gen).sum(), n)
+            if self.rules:
+                per_function = self.rule_scores(chunk, gen, completions)
+                total = rewards.weighted_sum(self.rules, per_function)
+                add("eval/score", total.nansum(), (~total.isnan()).sum())
+                for j, fn in enumerate(self.rules):
+                    add(f"eval/score/{fn.name}", per_function[:, j].nansum(), (~per_function[:, j].isnan()).sum())
+            add("eval/eos_fraction", (gen["completion_ids"] == self.tokenizer.eos_token_id).any(1).sum(), n)
         self.policy.train(was_training)
-        keys = sorted(totals)
-        sums = training.reduce_sums(*(totals[k] for k in keys))
-        return {k: v / len(rows) for k, v in zip(keys, sums)}
-
-    def _score_parts(self, prompts, gen, completions):
-        parts = {}
-        total, model_parts = (self.score(prompts, gen, completions) if self.reward_model is not None
-                              else (None, {}))
-        parts.update(model_parts)
-        if self.rule is not None and "reward/rule" not in parts:
-            parts["reward/rule"] = torch.tensor(self.rule(prompts, completions), dtype=torch.float32).mean()
-        return total, parts
+        keys = sorted(sums)
+        totals = training.reduce_sums(*(sums.get(k, 0.0) for k in keys), *(counts.get(k, 0.0) for k in keys))
+        return {k: totals[i] / totals[len(keys) + i] for i, k in enumerate(keys) if totals[len(keys) + i]}
 
     # ---- checkpoints ------------------------------------------------------------------------------------------
 
@@ -687,7 +713,8 @@ def main(argv=None) -> int:
     before = trainer.evaluate()
     trainer.train()
     after = trainer.evaluate()
-    keys = [k for k in ("eval/accuracy", "eval/true_score", "eval/model_score", "eval/rule_score") if k in after]
+    keys = [k for k in ("eval/accuracy", "eval/true_score", "eval/model_score", "eval/score") if k in after]
+    keys += sorted(k for k in after if k.startswith("eval/score/"))
     summary = ", ".join(f"{k} {before.get(k, float('nan')):.3f} -> {after[k]:.3f}" for k in keys)
     if fdist.is_main():
         print(f"held-out (greedy): {summary or 'no eval prompts'}; policy saved in {trainer.last_checkpoint}")

@@ -48,7 +48,9 @@ class SFTConfig(training.SupervisedSettings):
 
 
 class SFTTrainer(training.Trainer):
-    """``SFTTrainer(config).setup().train()``."""
+    """``SFTTrainer(config).setup().train()``; ``SFTTrainer(config, train_data=ds, eval_data=None)`` trains on
+    rows given in Python (a ``datasets.Dataset`` / ``DatasetDict``, a list of dicts) instead of
+    ``config.train_data``."""
 
     def setup(self):
         c = self.config
@@ -69,14 +71,15 @@ class SFTTrainer(training.Trainer):
 
     def _load_rows(self):
         c = self.config
-        if c.train_data is None:
+        if self.train_data is None:
             from fastrm.tasks.arithmetic import ArithmeticTask
 
             log.info("no train_data given: generating the embedded arithmetic task's SFT data")
             self.task = ArithmeticTask(max_level=c.task_max_level)
             return (self.task.make_sft_data(c.num_train_examples, seed=c.seed),
                     self.task.make_sft_data(c.num_eval_examples, seed=c.seed + 10_000))
-        return fdata.load_train_eval(c.train_data, c.eval_data, c.eval_fraction, c.seed, c.skip_malformed)
+        return fdata.load_train_eval(self.train_data, self.eval_data, c.eval_fraction, c.seed, c.skip_malformed,
+                                     task="sft", train_split=c.train_split, eval_split=c.eval_split)
 
     def _tokenize(self, rows, split):
         if not rows:
