@@ -22,11 +22,15 @@ error naming the function.
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import inspect
 import math
 import numbers
+import os
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -60,21 +64,43 @@ def _name(fn: Callable) -> str:
     return "fn" if name == "<lambda>" else name
 
 
+def _import(module: str):
+    """``module`` imported by name, or from a ``.py`` file path; the working directory is searched too (``python -m``
+    puts it on ``sys.path``, the ``fastrm`` console script does not)."""
+    if module.endswith(".py"):
+        path = Path(module)
+        if not path.is_file():
+            raise ImportError(f"no file {path}")
+        spec = importlib.util.spec_from_file_location(path.stem, path)
+        loaded = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(loaded)
+        return loaded
+    try:
+        return importlib.import_module(module)
+    except ModuleNotFoundError as err:
+        if err.name != module.split(".")[0] or os.getcwd() in sys.path:
+            raise
+    sys.path.insert(0, os.getcwd())
+    return importlib.import_module(module)
+
+
 def load(spec: str) -> Callable:
-    """``"embedded"``: the arithmetic task's checker; else ``"package.module:function"``, imported."""
+    """``"embedded"``: the arithmetic task's checker; else ``"package.module:function"`` or
+    ``"path/to/file.py:function"``, imported."""
     if spec == EMBEDDED:
         from fastrm.tasks.arithmetic import reward_fn
 
         return reward_fn
-    module, _, name = spec.partition(":")
+    module, _, name = spec.rpartition(":")
     if not module or not name:
-        raise ValueError(f"setting reward_fn={spec!r}: expected 'embedded' or 'package.module:function'")
+        raise ValueError(f"setting reward_fn={spec!r}: expected 'embedded', 'package.module:function' or "
+                         "'path/to/file.py:function'")
     try:
-        fn = getattr(importlib.import_module(module), name)
+        fn = getattr(_import(module), name)
     except (ImportError, AttributeError) as err:
         raise ValueError(f"setting reward_fn={spec!r}: cannot import it ({err})") from None
     if not callable(fn):
-        raise ValueError(f"setting reward_fn={spec!r}: {module}.{name} is a {type(fn).__name__}, not a function")
+        raise ValueError(f"setting reward_fn={spec!r}: {module}:{name} is a {type(fn).__name__}, not a function")
     return fn
 
 

@@ -5,6 +5,7 @@ prompt data (also printed by `fastrm ppo`)."""
 
 import json
 import math
+import sys
 
 import pytest
 import torch
@@ -202,6 +203,20 @@ def test_bad_reward_functions_are_named(tmp_path):
         rl_trainer(tmp_path / "b", reward_fn=needs_solution, train_data=PROMPTS)
     with pytest.raises(ValueError, match="setting reward_fn='test_reward_functions:nope': cannot import it"):
         rl_trainer(tmp_path / "c", "reward_fn=test_reward_functions:nope", train_data=PROMPTS)
+
+
+def test_reward_functions_load_from_a_file_or_the_working_directory(tmp_path, monkeypatch):
+    (tmp_path / "my_rewards.py").write_text("def score(completions, **kwargs):\n    return [1.0] * len(completions)\n")
+    assert rewards.load(f"{tmp_path / 'my_rewards.py'}:score")(completions=["a"]) == [1.0]
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", str(tmp_path))])
+    monkeypatch.chdir(tmp_path)  # as the fastrm console script runs: the working directory not on sys.path
+    assert rewards.load("my_rewards:score")(completions=["a", "b"]) == [1.0, 1.0]
+    with pytest.raises(ValueError, match="'my_rewards:nope': cannot import it"):
+        rewards.load("my_rewards:nope")
+    with pytest.raises(ValueError, match="'nowhere.py:f': cannot import it \\(no file nowhere.py\\)"):
+        rewards.load("nowhere.py:f")
+    with pytest.raises(ValueError, match="expected 'embedded', 'package.module:function'"):
+        rewards.load("my_rewards")
 
 
 @pytest.mark.parametrize("overrides,match", [
