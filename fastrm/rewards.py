@@ -107,9 +107,12 @@ def load(spec: str) -> Callable:
 def reward_functions(fns: Sequence[Callable], weights: Sequence[float] | None = None) -> list[RewardFunction]:
     """Name (``__name__``; repeats get ``_2``, ``_3``; ``model`` and ``rule`` are taken) and weight functions
     (all 1.0 by default)."""
+    from fastrm.config import require
+
+    if weights is not None:
+        require(len(weights) == len(fns), "reward_weights", list(weights),
+                f"needs one weight per reward function ({len(fns)})")
     weights = [1.0] * len(fns) if weights is None else list(weights)
-    if len(weights) != len(fns):
-        raise ValueError(f"reward_weights has {len(weights)} entries for {len(fns)} reward functions")
     taken, out = {"model", "rule"}, []
     for fn, weight in zip(fns, weights):
         if not callable(fn):

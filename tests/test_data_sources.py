@@ -93,7 +93,8 @@ def test_train_eval_split_selection(tmp_path):
     assert (train, evaluation) == (rows[:7], rows[7:])
     # no such split: eval_fraction of train, as for files
     train, evaluation = load_train_eval(tmp_path / "dict", None, 0.3, seed=0, eval_split="validation")
-    assert len(train) == 5 and len(evaluation) == 2 and sorted(map(str, train + evaluation)) == sorted(map(str, rows[:7]))
+    assert len(train) == 5 and len(evaluation) == 2
+    assert sorted(map(str, train + evaluation)) == sorted(map(str, rows[:7]))
     # both chosen by name
     train, evaluation = load_train_eval(tmp_path / "dict", tmp_path / "dict", 0.5, 0, train_split="test",
                                         eval_split="train")
@@ -102,7 +103,8 @@ def test_train_eval_split_selection(tmp_path):
 
 def test_prompt_rows_keep_their_other_fields(tmp_path):
     tok = build_tokenizer()
-    tok.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}{% if add_generation_prompt %}={% endif %}"
+    tok.chat_template = ("{% for m in messages %}{{ m['content'] }}{% endfor %}"
+                         "{% if add_generation_prompt %}={% endif %}")
     rows = [{"prompt": "1+1=", "answer": "2", "difficulty": 1}, {"prompt": [{"role": "user", "content": "2+2"}],
                                                                     "answer": "4"}]
     datasets.Dataset.from_list(rows[:1]).to_parquet(str(tmp_path / "prompts.parquet"))
@@ -154,8 +156,8 @@ def test_reward_and_sft_trainers_train_on_parquet_and_datasets(tmp_path):
                                                    f"train_data={tmp_path / 'sft'}"])).setup()
     assert (len(sft.train_examples), len(sft.eval_examples)) == (8, 4)
     # a DatasetDict object given in Python instead of a path
-    sft2 = SFTTrainer(load_config(SFTConfig, None, [*common, f"output_dir={tmp_path / 'sft2'}", "eval_split=validation"]),
-                      train_data=splits).setup()
+    config = load_config(SFTConfig, None, [*common, f"output_dir={tmp_path / 'sft2'}", "eval_split=validation"])
+    sft2 = SFTTrainer(config, train_data=splits).setup()
     assert sft2.train_examples == sft.train_examples and sft2.eval_examples == sft.eval_examples
     sft2.train()
     assert (tmp_path / "sft2" / "checkpoint-2").is_dir()

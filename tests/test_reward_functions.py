@@ -92,7 +92,7 @@ def test_binding_follows_trl_and_the_older_convention():
         rewards.bind(rewards.reward_functions([wants_solution])[0], columns)
     with pytest.raises(ValueError, match="a column named 'completions'.*rename that column"):
         rewards.bind(fns[0], ["completions"])
-    with pytest.raises(ValueError, match="reward_weights has 1 entries for 2 reward functions"):
+    with pytest.raises(ConfigError, match=r"setting reward_weights=\[1.0\]: needs one weight per reward function"):
         rewards.reward_functions([older, named], [1.0])
 
 
@@ -113,7 +113,8 @@ def test_bad_scores_name_the_function(returned, match):
 def test_scores_accept_numbers_of_any_kind_and_none():
     import numpy as np
 
-    assert rewards.check_scores("f", [True, np.float32(0.5), torch.tensor(2.0), None, 3], 5) == [1.0, 0.5, 2.0, None, 3.0]
+    mixed = [True, np.float32(0.5), torch.tensor(2.0), None, 3]
+    assert rewards.check_scores("f", mixed, 5) == [1.0, 0.5, 2.0, None, 3.0]
     assert rewards.check_scores("f", torch.tensor([1.0, 2.0]), 2) == [1.0, 2.0]
     assert rewards.check_scores("f", np.array([1.0, 2.0]), 2) == [1.0, 2.0]
     fns = rewards.reward_functions([len, len], [1.0, 0.5])
@@ -162,12 +163,13 @@ def test_columns_reach_weighted_functions_and_every_score_is_logged(tmp_path):
 
 def test_none_scores_and_conversational_prompts(tmp_path):
     tok = load_tokenizer("embedded")
-    tok.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}{% if add_generation_prompt %}={% endif %}"
+    tok.chat_template = ("{% for m in messages %}{{ m['content'] }}{% endfor %}"
+                         "{% if add_generation_prompt %}={% endif %}")
     tok.save_pretrained(tmp_path / "tok")
     rows = [dict(r, prompt=[{"role": "user", "content": r["prompt"][:-1]}]) for r in PROMPTS]
     trainer = rl_trainer(tmp_path / "run", f"tokenizer={tmp_path / 'tok'}", "num_eval_prompts=4",
-                         reward_fn=[sums_only, overlap], train_data=datasets.Dataset.from_list(rows),
-                         eval_data=rows)
+                         "reward_weights=[1.0, 1.0]", reward_fn=[sums_only, overlap],
+                         train_data=datasets.Dataset.from_list(rows), eval_data=rows)
     ro = trainer.rollout(trainer.train_rows[:2])
     (_, s), (_, o) = CALLS
     # TRL's shapes for a conversational prompt: its messages, and the completion as an assistant message

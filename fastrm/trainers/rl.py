@@ -179,8 +179,9 @@ class RLConfig(training.TrainerSettings):
         require(len(specs) > 0 and all(isinstance(s, str) and s for s in specs), "reward_fn", self.reward_fn,
                 "must be 'embedded', 'package.module:function' or a non-empty list of them")
         if self.reward_weights is not None:
-            require(len(self.reward_weights) == len(specs), "reward_weights", self.reward_weights,
-                    f"needs one weight per reward_fn function ({len(specs)})")
+            if self.reward_fn != EMBEDDED:  # else the functions may be given in Python: checked at setup
+                require(len(self.reward_weights) == len(specs), "reward_weights", self.reward_weights,
+                        f"needs one weight per reward_fn function ({len(specs)})")
             require(all(math.isfinite(w) for w in self.reward_weights), "reward_weights", self.reward_weights,
                     "must be finite")
         if self.ref_8bit:
@@ -629,14 +630,14 @@ class RLTrainer(training.Trainer):
         sums: dict[str, float] = {}
         counts: dict[str, float] = {}
 
-        # Each rank answers its share; as many batches on every rank (FSDP forwards are collectives). A stand-in
-        # batch (weight 0) runs every forward too and adds nothing, so every rank has the same keys.
+        def add(key, total, count):  # a stand-in batch (real=False) adds its keys and nothing else
+            sums[key] = sums.get(key, 0.0) + float(total) * real
+            counts[key] = counts.get(key, 0.0) + float(count) * real
+
+        # Each rank answers its share; as many batches on every rank (FSDP forwards are collectives): a stand-in
+        # batch (weight 0) runs every forward too, so every rank has the same keys.
         for chunk, weight in fdist.shard_batches(rows, batch_size):
-
-            def add(key, total, count, real=weight > 0):
-                sums[key] = sums.get(key, 0.0) + float(total) * real
-                counts[key] = counts.get(key, 0.0) + float(count) * real
-
+            real = weight > 0
             prompts = [r["prompt"] for r in chunk]
             gen = self.policy_p(generate, self.tokenizer, prompts, max_new_tokens=self.config.max_new_tokens,
                                 do_sample=False, synced_gpus=self.policy_p.is_fsdp)
@@ -656,7 +657,7 @@ class RLTrainer(training.Trainer):
             add("eval/eos_fraction", (gen["completion_ids"] == self.tokenizer.eos_token_id).any(1).sum(), n)
         self.policy.train(was_training)
         keys = sorted(sums)
-        totals = training.reduce_sums(*(sums.get(k, 0.0) for k in keys), *(counts.get(k, 0.0) for k in keys))
+        totals = training.reduce_sums(*(sums[k] for k in keys), *(counts[k] for k in keys))
         return {k: totals[i] / totals[len(keys) + i] for i, k in enumerate(keys) if totals[len(keys) + i]}
 
     # ---- checkpoints ------------------------------------------------------------------------------------------
