@@ -7,6 +7,8 @@ switched off for production loops with ``FASTRM_CHECK_VALUES=0``.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import os
 from typing import Iterable
 
@@ -16,8 +18,23 @@ FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 INT_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
 
 
+_FINITE_CHECKS_DEFERRED = contextvars.ContextVar("fastrm_finite_checks_deferred", default=False)
+
+
 def value_checks_enabled() -> bool:
     return os.environ.get("FASTRM_CHECK_VALUES", "1") != "0"
+
+
+@contextlib.contextmanager
+def deferred_finite_checks():
+    """Inside, ops let NaN/inf inputs through instead of raising: the caller checks what comes out. The trainers'
+    divergence guard does, once per step and on all ranks together, so a diverged model stops training with the
+    guard's message (and checkpoint) rather than an op's ValueError raised on one rank."""
+    token = _FINITE_CHECKS_DEFERRED.set(True)
+    try:
+        yield
+    finally:
+        _FINITE_CHECKS_DEFERRED.reset(token)
 
 
 def _names(dtypes: Iterable[torch.dtype]) -> str:
@@ -83,5 +100,7 @@ def check_binary_mask(op: str, name: str, mask: torch.Tensor):
 
 
 def check_finite(op: str, name: str, x: torch.Tensor, hint: str = ""):
+    if _FINITE_CHECKS_DEFERRED.get():
+        return
     if value_checks_enabled() and not bool(torch.isfinite(x).all()):
         raise ValueError(f"{op}: {name} contains NaN or inf{hint}")

@@ -69,6 +69,9 @@ def main(argv=None) -> int:
 
 
 def run_command(argv=None) -> int:
+    """Exit codes: 0 done; 2 a user error, nothing trained (a bad setting, an output_dir in use or holding an
+    earlier run, a resume that changes a fixed setting, an unsafe checkpoint); 3 training diverged (NaN/inf), the
+    last good checkpoint is named; 4 a checkpoint could not be written (disk full, ...), the previous one is intact."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
         print(usage())
@@ -79,6 +82,7 @@ def run_command(argv=None) -> int:
         return 2
     import importlib
 
+    from fastrm.checkpoint import CheckpointWriteError
     from fastrm.config import ConfigError
     from fastrm.training import NonFiniteLossError
 
@@ -88,9 +92,12 @@ def run_command(argv=None) -> int:
     except ConfigError as err:  # a user mistake: the message names the setting, no traceback needed
         print(f"fastrm {command}: {err}", file=sys.stderr)
         return 2
-    except NonFiniteLossError as err:
+    except NonFiniteLossError as err:  # training diverged; `latest` names the last good checkpoint
         print(f"fastrm {command}: {err}", file=sys.stderr)
         return 3
+    except CheckpointWriteError as err:  # disk full or another OS error; the previous checkpoint is intact
+        print(f"fastrm {command}: {err}", file=sys.stderr)
+        return 4
 
 
 if __name__ == "__main__":

@@ -44,7 +44,8 @@ def run(output_dir: str, seed: int, sft_steps: int, rm_steps: int, rl_steps: int
     from fastrm.trainers.sft import SFTConfig, SFTTrainer
 
     out = Path(output_dir)
-    common = [f"seed={seed}", f"progress={str(progress).lower()}", "device=cpu"]
+    # The demo's stage folders are its own: a second demo replaces the first one's (sft/, reward/, rl/).
+    common = [f"seed={seed}", f"progress={str(progress).lower()}", "device=cpu", "overwrite_output_dir=true"]
     timings = {}
     start = time.perf_counter()
     sft = SFTTrainer(load_config(SFTConfig, None, TINY_MODEL + SFT_ARGS + common + [

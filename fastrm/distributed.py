@@ -100,6 +100,31 @@ def barrier():
         dist.barrier()
 
 
+def run_on_main(fn, *args, **kwargs):
+    """``fn(*args, **kwargs)`` on rank 0 only, and its result - or the exception it raised - on every rank, so that
+    all ranks go on or stop together (a rank that raised alone would leave the others waiting in a collective).
+    For decisions and file writes that rank 0 owns: taking the output folder, writing a checkpoint."""
+    result, error = None, None
+    if is_main():
+        try:
+            result = fn(*args, **kwargs)
+        except Exception as err:  # noqa: BLE001 (re-raised below, on every rank)
+            error = err
+    if is_initialized() and world_size() > 1:
+        # The error travels as its class and message (its traceback and causes stay on rank 0).
+        box = [(result, None if error is None else (type(error), str(error)))]
+        dist.broadcast_object_list(box, src=0)
+        result, sent = box[0]
+        if sent is not None and not is_main():
+            try:
+                error = sent[0](sent[1])
+            except Exception:  # noqa: BLE001 (a class that needs other arguments)
+                error = RuntimeError(f"rank 0: {sent[0].__name__}: {sent[1]}")
+    if error is not None:
+        raise error
+    return result
+
+
 def _collective_device() -> torch.device:
     """Where tensors must live for a collective: the current GPU under nccl, the CPU under gloo."""
     if is_initialized() and dist.get_backend() == "nccl":
@@ -193,6 +218,9 @@ def exit_process(code: int):
     fastrm writes is closed or flushed before this point."""
     import sys
 
+    from fastrm.checkpoint import release_locks
+
+    release_locks()  # os._exit skips atexit
     cleanup()
     logging.shutdown()
     sys.stdout.flush()

@@ -36,7 +36,10 @@ def generate(model, tokenizer, prompts: list[str], *, max_new_tokens: int, do_sa
               "pad_token_id": tokenizer.pad_token_id, "eos_token_id": tokenizer.eos_token_id, "use_cache": True,
               "synced_gpus": synced_gpus}
     if do_sample:
-        kwargs.update(temperature=temperature, top_p=top_p, top_k=0)
+        # remove_invalid_values: a diverged policy's NaN/inf logits would stop sampling with an error (a device-side
+        # assert on CUDA) before the trainer's divergence guard sees them; replaced, the rollout completes and the
+        # guard stops the step on its non-finite log-probs. Finite logits sample exactly as without it.
+        kwargs.update(temperature=temperature, top_p=top_p, top_k=0, remove_invalid_values=True)
     out = model.generate(**enc, **kwargs)
     prompt_len = enc["input_ids"].shape[1]
     completion = out[:, prompt_len:]

@@ -7,24 +7,23 @@ from __future__ import annotations
 
 import json
 import logging
-import os
+import math
 import random
-import shutil
 import time
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 
+from fastrm import checkpoint as ckpt
 from fastrm import distributed
+from fastrm.checkpoint import CHECKPOINT_PREFIX, LATEST_FILE, latest_checkpoint, load_trainer_state  # noqa: F401
 from fastrm.config import setting
 from fastrm.models import ModelConfig
 
 log = logging.getLogger("fastrm")
-
-CHECKPOINT_PREFIX = "checkpoint-"
-STATE_FILE = "trainer_state.pt"
-LATEST_FILE = "latest"
 
 
 @dataclass
@@ -60,6 +59,13 @@ class TrainerSettings:
                                         "(a datasets save_to_disk folder)")
     eval_split: str = setting("test", "the split to evaluate on when eval_data (or, without it, train_data) is "
                                       "a DatasetDict")
+    overwrite_output_dir: bool = setting(False, "start a new run in an output_dir that holds an earlier run's "
+                                                "checkpoints: delete them, its latest, metrics and logs first")
+
+    # Settings a resumed run may not change: they fix the model, the data or its order, or what the saved state
+    # holds ("model": every model.* but FREE_ON_RESUME). Every other setting may change and applies on resume.
+    FIXED_ON_RESUME: ClassVar[tuple[str, ...]] = ("model", "seed", "batch_size")
+    FREE_ON_RESUME: ClassVar[tuple[str, ...]] = ("model.gradient_checkpointing", "model.attn_implementation")
 
     def validate(self):
         """Checks of the shared settings; a trainer's config extends this with its own."""
@@ -69,7 +75,10 @@ class TrainerSettings:
         self.mixed_precision = unyaml_no(self.mixed_precision)
         for name in ("batch_size", "max_steps", "log_steps", "eval_steps", "save_steps"):
             require(getattr(self, name) >= 1, name, getattr(self, name), "must be >= 1")
-        require(self.lr > 0, "lr", self.lr, "must be > 0")
+        require(self.lr > 0 and math.isfinite(self.lr), "lr", self.lr, "must be > 0 and finite")
+        require(math.isfinite(self.weight_decay), "weight_decay", self.weight_decay, "must be finite")
+        require(not (self.resume and self.overwrite_output_dir), "overwrite_output_dir", self.overwrite_output_dir,
+                "cannot be combined with --resume (resume continues the run in output_dir, overwrite deletes it)")
         require(self.warmup_steps >= 0, "warmup_steps", self.warmup_steps, "must be >= 0")
         require(self.max_grad_norm > 0, "max_grad_norm", self.max_grad_norm, "must be > 0")
         require(self.optimizer in ("auto", "adamw", "adamw8bit"), "optimizer", self.optimizer,
@@ -95,6 +104,10 @@ class SupervisedSettings(TrainerSettings):
     packed: bool = True  # padding-free batches
     grad_accum_steps: int = 1
 
+    FIXED_ON_RESUME: ClassVar[tuple[str, ...]] = TrainerSettings.FIXED_ON_RESUME + (
+        "tokenizer", "train_data", "train_split", "eval_data", "eval_fraction", "task_max_level", "skip_malformed",
+        "max_length", "truncation")
+
     def validate(self):
         from fastrm.config import require
 
@@ -118,15 +131,34 @@ class Trainer:
         self.device = pick_device(config.device)
         self.step = 0
         self.last_checkpoint: Path | None = None
+        self.checkpoint_verified = False  # a training step has run from last_checkpoint with finite loss and grads
+        self.resume_from: Path | None = None  # the checkpoint this run continues (start_run decides)
+        self.run_id: str | None = None  # this run's id, recorded in its checkpoints: pruning deletes only these
+        self.lock: ckpt.OutputLock | None = None  # rank 0's lock on out_dir
         self.task = None  # the embedded task, when the data is its
 
     def evaluate_and_save(self, has_eval: bool):
-        """After a step: evaluate every ``eval_steps`` and checkpoint every ``save_steps``, both at the last step."""
+        """After a step: evaluate every ``eval_steps`` and checkpoint every ``save_steps``, both at the last step,
+        once the guard has read that the update left finite parameters."""
         c, last = self.config, self.step == self.config.max_steps
-        if has_eval and (self.step % c.eval_steps == 0 or last):
+        evaluating = has_eval and (self.step % c.eval_steps == 0 or last)
+        saving = self.step % c.save_steps == 0 or last
+        if evaluating or saving:
+            self.guard.check_parameters()
+        if evaluating:
             self.metrics.log(self.step, self.evaluate())
-        if self.step % c.save_steps == 0 or last:
+        if saving:
             self.save()
+
+    def hold_output_dir(self):
+        """Take the lock on out_dir again (rank 0) when a finished ``train()`` released it and training goes on."""
+        if self.lock is None and self.run_id is not None and distributed.is_main():
+            self.lock = ckpt.OutputLock(self.out_dir).acquire()
+
+    def release_output_dir(self):
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
 
 
 def use_bf16_autocast(mixed_precision: str, device: torch.device) -> bool:
@@ -140,7 +172,8 @@ def autocast(enabled: bool, device: torch.device):
 
 
 class NonFiniteLossError(RuntimeError):
-    """Training stopped on a NaN/inf loss; the last good checkpoint is left intact."""
+    """Training diverged (a NaN/inf loss, gradient norm or parameter) and stopped before the optimizer step and
+    before any checkpoint; ``latest`` names the last good checkpoint."""
 
 
 def setup_logging():
@@ -148,22 +181,78 @@ def setup_logging():
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
 
 
-def start_run(config, out_dir: Path) -> str | None:
+def start_run(trainer):
     """The first lines of every trainer's setup: logging, seeds, the output folder and its config.yaml.
 
-    Also joins the torchrun process group (see :mod:`fastrm.distributed`) and returns the data-parallel mode
-    (``"ddp"``, ``"fsdp"`` or ``None``); only rank 0 then logs at INFO and writes config.yaml."""
+    Joins the torchrun process group (see :mod:`fastrm.distributed`) and sets ``trainer.mode`` (``"ddp"``,
+    ``"fsdp"`` or ``None``); only rank 0 then logs at INFO. Rank 0 takes the output folder - its lock, and the
+    choice to resume, overwrite or refuse (:func:`fastrm.checkpoint.open_output_dir`) - and every rank learns the
+    outcome; a resumed run's settings are compared with its checkpoint's; rank 0 writes config.yaml."""
     from fastrm.config import save_config
 
+    config = trainer.config
     setup_logging()
-    mode = distributed.init_from_env(config.distributed)
+    trainer.mode = distributed.init_from_env(config.distributed)
     if not distributed.is_main():
         log.setLevel(logging.WARNING)
     set_seed(config.seed)
-    Path(out_dir).mkdir(parents=True, exist_ok=True)
-    if distributed.is_main():
-        save_config(config, Path(out_dir) / "config.yaml")
-    return mode
+    resume_from, trainer.run_id = distributed.run_on_main(_open_output_dir, trainer)
+    trainer.resume_from = Path(resume_from) if resume_from else None
+    try:
+        if trainer.resume_from is not None:
+            check_resume_settings(config, trainer.resume_from)
+        if distributed.is_main():
+            save_config(config, trainer.out_dir / "config.yaml")
+    except BaseException:
+        trainer.release_output_dir()
+        raise
+
+
+def _open_output_dir(trainer) -> tuple[str | None, str]:
+    c = trainer.config
+    trainer.lock, checkpoint, run_id = ckpt.open_output_dir(trainer.out_dir, c.resume, c.overwrite_output_dir)
+    weakref.finalize(trainer, trainer.lock.release)  # a trainer dropped without train() frees the folder
+    return (str(checkpoint) if checkpoint else None), run_id
+
+
+def _flat(config: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in config.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def check_resume_settings(config, checkpoint: Path):
+    """Refuse a resume that changes a setting of ``config.FIXED_ON_RESUME`` (a ConfigError naming each), and log
+    the settings that changed since ``checkpoint`` was written, which apply from here. ``batch_size`` is compared
+    as the global batch, ``batch_size * world_size``: a run may resume on another number of processes."""
+    from fastrm.config import ConfigError, config_to_dict
+
+    state = ckpt.saved_settings(checkpoint)
+    saved, now = _flat(state["config"]), _flat(config_to_dict(config))
+    changed = [(k, saved[k], v) for k, v in now.items() if k in saved and saved[k] != v
+               and k not in ("resume", "overwrite_output_dir", "output_dir", "batch_size")]
+    ranks, saved_ranks = distributed.world_size(), state.get("world_size") or distributed.world_size()
+    if "batch_size" in saved and config.batch_size * ranks != saved["batch_size"] * saved_ranks:
+        changed.append(("batch_size", f"{saved['batch_size']} x {saved_ranks} process(es)",
+                        f"{config.batch_size} x {ranks} process(es)"))
+
+    def fixed(key):
+        return key not in config.FREE_ON_RESUME and any(key == f or key.startswith(f + ".")
+                                                        for f in config.FIXED_ON_RESUME)
+
+    refused = [f"{k} {old!r} -> {new!r}" for k, old, new in changed if fixed(k)]
+    if refused:
+        raise ConfigError(
+            f"resume from {checkpoint}: these settings cannot change within a run (they fix the model, the data or "
+            f"its order): {'; '.join(refused)}. Resume with the checkpoint's values, or start a new run (another "
+            f"output_dir, or overwrite_output_dir=true; model.name_or_path={checkpoint} starts from its weights)")
+    if changed:
+        log.info("resume from %s: settings changed since it was written, applied from here: %s", checkpoint,
+                 "; ".join(f"{k} {old!r} -> {new!r}" for k, old, new in changed))
 
 
 def pick_device(name: str) -> torch.device:
@@ -219,27 +308,145 @@ def make_scheduler(optimizer, name: str, warmup_steps: int, total_steps: int):
     return get_scheduler(name, optimizer, num_warmup_steps=warmup_steps, num_training_steps=total_steps)
 
 
-def check_finite_loss(loss: torch.Tensor, step: int, checkpoint: Path | None):
-    """Stop on a NaN/inf loss. Distributed, every rank stops together: a NaN on one makes the sum NaN on all."""
-    if distributed.world_size() > 1:
-        loss = distributed.all_reduce_sum(loss.detach().float().clone())
-    if not torch.isfinite(loss.detach()).all():
-        where = f"the last good checkpoint is {checkpoint}" if checkpoint else "no checkpoint was written yet"
-        raise NonFiniteLossError(
-            f"non-finite loss ({loss.item()}) at step {step}; training stopped before the optimizer step, "
-            f"{where}. Lower the learning rate or check the data, then resume."
-        )
+def restore_schedule(optimizer, scheduler, saved: dict, weight_decay: float):
+    """After the optimizer state is loaded: this run's lr, weight decay and schedule (kind, warmup, max_steps, as
+    ``scheduler`` was built from the config) at the saved schedule's position. Unchanged settings give exactly the
+    saved run's learning rates; a changed ``lr`` applies (the saved param groups alone would keep the old one)."""
+    from torch.optim.lr_scheduler import LambdaLR
+
+    if not isinstance(scheduler, LambdaLR):
+        scheduler.load_state_dict(saved)
+        return
+    scheduler.last_epoch, scheduler._step_count = saved["last_epoch"], saved["_step_count"]
+    lrs = [base * fn(scheduler.last_epoch) for base, fn in zip(scheduler.base_lrs, scheduler.lr_lambdas)]
+    for group, base, lr in zip(optimizer.param_groups, scheduler.base_lrs, lrs):
+        group.update(initial_lr=base, lr=lr, weight_decay=weight_decay)
+    scheduler._last_lr = lrs
 
 
-def optimizer_step(model, optimizer, scheduler, max_grad_norm: float) -> float:
-    """Clip, step, schedule, zero: the end of every training step. Returns the pre-clip gradient norm."""
+def clip_gradients(model, max_grad_norm: float) -> torch.Tensor:
+    """Clip the gradients; returns the pre-clip total norm, on the device (no sync)."""
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
     if hasattr(grad_norm, "full_tensor"):  # FSDP: a replicated DTensor
         grad_norm = grad_norm.full_tensor()
+    return grad_norm
+
+
+def apply_update(optimizer, scheduler):
+    """Step, schedule, zero: the end of every training step, once the guard has passed it."""
     optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
-    return float(grad_norm)
+
+
+def parameters_nonfinite(models) -> torch.Tensor:
+    """1 if a trained parameter of ``models`` is NaN/inf, else 0, as a device tensor (no sync): one foreach
+    max-norm over the (under FSDP: local) parameters, one read of each, no per-parameter kernel launch or sync."""
+    tensors = [p.detach().to_local() if hasattr(p, "to_local") else p.detach()
+               for m in models for p in m.parameters() if p.requires_grad]
+    tensors = [t for t in tensors if t.numel()]  # an FSDP rank's shard of a small parameter may be empty
+    if not tensors:
+        return torch.zeros(())
+    if hasattr(torch.nn.utils, "get_total_norm"):  # torch >= 2.6
+        largest = torch.nn.utils.get_total_norm(tensors, norm_type=float("inf"))
+    else:
+        largest = torch.stack([n.float() for n in torch._foreach_norm(tensors, float("inf"))]).max()
+    return (~torch.isfinite(largest)).float()
+
+
+class DivergenceGuard:
+    """Stops a diverging run - before the optimizer applies a non-finite update and before a checkpoint with
+    non-finite parameters is written - on all ranks together, with a message naming a checkpoint that is really
+    good, which ``latest`` then names.
+
+    One fused check per optimizer step (:meth:`check_step`): the step's losses and gradient norms, and the
+    parameters the previous update left (a device flag computed after it, :meth:`parameters_updated`), become a
+    few flags on the device, summed over ranks in one collective and read in one host sync, which also reads the
+    gradient norms for the metrics. Before an evaluation or a checkpoint :meth:`check_parameters` reads the
+    parameter flag at once. The trainers run ops with their finiteness checks deferred to this guard
+    (:func:`fastrm._checks.deferred_finite_checks`): a NaN model output reaches it instead of raising on one rank.
+
+    A checkpoint is *verified* once a step has run from it with finite values (a ``verified`` file in it). When a
+    step diverges from an unverified checkpoint's parameters, that checkpoint is set aside as
+    ``diverged-checkpoint-N`` and ``latest`` moves back to the newest remaining one (pruning always keeps the newest
+    verified checkpoint, so there is one if any was verified)."""
+
+    def __init__(self, trainer, models: list):
+        self.trainer, self.models = trainer, models
+        self.pending: torch.Tensor | None = None  # parameter flag of the last update, not read yet
+        self.parameters_checked_at: int | None = None
+
+    def parameters_updated(self):
+        self.pending = parameters_nonfinite(self.models)
+
+    def check_step(self, losses: list[torch.Tensor], grad_norms: dict[str, torch.Tensor],
+                   extra: dict[str, torch.Tensor] | None = None, hint=None) -> list[float]:
+        """Before the optimizer step: stop if a loss, a gradient norm (named in ``grad_norms``), an ``extra`` flag
+        (a named quantity -> nonzero if non-finite) or the parameters are non-finite. Returns the gradient norms.
+        ``hint(names)``: a sentence for the stop message given the non-finite quantities' names, computed only
+        then ("" for none)."""
+        flags = {"loss": torch.stack([(~torch.isfinite(x.detach().float())).any() for x in losses]).any(),
+                 **{name: ~torch.isfinite(norm) for name, norm in grad_norms.items()}, **(extra or {})}
+        if self.pending is not None:
+            flags["parameters"] = self.pending
+            self.pending = None
+        values = self._read(flags, list(grad_norms.values()))
+        norms = values[len(flags):]
+        bad = [name for name, v in zip(flags, values) if v]
+        if bad:
+            shown = ", ".join(f"{name} {v:.4g}" for name, v in zip(grad_norms, norms))
+            self.stop(f"non-finite {', '.join(bad)} at step {self.trainer.step + 1} ({shown})",
+                      "before the optimizer step", hint(bad) if hint else "")
+        self._verified()
+        return norms
+
+    def check_parameters(self):
+        """Stop if the last update left a non-finite parameter (read before an evaluation, checkpoint or rollout)."""
+        if self.pending is None and self.parameters_checked_at == self.trainer.step:
+            return
+        flag = self.pending if self.pending is not None else parameters_nonfinite(self.models)
+        self.pending = None
+        if self._read({"parameters": flag}, [])[0]:
+            self.stop(f"non-finite parameters after the update of step {self.trainer.step}",
+                      "before any evaluation, rollout or checkpoint")
+        self.parameters_checked_at = self.trainer.step
+
+    def _read(self, flags: dict, norms: list) -> list[float]:
+        """The flags summed over ranks, then the norms (equal on every rank): one collective, one host sync."""
+        vec = torch.stack([t.detach().to(device=self.trainer.device, dtype=torch.float64).reshape(())
+                           for t in [*flags.values(), *norms]])
+        world = distributed.world_size()
+        if world > 1:
+            distributed.all_reduce_sum(vec)
+            vec[len(flags):] /= world
+        return vec.tolist()
+
+    def _verified(self):
+        t = self.trainer
+        if t.last_checkpoint is None or t.checkpoint_verified:
+            return
+        t.checkpoint_verified = True
+        if distributed.is_main() and t.run_id is not None:
+            try:
+                ckpt.mark_verified(t.last_checkpoint, t.step)
+                ckpt.prune(t.out_dir, t.run_id, t.config.keep_checkpoints)
+            except OSError as err:
+                log.warning("could not mark %s verified or prune older checkpoints: %s", t.last_checkpoint, err)
+
+    def stop(self, what: str, when: str, hint: str = ""):
+        """Raise NonFiniteLossError on every rank, once rank 0 has set aside an unverified checkpoint the diverged
+        step started from and pointed ``latest`` at the good one."""
+        t = self.trainer
+        suspect = t.last_checkpoint if (t.last_checkpoint is not None and not t.checkpoint_verified) else None
+        good = distributed.run_on_main(ckpt.set_aside_diverged, t.out_dir, t.run_id, suspect) if t.run_id else None
+        where = (f"the last good checkpoint is {good} (`latest` names it)" if good
+                 else "no good checkpoint was written")
+        if suspect is not None:
+            where += f"; {suspect.name}, which this step started from, is set aside as diverged-{suspect.name}"
+        raise NonFiniteLossError(
+            f"training diverged: {what}; stopped {when}, so no checkpoint holds them. "
+            f"{where[:1].upper() + where[1:]}.{' ' + hint if hint else ''} Lower the learning rate or check "
+            f"the data, then resume (--resume; a changed lr applies).")
 
 
 class NullMetricsLogger:
@@ -364,49 +571,61 @@ def reduce_sums(*values: float) -> list[float]:
 
 def fit(trainer, desc: str, postfix: dict):
     """Train ``trainer`` (reward or SFT) to ``config.max_steps``. One step: ``grad_accum_steps`` batches through
-    ``trainer.compute_loss``, stop on a non-finite loss, backward, then clip / optimizer / schedule; log every
-    ``log_steps``, evaluate every ``eval_steps``, checkpoint every ``save_steps`` (and at the end).
-    ``postfix`` maps progress-bar labels to metric names.
+    ``trainer.compute_loss`` and backward, clip, the divergence guard's one check (non-finite loss, gradient norm or
+    parameters stop here, before the optimizer), then optimizer / schedule; log every ``log_steps``, evaluate every
+    ``eval_steps``, checkpoint every ``save_steps`` (and at the end). ``postfix`` maps progress-bar labels to
+    metric names. The output folder's lock is released when training ends, however it ends.
 
     Under torchrun (DDP / FSDP), every rank draws the same global batch of ``batch_size * world_size`` examples
     from the stream and trains on its shard ``rank::world_size``; gradients are averaged over ranks on the last
     micro-batch of a step only; metrics are averaged over ranks and rank 0 alone writes them."""
     from tqdm.auto import tqdm
 
+    from fastrm._checks import deferred_finite_checks
     from fastrm.data import count_tokens
 
     c = trainer.config
+    trainer.hold_output_dir()
     trainer.model.train()
     bar = tqdm(total=c.max_steps, initial=trainer.step, desc=desc, disable=not (c.progress and distributed.is_main()))
     window = MetricsWindow()
-    while trainer.step < c.max_steps:
-        for micro in range(c.grad_accum_steps):
-            batch = trainer.collate(distributed.shard(next(trainer.stream)))
-            with trainer.parallel.gradient_sync(micro == c.grad_accum_steps - 1):
-                loss, metrics = trainer.compute_loss(batch)
-                check_finite_loss(loss, trainer.step, trainer.last_checkpoint)
-                (loss / c.grad_accum_steps).backward()
-            window.add(metrics, count_tokens(batch))
-        grad_norm = optimizer_step(trainer.model, trainer.optimizer, trainer.scheduler, c.max_grad_norm)
-        trainer.step += 1
-        bar.update(1)
-        if trainer.step % c.log_steps == 0 or trainer.step == c.max_steps:
-            row = window.summary()
-            row.update({"grad_norm": grad_norm, "lr": trainer.scheduler.get_last_lr()[0], "epoch": trainer.stream.epoch})
-            trainer.metrics.log(trainer.step, row)
-            bar.set_postfix({label: f"{row[key]:.4f}" for label, key in postfix.items()})
-        trainer.evaluate_and_save(bool(trainer.eval_examples))
-    bar.close()
-    trainer.metrics.close()
+    try:
+        with deferred_finite_checks():
+            while trainer.step < c.max_steps:
+                losses = []
+                for micro in range(c.grad_accum_steps):
+                    batch = trainer.collate(distributed.shard(next(trainer.stream)))
+                    with trainer.parallel.gradient_sync(micro == c.grad_accum_steps - 1):
+                        loss, metrics = trainer.compute_loss(batch)
+                        (loss / c.grad_accum_steps).backward()
+                    losses.append(loss.detach())
+                    window.add(metrics, count_tokens(batch))
+                grad_norm = clip_gradients(trainer.model, c.max_grad_norm)
+                (grad_norm,) = trainer.guard.check_step(losses, {"gradient norm": grad_norm})
+                apply_update(trainer.optimizer, trainer.scheduler)
+                trainer.guard.parameters_updated()
+                trainer.step += 1
+                bar.update(1)
+                if trainer.step % c.log_steps == 0 or trainer.step == c.max_steps:
+                    row = window.summary()
+                    row.update({"grad_norm": grad_norm, "lr": trainer.scheduler.get_last_lr()[0],
+                                "epoch": trainer.stream.epoch})
+                    trainer.metrics.log(trainer.step, row)
+                    bar.set_postfix({label: f"{row[key]:.4f}" for label, key in postfix.items()})
+                trainer.evaluate_and_save(bool(trainer.eval_examples))
+    finally:
+        bar.close()
+        trainer.metrics.close()
+        trainer.release_output_dir()
     return trainer
 
 
 def prepare_optimization(trainer):
-    """Resume weights, data-parallel wrapping, optimizer, schedule, batch stream, resume state and metrics: the
-    end of every supervised trainer's setup. The order matters: weights are loaded into the whole model, FSDP
-    then shards it, and the optimizer is built on the (sharded) parameters FSDP leaves in the model."""
+    """Resume weights, data-parallel wrapping, optimizer, schedule, batch stream, resume state, divergence guard
+    and metrics: the end of every supervised trainer's setup. The order matters: weights are loaded into the whole
+    model, FSDP then shards it, and the optimizer is built on the (sharded) parameters FSDP leaves in the model."""
     c = trainer.config
-    checkpoint = resume_checkpoint(trainer.out_dir, c.resume)
+    checkpoint = trainer.resume_from
     if checkpoint is not None:
         load_model_weights(trainer.model, checkpoint)
     trainer.autocast = use_bf16_autocast(c.mixed_precision, trainer.device)
@@ -420,46 +639,55 @@ def prepare_optimization(trainer):
     if checkpoint is not None:
         state = load_trainer_state(checkpoint)
         load_optimizer_state(trainer.model, trainer.optimizer, state["optimizer"])
-        trainer.scheduler.load_state_dict(state["scheduler"])
+        restore_schedule(trainer.optimizer, trainer.scheduler, state["scheduler"], c.weight_decay)
         trainer.stream.load_state_dict(state["stream"])
         set_rng_state(state["rng"])
-        trainer.step, trainer.last_checkpoint = state["step"], checkpoint
-        log.info("resumed from %s at step %d", checkpoint, trainer.step)
+        resumed_at(trainer, checkpoint, state["step"])
+    trainer.guard = DivergenceGuard(trainer, [trainer.model])
     trainer.metrics = MetricsLogger(trainer.out_dir, c.tensorboard) if distributed.is_main() else NullMetricsLogger()
+
+
+def resumed_at(trainer, checkpoint: Path, step: int):
+    trainer.step, trainer.last_checkpoint = step, checkpoint
+    trainer.checkpoint_verified = (checkpoint / ckpt.VERIFIED_FILE).is_file()
+    log.info("resumed from %s at step %d", checkpoint, step)
 
 
 def save_trainer(trainer) -> Path:
     """Checkpoint the model and the training state of a supervised trainer (see :func:`save_distributed`)."""
-    state = {"step": trainer.step, "stream": trainer.stream.state_dict(),
+    state = {"stream": trainer.stream.state_dict(),
              "optimizer": distributed.full_optimizer_state(trainer.model, trainer.optimizer),
-             "scheduler": trainer.scheduler.state_dict(), "rng": rng_state(), "config": trainer.config}
-    trainer.last_checkpoint = save_distributed(trainer.parallel, trainer.tokenizer, trainer.out_dir, trainer.step,
-                                               state, trainer.config.keep_checkpoints)
-    return trainer.last_checkpoint
+             "scheduler": trainer.scheduler.state_dict(), "rng": rng_state()}
+    return save_distributed(trainer, trainer.parallel, state)
 
 
 # ---- checkpoints --------------------------------------------------------------------------------------------------
 
-def save_distributed(parallel: distributed.Parallel, tokenizer, out_dir: Path, step: int, state: dict,
-                     keep: int) -> Path:
-    """Write ``checkpoint-<step>`` of ``parallel.model`` with ``state``, once: every rank takes part in gathering
-    FSDP shards (``state`` is built on every rank for the same reason), rank 0 writes, all ranks wait for it."""
+def save_distributed(trainer, parallel: distributed.Parallel, state: dict) -> Path:
+    """Write ``checkpoint-<step>`` of ``parallel.model`` with ``state`` (plus the run id, step, world size and
+    config), once: the guard first reads that the parameters are finite (a diverged model is never written), every
+    rank takes part in gathering FSDP shards (``state`` is built on every rank for the same reason), rank 0 writes
+    and prunes, and all ranks learn the outcome - an OS error on rank 0 (disk full) raises
+    :class:`fastrm.checkpoint.CheckpointWriteError` on every rank."""
+    from fastrm.config import config_to_dict
+
+    trainer.guard.check_parameters()
     weights = distributed.full_model_state(parallel.model) if parallel.is_fsdp else None
-    final = Path(out_dir) / f"{CHECKPOINT_PREFIX}{step}"
-    if distributed.is_main():
-        final = save_checkpoint(out_dir, step, parallel.model, tokenizer, state, keep=keep, model_state=weights)
-    distributed.barrier()
-    return final
+    state = {"format": ckpt.STATE_FORMAT, "run_id": trainer.run_id, "step": trainer.step,
+             "world_size": distributed.world_size(), "config": config_to_dict(trainer.config), **state}
+    path = distributed.run_on_main(_write_checkpoint, trainer, parallel.model, state, weights)
+    trainer.last_checkpoint, trainer.checkpoint_verified = Path(path), False
+    return trainer.last_checkpoint
 
 
-def resume_checkpoint(out_dir: Path, resume: bool) -> Path | None:
-    """The checkpoint to resume from: the latest of ``out_dir`` when ``resume`` (None, and a log line, if none)."""
-    if not resume:
-        return None
-    checkpoint = latest_checkpoint(out_dir)
-    if checkpoint is None:
-        log.info("resume: no checkpoint in %s, starting fresh", out_dir)
-    return checkpoint
+def _write_checkpoint(trainer, model, state: dict, weights) -> str:
+    state["written_at"] = time.time()
+    path = ckpt.write_checkpoint(trainer.out_dir, trainer.step, model, trainer.tokenizer, state, model_state=weights)
+    try:
+        ckpt.prune(trainer.out_dir, trainer.run_id, trainer.config.keep_checkpoints)
+    except OSError as err:
+        log.warning("could not prune older checkpoints in %s: %s", trainer.out_dir, err)
+    return str(path)
 
 
 def load_model_weights(model, checkpoint: Path):
@@ -472,59 +700,3 @@ def load_optimizer_state(model, optimizer, saved: dict):
         distributed.load_full_optimizer_state(model, optimizer, saved)
     else:
         optimizer.load_state_dict(saved)
-
-
-def save_checkpoint(out_dir: Path, step: int, model, tokenizer, trainer_state: dict, keep: int = 2,
-                    model_state: dict | None = None) -> Path:
-    """Write ``checkpoint-<step>`` atomically: everything goes to a temporary folder first, which is renamed
-    into place only once complete, and ``latest`` is replaced atomically after that. A crash at any point
-    leaves the previous checkpoint as ``latest``. ``model_state``: the weights to write instead of
-    ``model.state_dict()`` (the gathered full state of an FSDP-sharded model)."""
-    out_dir = Path(out_dir)
-    final = out_dir / f"{CHECKPOINT_PREFIX}{step}"
-    for stale in out_dir.glob(f".tmp-{CHECKPOINT_PREFIX}*"):  # left by a crash mid-write: never a checkpoint
-        shutil.rmtree(stale, ignore_errors=True)
-    tmp = out_dir / f".tmp-{CHECKPOINT_PREFIX}{step}-{os.getpid()}"
-    tmp.mkdir(parents=True)
-    model.save_pretrained(tmp, safe_serialization=True, state_dict=model_state)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(tmp)
-    torch.save(trainer_state, tmp / STATE_FILE)
-    _fsync_dir(tmp)
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    latest_tmp = out_dir / f".{LATEST_FILE}.tmp"
-    latest_tmp.write_text(final.name)
-    os.replace(latest_tmp, out_dir / LATEST_FILE)
-    _prune(out_dir, keep)
-    return final
-
-
-def latest_checkpoint(out_dir: Path) -> Path | None:
-    pointer = Path(out_dir) / LATEST_FILE
-    if not pointer.is_file():
-        return None
-    path = Path(out_dir) / pointer.read_text().strip()
-    return path if (path / STATE_FILE).is_file() else None
-
-
-def load_trainer_state(checkpoint: Path) -> dict:
-    return torch.load(Path(checkpoint) / STATE_FILE, map_location="cpu", weights_only=False)
-
-
-def _prune(out_dir: Path, keep: int):
-    checkpoints = sorted(
-        (p for p in out_dir.glob(f"{CHECKPOINT_PREFIX}*") if p.name[len(CHECKPOINT_PREFIX):].isdigit()),
-        key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]),
-    )
-    for old in checkpoints[:-keep] if keep > 0 else []:
-        shutil.rmtree(old, ignore_errors=True)
-
-
-def _fsync_dir(path: Path):
-    for child in path.iterdir():
-        if child.is_file():
-            with open(child, "rb") as f:
-                os.fsync(f.fileno())
-

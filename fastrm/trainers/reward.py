@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 
@@ -43,6 +44,9 @@ class RewardConfig(training.SupervisedSettings):
     eval_steps: int = 200
     save_steps: int = 200
 
+    FIXED_ON_RESUME: ClassVar[tuple[str, ...]] = training.SupervisedSettings.FIXED_ON_RESUME + (
+        "num_train_pairs", "annotator_noise")
+
     def validate(self):
         super().validate()
         for name in ("num_train_pairs", "num_eval_pairs"):
@@ -60,7 +64,7 @@ class RewardTrainer(training.Trainer):
 
     def setup(self):
         c = self.config
-        self.mode = training.start_run(c, self.out_dir)
+        training.start_run(self)
         self.tokenizer = fdata.load_tokenizer(c.tokenizer)
         train_rows, eval_rows = self._load_rows()
         self.train_examples, self.kind = self._tokenize(train_rows, "train")

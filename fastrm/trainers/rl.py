@@ -33,7 +33,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -42,7 +42,8 @@ from tqdm.auto import tqdm
 from fastrm import data as fdata
 from fastrm import distributed as fdist
 from fastrm import rewards, rl, training
-from fastrm.config import require, setting
+from fastrm._checks import deferred_finite_checks
+from fastrm.config import ConfigError, require, setting
 from fastrm.generation import decode_completions, generate
 from fastrm.models import (
     TINY,
@@ -130,6 +131,11 @@ class RLConfig(training.TrainerSettings):
     max_steps: int = 200
     value_lr: float | None = None  # default: lr
 
+    # The global batch may change on resume (another number of GPUs): rollouts are sampled, and the prompt
+    # order goes on from the same epoch position.
+    FIXED_ON_RESUME: ClassVar[tuple[str, ...]] = ("model", "seed", "tokenizer", "train_data", "train_split",
+                                                  "num_train_prompts", "task_max_level", "curriculum")
+
     def validate(self):
         super().validate()
         for name in ("num_samples", "max_new_tokens", "ppo_epochs", "num_minibatches", "num_train_prompts",
@@ -174,7 +180,8 @@ class RLConfig(training.TrainerSettings):
         require(0 <= self.baseline_decay < 1, "baseline_decay", self.baseline_decay, "must lie in [0, 1)")
         require(0 < self.curriculum_start <= 1, "curriculum_start", self.curriculum_start, "must lie in (0, 1]")
         require(self.curriculum_steps >= 0, "curriculum_steps", self.curriculum_steps, "must be >= 0")
-        require(self.value_lr is None or self.value_lr > 0, "value_lr", self.value_lr, "must be > 0")
+        require(self.value_lr is None or (self.value_lr > 0 and math.isfinite(self.value_lr)), "value_lr",
+                self.value_lr, "must be > 0 and finite")
         specs = self.reward_fn_specs()
         require(len(specs) > 0 and all(isinstance(s, str) and s for s in specs), "reward_fn", self.reward_fn,
                 "must be 'embedded', 'package.module:function' or a non-empty list of them")
@@ -237,7 +244,7 @@ class RLTrainer(training.Trainer):
 
     def setup(self):
         c = self.config
-        self.mode = training.start_run(c, self.out_dir)
+        training.start_run(self)
         self.tokenizer = self._load_tokenizer()
         self.train_rows, self.eval_rows = self._load_prompts()
         # Policy, and the frozen reference: a copy of the initial policy (or the same checkpoint in 8 bits).
@@ -255,14 +262,15 @@ class RLTrainer(training.Trainer):
         self.rules = self._load_rules()
         self.value = self._build_value_model()
         # Resumed weights go into the whole models, before FSDP shards them (see training.prepare_optimization).
-        checkpoint = training.resume_checkpoint(self.out_dir, c.resume)
+        checkpoint = self.resume_from
         state = training.load_trainer_state(checkpoint) if checkpoint is not None else None
         if checkpoint is not None:
             training.load_model_weights(self.policy, checkpoint)
             if self.value is not None:
                 if "value_model" not in state:
-                    raise ValueError(f"resume: {checkpoint} has no critic state but this run has value_model="
-                                     f"{c.resolved_value_model()}")
+                    raise ConfigError(f"resume from {checkpoint}: it has no critic, but this run needs one "
+                                      f"(value_model={c.value_model}, advantage={c.advantage}); resume with the "
+                                      f"checkpoint's advantage/value_model settings")
                 self.value.load_state_dict(state["value_model"])
         # Data parallel: trained models DDP-wrapped (or FSDP-sharded), frozen ones replicated (or sharded).
         self.autocast = training.use_bf16_autocast(c.mixed_precision, self.device)
@@ -298,6 +306,7 @@ class RLTrainer(training.Trainer):
         self.normalizer = rl.RewardNormalizer(c.reward_norm, c.reward_clip)
         if checkpoint is not None:
             self._restore(checkpoint, state)
+        self.guard = training.DivergenceGuard(self, [m for m in (self.policy, self.value) if m is not None])
         fdist.decorrelate_rng(c.seed, self.step)  # ranks sample different completions
         self.metrics = training.MetricsLogger(self.out_dir, c.tensorboard) if fdist.is_main() \
             else training.NullMetricsLogger()
@@ -519,7 +528,7 @@ class RLTrainer(training.Trainer):
                                                    for p, x in zip(prompts_n, completions)) / len(truth)
         return {"batch": batch, "prompt_len": prompt_len, "mask": mask, "old_logprobs": old_logprobs,
                 "ref_logprobs": ref_logprobs, "values": values, "advantages": advantages, "returns": returns,
-                "seq_kl": seq_kl, "stats": stats, "completions": completions, "prompts": prompts_n}
+                "scores": scores, "seq_kl": seq_kl, "stats": stats, "completions": completions, "prompts": prompts_n}
 
     # ---- the update --------------------------------------------------------------------------------------------
 
@@ -566,17 +575,33 @@ class RLTrainer(training.Trainer):
         rows = ro["mask"].shape[0]
         generator = torch.Generator().manual_seed(c.seed * 1_000_003 + self.step)
         window = training.MetricsWindow()
+        # What the rollout computed, non-finite anywhere on a completion token (a reward function returning 1e38
+        # overflows the statistics): named in the guard's message if the step stops.
+        rollout_flags = {"advantages": ~torch.isfinite(torch.where(ro["mask"] != 0, ro["advantages"], 0.0)).all()}
+        if "scores" in ro:
+            rollout_flags["rewards"] = ~torch.isfinite(ro["scores"]).all()
+
+        def hint(names):
+            if "scores" not in ro or ("rewards" not in names and "advantages" not in names):
+                return ""
+            return (f"The largest |reward| of this step's rollouts is {ro['scores'].abs().max().item():.3g}: "
+                    f"normalise or clip rewards (reward_norm, reward_clip).")
+
         for _ in range(c.ppo_epochs):
             order = torch.randperm(rows, generator=generator).to(self.device)
             for idx in order.tensor_split(c.num_minibatches):
                 loss, metrics = self.compute_loss(ro, idx)
-                training.check_finite_loss(loss, self.step, self.last_checkpoint)
                 loss.backward()
-                metrics["policy/grad_norm"] = training.optimizer_step(self.policy, self.optimizer, self.scheduler,
-                                                                      c.max_grad_norm)
+                norms = {"policy gradient norm": training.clip_gradients(self.policy, c.max_grad_norm)}
                 if self.value is not None:
-                    metrics["val/grad_norm"] = training.optimizer_step(self.value, self.value_optimizer,
-                                                                       self.value_scheduler, c.max_grad_norm)
+                    norms["value gradient norm"] = training.clip_gradients(self.value, c.max_grad_norm)
+                norms = self.guard.check_step([loss], norms, rollout_flags, hint)
+                training.apply_update(self.optimizer, self.scheduler)
+                metrics["policy/grad_norm"] = norms[0]
+                if self.value is not None:
+                    training.apply_update(self.value_optimizer, self.value_scheduler)
+                    metrics["val/grad_norm"] = norms[1]
+                self.guard.parameters_updated()
                 window.add(metrics, int(ro["mask"][idx].sum()))
         return window.summary()
 
@@ -596,24 +621,33 @@ class RLTrainer(training.Trainer):
         self.kl_ctl.update(float(mean_kl), int(count))
         row["lr"] = self.scheduler.get_last_lr()[0]
         self.step += 1
+        self.guard.check_parameters()  # before the next rollout samples from them (or an evaluation, a checkpoint)
         return row
 
     def train(self):
+        """Train to ``max_steps``, with ops' finiteness checks deferred to the divergence guard; the output
+        folder's lock is released when training ends, however it ends."""
         c = self.config
+        self.hold_output_dir()
         bar = tqdm(total=c.max_steps, initial=self.step, desc=f"rl:{c.advantage}",
                    disable=not (c.progress and fdist.is_main()))
-        while self.step < c.max_steps:
-            row = self.train_step()
-            bar.update(1)
-            if self.step % c.log_steps == 0 or self.step == c.max_steps:
-                self.metrics.log(self.step, row)
-                postfix = {"score": f"{float(row['objective/scores']):.3f}", "kl": f"{float(row['objective/kl']):.3f}"}
-                if "objective/true_score" in row:
-                    postfix["true"] = f"{row['objective/true_score']:.3f}"
-                bar.set_postfix(**postfix)
-            self.evaluate_and_save(bool(self.eval_rows))
-        bar.close()
-        self.metrics.close()
+        try:
+            with deferred_finite_checks():
+                while self.step < c.max_steps:
+                    row = self.train_step()
+                    bar.update(1)
+                    if self.step % c.log_steps == 0 or self.step == c.max_steps:
+                        self.metrics.log(self.step, row)
+                        postfix = {"score": f"{float(row['objective/scores']):.3f}",
+                                   "kl": f"{float(row['objective/kl']):.3f}"}
+                        if "objective/true_score" in row:
+                            postfix["true"] = f"{row['objective/true_score']:.3f}"
+                        bar.set_postfix(**postfix)
+                    self.evaluate_and_save(bool(self.eval_rows))
+        finally:
+            bar.close()
+            self.metrics.close()
+            self.release_output_dir()
         return self
 
     @torch.no_grad()
@@ -664,11 +698,11 @@ class RLTrainer(training.Trainer):
 
     def state_dict(self) -> dict:
         """Everything but the policy's weights, whole (FSDP shards gathered: every rank must call it)."""
-        state = {"step": self.step, "sampler": self.sampler.state_dict(),
+        state = {"sampler": self.sampler.state_dict(),
                  "optimizer": fdist.full_optimizer_state(self.policy, self.optimizer),
                  "scheduler": self.scheduler.state_dict(), "kl_ctl": self.kl_ctl.state_dict(),
                  "baseline": self.baseline.state_dict(), "normalizer": self.normalizer.state_dict(),
-                 "rng": training.rng_state(), "config": self.config}
+                 "rng": training.rng_state()}
         if self.value is not None:
             state.update({"value_model": fdist.full_model_state(self.value),
                           "value_optimizer": fdist.full_optimizer_state(self.value, self.value_optimizer),
@@ -676,24 +710,26 @@ class RLTrainer(training.Trainer):
         return state
 
     def save(self) -> Path:
-        self.last_checkpoint = training.save_distributed(self.policy_p, self.tokenizer, self.out_dir, self.step,
-                                                         self.state_dict(), self.config.keep_checkpoints)
-        return self.last_checkpoint
+        return training.save_distributed(self, self.policy_p, self.state_dict())
 
     def _restore(self, checkpoint: Path, state: dict):
-        """The rest of a checkpoint once models are wrapped and optimizers built (weights are loaded in setup)."""
+        """The rest of a checkpoint once models are wrapped and optimizers built (weights are loaded in setup).
+        This run's settings apply: learning rates and schedules, a fixed KL coefficient, the adaptive controller's
+        target and horizon (its coefficient continues), the baseline's kind and decay (its mean continues)."""
+        c = self.config
         training.load_optimizer_state(self.policy, self.optimizer, state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
+        training.restore_schedule(self.optimizer, self.scheduler, state["scheduler"], c.weight_decay)
         if self.value is not None:
             training.load_optimizer_state(self.value, self.value_optimizer, state["value_optimizer"])
-            self.value_scheduler.load_state_dict(state["value_scheduler"])
+            training.restore_schedule(self.value_optimizer, self.value_scheduler, state["value_scheduler"],
+                                      c.weight_decay)
         self.sampler.load_state_dict(state["sampler"])
-        self.kl_ctl.load_state_dict(state["kl_ctl"])
-        self.baseline.load_state_dict(state["baseline"])
+        if c.adaptive_kl:
+            self.kl_ctl.value = state["kl_ctl"]["value"]
+        self.baseline.value = state["baseline"]["value"]
         self.normalizer.load_state_dict(state["normalizer"])
         training.set_rng_state(state["rng"])
-        self.step, self.last_checkpoint = state["step"], checkpoint
-        log.info("resumed from %s at step %d", checkpoint, self.step)
+        training.resumed_at(self, checkpoint, state["step"])
 
 
 def main(argv=None) -> int:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 
@@ -40,6 +41,8 @@ class SFTConfig(training.SupervisedSettings):
     eval_steps: int = 100
     save_steps: int = 100
 
+    FIXED_ON_RESUME: ClassVar[tuple[str, ...]] = training.SupervisedSettings.FIXED_ON_RESUME + ("num_train_examples",)
+
     def validate(self):
         super().validate()
         for name in ("num_train_examples", "num_eval_examples", "max_new_tokens"):
@@ -54,7 +57,7 @@ class SFTTrainer(training.Trainer):
 
     def setup(self):
         c = self.config
-        self.mode = training.start_run(c, self.out_dir)
+        training.start_run(self)
         self.tokenizer = fdata.load_tokenizer(c.tokenizer)
         train_rows, eval_rows = self._load_rows()
         self.train_examples = self._tokenize(train_rows, "train")
