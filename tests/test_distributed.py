@@ -14,6 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 from fastrm import rl
+from fastrm.checkpoint import load_trainer_state
 from fastrm.config import ConfigError, load_config
 from fastrm.trainers.reward import RewardConfig
 from test_rl import TINY as RL_TINY
@@ -113,7 +114,7 @@ def test_fsdp_checkpoint_is_whole_and_resumes_on_one_process(tmp_path):
     full.train()
     torchrun("train-rm", TINY + ["num_train_pairs=96", "num_eval_pairs=32", "batch_size=4", "distributed=fsdp",
                                  *common[1:], "max_steps=2", f"output_dir={tmp_path / 'half'}"])
-    state = torch.load(tmp_path / "half" / "checkpoint-2" / "trainer_state.pt", weights_only=False)
+    state = load_trainer_state(tmp_path / "half" / "checkpoint-2")
     assert state["optimizer"]["format"] == "named"
     assert set(state["optimizer"]["state"]) == set(final_params(tmp_path / "half", 2))  # every weight trained
     resumed = reward_trainer(tmp_path / "half", "batch_size=8", *common, "resume=true")
@@ -158,7 +159,7 @@ def test_ppo_update_on_two_ranks_equals_one_process(tmp_path, mode):
     torchrun(str(TESTS / "rl_update_worker.py"), [str(tmp_path / "rollout.pt"), *RL_TINY, *RL_COMMON,
                                                    f"distributed={mode}", f"output_dir={tmp_path / 'two'}"])
     assert_same_params(final_params(tmp_path / "two", 1), params(one.policy))
-    state = torch.load(tmp_path / "two" / "checkpoint-1" / "trainer_state.pt", weights_only=False)
+    state = load_trainer_state(tmp_path / "two" / "checkpoint-1")
     assert_same_params(state["value_model"], params(one.value))
 
 

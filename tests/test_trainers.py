@@ -1,5 +1,5 @@
 """Reward-model and SFT trainers on a tiny model: saving/loading, padded vs packed, learning, resume,
-8-bit optimizer, non-finite stop, atomic checkpoints, configs and bad data."""
+8-bit optimizer, non-finite stop, configs and bad data (checkpoint failures: test_checkpoints.py)."""
 
 import json
 
@@ -215,7 +215,7 @@ def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypat
         return (loss * float("nan") if trainer.step == 4 else loss), metrics
 
     monkeypatch.setattr(trainer, "compute_loss", poisoned)
-    with pytest.raises(training.NonFiniteLossError, match="non-finite loss .* at step 4.*checkpoint-3"):
+    with pytest.raises(training.NonFiniteLossError, match="non-finite loss.* at step 5 .*checkpoint-3"):
         trainer.train()
     assert training.latest_checkpoint(tmp_path).name == "checkpoint-3"
     state = training.load_trainer_state(tmp_path / "checkpoint-3")
@@ -223,23 +223,6 @@ def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypat
     resumed = reward_trainer(tmp_path, "max_steps=8", "resume=true")
     assert resumed.step == 3
     assert all(torch.isfinite(p).all() for p in resumed.model.parameters())
-
-
-def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
-    trainer = reward_trainer(tmp_path, "max_steps=6", "save_steps=3")
-    trainer.config.max_steps = 3
-    trainer.train()
-    assert training.latest_checkpoint(tmp_path).name == "checkpoint-3"
-
-    def crash(*args, **kwargs):
-        raise OSError("disk full")
-
-    monkeypatch.setattr(training.torch, "save", crash)
-    trainer.config.max_steps = 6
-    with pytest.raises(OSError, match="disk full"):
-        trainer.train()
-    assert training.latest_checkpoint(tmp_path).name == "checkpoint-3"
-    assert not (tmp_path / "checkpoint-6").exists()  # nothing half-written under a real name
 
 
 def test_malformed_data_names_file_and_line(tmp_path):
