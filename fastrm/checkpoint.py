@@ -98,15 +98,20 @@ def _running(pid: int, start: str | None) -> bool:
 
 @contextlib.contextmanager
 def _folder_flock(folder: Path):
-    """Exclusive ``flock`` on the folder while a lock is examined and taken over (no-op where flock is missing)."""
+    """Exclusive ``flock`` on the folder while its lock is examined or taken over and leftovers are removed. Best
+    effort: where flock is missing or refused (some network file systems), the atomic link alone decides."""
     try:
         import fcntl
-    except ImportError:
+
+        fd = os.open(folder, os.O_RDONLY)
+    except (ImportError, OSError):
         yield
         return
-    fd = os.open(folder, os.O_RDONLY)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError:
+            pass
         yield
     finally:
         os.close(fd)
@@ -384,7 +389,8 @@ def open_output_dir(out_dir: Path, resume: bool, overwrite: bool) -> tuple[Outpu
     out.mkdir(parents=True, exist_ok=True)
     lock = OutputLock(out).acquire()
     try:
-        remove_leftovers(out)
+        with _folder_flock(out):  # a run being refused may be writing its .tmp- lock file
+            remove_leftovers(out)
         checkpoint = None
         if overwrite:
             removed = [p for p in earlier_run(out) + [n for n in RUN_OUTPUTS if n != LATEST_FILE]
