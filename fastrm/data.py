@@ -28,11 +28,12 @@ dicts. Parquet and ``save_to_disk`` folders are read with the ``datasets`` libra
 ``DatasetDict`` one split is taken (``split=``, the trainers' ``train_split`` / ``eval_split``). In rows read
 through ``datasets`` a null field counts as absent (Arrow gives every row every column).
 
-Every tokenized sequence is ``BOS + prompt + response + EOS`` (BOS only if the tokenizer has one; a
-BOS or EOS the chat template already emits is not doubled). Over ``max_length`` a sequence keeps its
-response and loses prompt tokens from the left, then (only if the response alone is too long) response
-tokens from the right; ``truncation="drop"`` drops the example instead. Both are counted in the
-returned :class:`TokenizeReport`.
+Every tokenized sequence is ``head + prompt + response + tail``, the tokenizer's own
+:class:`SequenceTemplate`: ``BOS + ... + EOS`` for a decoder (BOS only if its tokenizer adds one),
+``[CLS] ... [SEP]`` for a BERT-style encoder; a head or EOS the chat template already emits is not
+doubled. Over ``max_length`` a sequence keeps its response and loses prompt tokens from the left, then
+(only if the response alone is too long) response tokens from the right; ``truncation="drop"`` drops
+the example instead. Both are counted in the returned :class:`TokenizeReport`.
 """
 
 from __future__ import annotations
@@ -468,40 +469,121 @@ def load_rows(source, task: str | None = None, *, split: str = DEFAULT_SPLIT, sk
 
 
 EMBEDDED_TOKENIZER = "embedded"
+AUTO_TOKENIZER = "auto"
 
 
-def load_tokenizer(spec=EMBEDDED_TOKENIZER):
+def load_tokenizer(spec=EMBEDDED_TOKENIZER, model_name_or_path: str | None = None):
     """``"embedded"`` (or None): the built-in task's character tokenizer
-    (:func:`fastrm.tasks.arithmetic.build_tokenizer`); else a local tokenizer folder, loaded offline
-    with ``AutoTokenizer.from_pretrained(path, local_files_only=True)``. Nothing is downloaded.
+    (:func:`fastrm.tasks.arithmetic.build_tokenizer`); ``"auto"``: the tokenizer saved with the checkpoint
+    ``model_name_or_path`` (the embedded one for the ``tiny`` model); else a tokenizer folder. Loaded offline with
+    ``AutoTokenizer.from_pretrained(path, local_files_only=True)``: nothing is downloaded.
 
-    A tokenizer without a pad token gets its EOS token as pad (logged); one without EOS is an error.
+    A tokenizer without a pad token gets one (logged): its unknown token when it has one distinct from EOS, else
+    its EOS token (see :func:`sequence_template` for what that means for a reward model).
     """
+    if spec == AUTO_TOKENIZER:
+        from fastrm.models import TINY
+
+        if model_name_or_path in (None, TINY):
+            spec = EMBEDDED_TOKENIZER
+        else:
+            spec = model_name_or_path
+            if Path(spec).is_dir() and not any((Path(spec) / f).is_file() for f in TOKENIZER_FILES):
+                raise ValueError(f"tokenizer=auto: the checkpoint {spec} has no tokenizer files ({', '.join(TOKENIZER_FILES)}); "
+                                 "set tokenizer=<folder with the model's tokenizer>")
     if spec is None or spec == EMBEDDED_TOKENIZER:
         from fastrm.tasks.arithmetic import build_tokenizer
 
         return build_tokenizer()
-    path = Path(spec)
-    if not path.is_dir():
-        raise ValueError(f"tokenizer {str(spec)!r} is neither {EMBEDDED_TOKENIZER!r} nor a local folder "
-                         "(fastrm never downloads; save the tokenizer with save_pretrained first)")
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-    if tokenizer.eos_token_id is None:
-        raise ValueError(f"tokenizer {path} has no eos_token; fastrm ends every sequence with EOS")
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-        logger.info("tokenizer %s has no pad token: using its EOS token %r", path, tokenizer.eos_token)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(spec), local_files_only=True)
+    except (OSError, ValueError) as err:
+        raise ValueError(f"tokenizer {str(spec)!r} is neither {EMBEDDED_TOKENIZER!r} nor a local tokenizer folder "
+                         f"or cached checkpoint (fastrm never downloads; save the tokenizer with save_pretrained "
+                         f"first): {str(err).splitlines()[0]}") from None
+    ensure_pad_token(tokenizer, str(spec))
     return tokenizer
 
 
+TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json", "vocab.txt", "vocab.json", "tokenizer.model")
 
-def _special_ids(tokenizer) -> tuple[int | None, int]:
+
+def ensure_pad_token(tokenizer, name: str = "the tokenizer"):
+    """Give a tokenizer without a pad token one: its unknown token if it has one that is not EOS (Llama-2,
+    Mistral), else EOS (GPT-2, GPT-NeoX, Llama-3 style, where EOS is the only special token)."""
+    if tokenizer.pad_token_id is not None:
+        return
+    unk, eos = tokenizer.unk_token_id, tokenizer.eos_token_id
+    if unk is not None and unk != eos:
+        tokenizer.pad_token = tokenizer.unk_token
+    elif eos is not None:
+        tokenizer.pad_token = tokenizer.eos_token
+    else:
+        raise ValueError(f"{name} has no pad, unknown or EOS token to pad batches with; set tokenizer.pad_token")
+    logger.info("%s has no pad token: padding with %r (id %d)", name, tokenizer.pad_token, tokenizer.pad_token_id)
+
+
+@dataclass(frozen=True)
+class SequenceTemplate:
+    """How one text becomes a model input: ``head + text + tail``, as the model family writes it.
+
+    ``head`` and ``tail`` are the special tokens the tokenizer's own template puts around a text: BOS for
+    Llama / Mistral / Gemma, nothing for GPT-2 / Qwen2, ``[CLS]`` ... ``[SEP]`` for BERT, ``<s>`` ... ``</s>``
+    for RoBERTa. A decoder template has no tail, so fastrm ends a sequence with EOS: the model sees where an
+    answer ends and an SFT policy learns to stop (``tail_is_eos``)."""
+
+    head: tuple[int, ...]
+    tail: tuple[int, ...]
+    eos: int | None
+    tail_is_eos: bool
+
+    def strip(self, prompt: list[int], response: list[int]) -> tuple[list[int], list[int]]:
+        """``prompt`` without a head a chat template already wrote, ``response`` without its tail or EOS, so
+        neither is doubled when the template's own are added."""
+        n = len(self.head)
+        if n and prompt[:n] == list(self.head):
+            prompt = prompt[n:]
+        t = len(self.tail)
+        if t and response[-t:] == list(self.tail):
+            response = response[:-t]
+        elif self.eos is not None and response and response[-1] == self.eos:
+            response = response[:-1]
+        return prompt, response
+
+
+def _own_special_tokens(tokenizer) -> tuple[list[int], list[int]]:
+    """The special tokens ``tokenizer`` adds before and after a text (``add_special_tokens=True``)."""
+    probe = "a"
+    bare = list(tokenizer(probe, add_special_tokens=False)["input_ids"])
+    full = list(tokenizer(probe, add_special_tokens=True)["input_ids"])
+    for i in range(len(full) - len(bare) + 1):
+        if full[i:i + len(bare)] == bare:
+            return full[:i], full[i + len(bare):]
+    raise ValueError(f"cannot find the special-token template of {type(tokenizer).__name__}: {probe!r} encodes "
+                     f"to {bare} alone and {full} with special tokens")
+
+
+def sequence_template(tokenizer, *, reward: bool = False) -> SequenceTemplate:
+    """The :class:`SequenceTemplate` of ``tokenizer``; ``reward=True`` for sequences a reward model scores.
+
+    A decoder whose pad token is its EOS (GPT-2 style) scores without the EOS tail: a sequence-classification
+    head reads the last token that is not pad, so it would skip that EOS anyway, and a token after the one read
+    changes nothing under causal attention; without it, padded and packed batches read the same token.
+    Policies (``reward=False``) need EOS to learn when to stop: a tokenizer without one is an error."""
+    head, own_tail = _own_special_tokens(tokenizer)
     eos = tokenizer.eos_token_id
+    if own_tail:
+        return SequenceTemplate(tuple(head), tuple(own_tail), eos, tail_is_eos=False)
     if eos is None:
-        raise ValueError("the tokenizer has no eos_token; set tokenizer.eos_token before tokenizing")
-    return tokenizer.bos_token_id, eos
+        if reward:
+            return SequenceTemplate(tuple(head), (), None, tail_is_eos=False)
+        raise ValueError("the tokenizer has no eos_token: a policy could never learn to end its answer; "
+                         "set tokenizer.eos_token before tokenizing")
+    if reward and tokenizer.pad_token_id == eos:
+        return SequenceTemplate(tuple(head), (), eos, tail_is_eos=False)
+    return SequenceTemplate(tuple(head), (eos,), eos, tail_is_eos=True)
 
 
 def _render(tokenizer, prompt_msgs: list, response_msgs: list) -> tuple[str, str]:
@@ -583,27 +665,24 @@ class _Fitted:
         return len(self.head) + len(self.prompt)
 
 
-def _fit(prompt: list[int], responses: list[list[int]], bos, eos: int, max_length: int | None, mode: str,
-         *, eos_on_cut: bool) -> _Fitted | None:
-    """Lay out ``head + prompt + response + EOS`` for responses sharing one prompt, within max_length.
+def _fit(prompt: list[int], responses: list[list[int]], template: SequenceTemplate, max_length: int | None,
+         mode: str, *, tail_on_cut: bool) -> _Fitted | None:
+    """Lay out ``head + prompt + response + tail`` (see :class:`SequenceTemplate`) for responses sharing one
+    prompt, within max_length.
 
     The prompt is cut from the left just enough for the longest response, so all responses still see
-    the same prompt; a response longer than the whole budget is cut from the right. ``eos_on_cut``:
-    whether a cut response still ends with EOS (yes for reward models, which read the EOS position;
-    no for SFT, which must not learn to stop mid-answer). Returns None if ``mode == "drop"`` and the
-    example does not fit.
+    the same prompt; a response longer than the whole budget is cut from the right. ``tail_on_cut``:
+    whether a cut response still ends with the tail (yes for reward models, which read the EOS position,
+    and for encoders, whose ``[SEP]`` is structural; no for SFT, which must not learn to stop mid-answer).
+    Returns None if ``mode == "drop"`` and the example does not fit.
     """
-    head = []
-    if bos is not None:
-        head = [bos]
-        if prompt and prompt[0] == bos:  # the chat template already emitted BOS
-            prompt = prompt[1:]
-    responses = [r[:-1] if r and r[-1] == eos else r for r in responses]  # EOS is added below, once
-    tails = [[eos] for _ in responses]
-    fitted = _Fitted(head, prompt, responses, tails, truncated=False)
+    head, tail = list(template.head), list(template.tail)
+    responses = [template.strip(prompt, r)[1] for r in responses]  # the tail is added below, once
+    prompt = template.strip(prompt, [])[0]
+    fitted = _Fitted(head, prompt, responses, [tail for _ in responses], truncated=False)
     if max_length is None:
         return fitted
-    budget = max_length - len(head) - 1
+    budget = max_length - len(head) - len(tail)
     longest = max(len(r) for r in responses)
     if len(prompt) + longest <= budget:
         return fitted
@@ -616,12 +695,12 @@ def _fit(prompt: list[int], responses: list[list[int]], bos, eos: int, max_lengt
         new_responses, new_tails = [], []
         for r in responses:
             if len(r) > budget:
-                if eos_on_cut:
-                    new_responses.append(r[:budget]), new_tails.append([eos])
+                if tail_on_cut:
+                    new_responses.append(r[:budget]), new_tails.append(tail)
                 else:
-                    new_responses.append(r[:budget + 1]), new_tails.append([])
+                    new_responses.append(r[:budget + len(tail)]), new_tails.append([])
             else:
-                new_responses.append(r), new_tails.append([eos])
+                new_responses.append(r), new_tails.append(tail)
         fitted.responses, fitted.tails = new_responses, new_tails
     return fitted
 
@@ -629,11 +708,12 @@ def _fit(prompt: list[int], responses: list[list[int]], bos, eos: int, max_lengt
 def _prepare(rows, tokenizer, max_length, truncation, task: str):
     if truncation not in TRUNCATION_MODES:
         raise ValueError(f"truncation must be one of {TRUNCATION_MODES}, got {truncation!r}")
-    bos, eos = _special_ids(tokenizer)
+    template = sequence_template(tokenizer, reward=task != "sft")
     if max_length is not None:
-        need = (bos is not None) + 2
+        need = len(template.head) + len(template.tail) + 1
         if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < need:
-            raise ValueError(f"max_length must be None or an int >= {need} (BOS + 1 token + EOS), got {max_length!r}")
+            raise ValueError(f"max_length must be None or an int >= {need} (the tokenizer's {len(template.head)} "
+                             f"leading and {len(template.tail)} trailing special tokens + 1), got {max_length!r}")
     if isinstance(rows, (str, os.PathLike)):
         rows = load_rows(rows, task)
     rows = list(rows)
@@ -649,18 +729,18 @@ def _prepare(rows, tokenizer, max_length, truncation, task: str):
         texts.extend(responses)
     ids = _encode_all(tokenizer, texts)
     encoded = [(ids[start], ids[start + 1:start + 1 + k]) for start, k in layout]
-    return rows, encoded, bos, eos
+    return rows, encoded, template
 
 
 def _tokenize_responses(rows, tokenizer, max_length, truncation, task: str, make_example):
     """One prompt, several responses per row (preference pairs, K-way rankings): fit each row to
     ``max_length`` (responses keep their EOS when cut), count truncations and drops, and build each
     example with ``make_example(row, fitted)``."""
-    rows, encoded, bos, eos = _prepare(rows, tokenizer, max_length, truncation, task)
+    rows, encoded, template = _prepare(rows, tokenizer, max_length, truncation, task)
     report = TokenizeReport(n_rows=len(rows))
     examples = []
     for row, (prompt, responses) in zip(rows, encoded):
-        fitted = _fit(prompt, responses, bos, eos, max_length, truncation, eos_on_cut=True)
+        fitted = _fit(prompt, responses, template, max_length, truncation, tail_on_cut=True)
         if fitted is None:
             report.dropped += 1
             continue
@@ -706,11 +786,11 @@ def tokenize_sft(rows, tokenizer, max_length: int | None = None, truncation: str
 
     Returns ``(examples, TokenizeReport)``.
     """
-    rows, encoded, bos, eos = _prepare(rows, tokenizer, max_length, truncation, "sft")
+    rows, encoded, template = _prepare(rows, tokenizer, max_length, truncation, "sft")
     report = TokenizeReport(n_rows=len(rows))
     examples = []
     for prompt, responses in encoded:
-        fitted = _fit(prompt, responses, bos, eos, max_length, truncation, eos_on_cut=False)
+        fitted = _fit(prompt, responses, template, max_length, truncation, tail_on_cut=False)
         if fitted is None:
             report.dropped += 1
             continue
@@ -774,13 +854,20 @@ def _pack(seqs: list[list[int]]) -> dict:
     }
 
 
+def collate_padded(seqs: list[list[int]], pad_id: int, pad_to_multiple_of: int | None = None) -> dict:
+    """``{"input_ids": [N, L], "attention_mask": [N, L]}`` of token sequences, right-padded with ``pad_id``."""
+    if not seqs:
+        raise ValueError("collate_padded: got no sequences")
+    length = _round_up(max(len(s) for s in seqs), pad_to_multiple_of)
+    return {"input_ids": _pad(seqs, pad_id, length), "attention_mask": _attention_mask(seqs, length)}
+
+
 def collate_preference_padded(examples: Sequence[dict], pad_id: int, pad_to_multiple_of: int | None = None) -> dict:
     """``{"input_ids": [2B, L], "attention_mask": [2B, L], "margin"?: [B] float32}``, right-padded with
     ``pad_id``; rows ``0..B-1`` are the chosen sequences and rows ``B..2B-1`` the rejected ones."""
     _check_examples(examples, "collate_preference_padded")
-    seqs = [e["chosen_ids"] for e in examples] + [e["rejected_ids"] for e in examples]
-    length = _round_up(max(len(s) for s in seqs), pad_to_multiple_of)
-    batch = {"input_ids": _pad(seqs, pad_id, length), "attention_mask": _attention_mask(seqs, length)}
+    batch = collate_padded([e["chosen_ids"] for e in examples] + [e["rejected_ids"] for e in examples], pad_id,
+                           pad_to_multiple_of)
     margin = _margins(examples)
     if margin is not None:
         batch["margin"] = margin
@@ -886,7 +973,9 @@ __all__ = [
     "FORMATS",
     "IGNORE_INDEX",
     "LoadReport",
+    "SequenceTemplate",
     "TokenizeReport",
+    "collate_padded",
     "collate_preference_packed",
     "collate_preference_padded",
     "collate_ranking_padded",
@@ -901,6 +990,7 @@ __all__ = [
     "load_train_eval",
     "num_batches",
     "prepare_prompts",
+    "sequence_template",
     "tokenize_preference",
     "tokenize_ranking",
     "tokenize_sft",

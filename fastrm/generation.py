@@ -6,11 +6,14 @@ import torch
 
 
 def encode_prompts(tokenizer, prompts: list[str], device) -> dict:
-    """Left-padded ``input_ids`` / ``attention_mask`` (the tokenizer adds BOS if it has one; a prompt whose text
-    already starts with BOS, as chat templates write it, keeps one, as the data layer's ``_fit`` does)."""
-    bos = tokenizer.bos_token_id
-    ids = [tokenizer(p)["input_ids"] for p in prompts]
-    ids = [x[1:] if bos is not None and x[:2] == [bos, bos] else x for x in ids]
+    """Left-padded ``input_ids`` / ``attention_mask``: each prompt after the head of the tokenizer's
+    :class:`~fastrm.data.SequenceTemplate` (BOS if it adds one; a prompt whose text already starts with it, as
+    chat templates write it, keeps one), as the data layer lays out a training sequence's prompt."""
+    from fastrm.data import sequence_template
+
+    template = sequence_template(tokenizer)
+    ids = [list(template.head) + template.strip(tokenizer(p, add_special_tokens=False)["input_ids"], [])[0]
+           for p in prompts]
     length = max(len(x) for x in ids)
     pad = tokenizer.pad_token_id
     input_ids = torch.full((len(ids), length), pad, dtype=torch.long)

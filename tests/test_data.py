@@ -213,6 +213,7 @@ def test_chat_template_that_emits_bos_is_not_doubled(tok):
 
 def test_tokenizer_without_bos_or_chat_template(tok):
     t = build_tokenizer()
+    t.add_bos_token = False  # the tokenizer's own template (what tok(text) adds) decides, not its bos_token
     t.bos_token = None
     (ex,), _ = tokenize_preference([{"prompt": "1+1=", "chosen": "2", "rejected": "3"}], t)
     assert ex["chosen_ids"] == enc(tok, "1+1=2") + [EOS]
@@ -430,7 +431,10 @@ def test_load_tokenizer_embedded_or_local_folder(tmp_path):
     t.save_pretrained(tmp_path / "tok")
     loaded = load_tokenizer(tmp_path / "tok")
     assert loaded.encode("12+3=", add_special_tokens=False) == t.encode("12+3=", add_special_tokens=False)
-    assert loaded.pad_token_id == EOS  # no pad token: EOS pads
+    assert loaded.pad_token_id == t.unk_token_id  # no pad token: its unknown token pads (it is not EOS)
+    t.unk_token = None
+    t.save_pretrained(tmp_path / "tok2")
+    assert load_tokenizer(tmp_path / "tok2").pad_token_id == EOS  # no pad and no unknown token: EOS pads
     with pytest.raises(ValueError, match="never downloads"):
         load_tokenizer("gpt2")
 
