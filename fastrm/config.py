@@ -43,19 +43,24 @@ def unyaml_no(value):
 
 
 def load_config(cls: type[T], config_path: str | Path | None = None, overrides=()) -> T:
-    """``cls`` defaults, then the YAML file, then ``key=value`` overrides (dotted keys for nesting)."""
-    layers = [OmegaConf.structured(cls)]
+    """``cls`` defaults, then its preset (``cls.preset_values``, e.g. the ``tiny`` model's settings), then the YAML
+    file, then ``key=value`` overrides (dotted keys for nesting): whatever the user sets wins over the preset."""
+    user = []
     if config_path is not None:
         path = Path(config_path)
         if not path.is_file():
             raise ConfigError(f"config file {path} does not exist")
-        layers.append(OmegaConf.load(path))
+        user.append(OmegaConf.load(path))
     bad = [item for item in overrides if "=" not in item]
     if bad:
         raise ConfigError(f"overrides must look like key=value, got {bad[0]!r}")
-    layers.append(OmegaConf.from_dotlist(list(overrides)))
+    user.append(OmegaConf.from_dotlist(list(overrides)))
     try:
-        merged = OmegaConf.merge(*layers)
+        defaults = OmegaConf.structured(cls)
+        merged = OmegaConf.merge(defaults, *user)
+        preset = cls.preset_values(merged) if hasattr(cls, "preset_values") else {}
+        if preset:  # the preset chosen by the merged settings goes under the user's layers
+            merged = OmegaConf.merge(defaults, OmegaConf.create(preset), *user)
         config = OmegaConf.to_object(merged)
     except OmegaConfBaseException as err:
         key = getattr(err, "full_key", None)

@@ -45,7 +45,9 @@ def run(output_dir: str, seed: int, sft_steps: int, rm_steps: int, rl_steps: int
 
     out = Path(output_dir)
     # The demo's stage folders are its own: a second demo replaces the first one's (sft/, reward/, rl/).
-    common = [f"seed={seed}", f"progress={str(progress).lower()}", "device=cpu", "overwrite_output_dir=true"]
+    # The RL stage's policy is the SFT checkpoint, not "tiny": the tiny preset is asked for, in every stage.
+    common = [f"seed={seed}", f"progress={str(progress).lower()}", "device=cpu", "overwrite_output_dir=true",
+              "preset=tiny"]
     timings = {}
     start = time.perf_counter()
     sft = SFTTrainer(load_config(SFTConfig, None, TINY_MODEL + SFT_ARGS + common + [

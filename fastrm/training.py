@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import random
 import time
 import weakref
@@ -21,16 +22,28 @@ from fastrm import checkpoint as ckpt
 from fastrm import distributed
 from fastrm.checkpoint import CHECKPOINT_PREFIX, LATEST_FILE, latest_checkpoint, load_trainer_state  # noqa: F401
 from fastrm.config import setting
-from fastrm.models import ModelConfig
+from fastrm.models import TINY, ModelConfig
 
 log = logging.getLogger("fastrm")
+
+FINAL_DIR = "final"  # output_dir/final: the trained model and tokenizer, when training ends
+PRESETS = ("auto", "tiny", "none")
 
 
 @dataclass
 class TrainerSettings:
     """The settings every trainer has. Each trainer's config subclasses this (or :class:`SupervisedSettings`),
-    re-declaring a setting where its default differs, and adds its own."""
+    re-declaring a setting where its default differs, and adds its own.
 
+    The defaults suit a pretrained checkpoint. ``TINY_PRESET`` holds what the embedded task's small from-scratch
+    model needs instead (larger learning rates, short sequences, ...): a layer over the defaults, under the YAML
+    file and the ``key=value`` overrides, applied when ``preset`` says so (see :func:`fastrm.config.load_config`)."""
+
+    TINY_PRESET: ClassVar[dict] = {}
+
+    preset: str = setting("auto", "settings layer under the YAML file and overrides: auto (tiny when "
+                                  "model.name_or_path=tiny, else none) | tiny (the embedded task's small-model "
+                                  "settings) | none (the defaults, for pretrained checkpoints)")
     model: ModelConfig = field(default_factory=ModelConfig)
     output_dir: str = "runs/fastrm"
     batch_size: int = 16  # per device under torchrun (global batch = batch_size * world_size)
@@ -38,7 +51,9 @@ class TrainerSettings:
     lr: float = 1e-4
     weight_decay: float = 0.0
     lr_scheduler: str = "constant"
-    warmup_steps: int = 0
+    warmup_steps: int = setting(0, "steps of linear learning-rate warmup; 0: warmup_ratio of the steps")
+    warmup_ratio: float = setting(0.0, "share of the optimizer steps spent warming the learning rate up (when "
+                                       "warmup_steps is 0)")
     max_grad_norm: float = 1.0
     optimizer: str = "auto"  # auto (AdamW8bit on CUDA, AdamW under fsdp) | adamw | adamw8bit
     mixed_precision: str = "auto"  # auto (bf16 on CUDA) | bf16 | no
@@ -67,10 +82,20 @@ class TrainerSettings:
     FIXED_ON_RESUME: ClassVar[tuple[str, ...]] = ("model", "seed", "batch_size")
     FREE_ON_RESUME: ClassVar[tuple[str, ...]] = ("model.gradient_checkpointing", "model.attn_implementation")
 
+    @classmethod
+    def preset_values(cls, merged) -> dict:
+        """The preset layer for the settings ``merged`` (defaults + the user's layers): ``TINY_PRESET`` for
+        ``preset=tiny``, or ``preset=auto`` with the ``tiny`` model; nothing otherwise."""
+        name = merged.get("preset", "auto")
+        if name == "auto":
+            name = "tiny" if merged.model.name_or_path == TINY else "none"
+        return cls.TINY_PRESET if name == "tiny" else {}
+
     def validate(self):
         """Checks of the shared settings; a trainer's config extends this with its own."""
         from fastrm.config import require, unyaml_no
 
+        require(self.preset in PRESETS, "preset", self.preset, "must be one of " + ", ".join(PRESETS))
         self.model.validate()
         self.mixed_precision = unyaml_no(self.mixed_precision)
         for name in ("batch_size", "max_steps", "log_steps", "eval_steps", "save_steps"):
@@ -80,6 +105,7 @@ class TrainerSettings:
         require(not (self.resume and self.overwrite_output_dir), "overwrite_output_dir", self.overwrite_output_dir,
                 "cannot be combined with --resume (resume continues the run in output_dir, overwrite deletes it)")
         require(self.warmup_steps >= 0, "warmup_steps", self.warmup_steps, "must be >= 0")
+        require(0 <= self.warmup_ratio < 1, "warmup_ratio", self.warmup_ratio, "must lie in [0, 1)")
         require(self.max_grad_norm > 0, "max_grad_norm", self.max_grad_norm, "must be > 0")
         require(self.optimizer in ("auto", "adamw", "adamw8bit"), "optimizer", self.optimizer,
                 "must be auto, adamw or adamw8bit")
@@ -93,13 +119,15 @@ class TrainerSettings:
 class SupervisedSettings(TrainerSettings):
     """What the reward and SFT trainers add: a tokenized dataset, its length limit, packing, accumulation."""
 
-    tokenizer: str = "embedded"  # "embedded": the built-in task's tokenizer; else a local tokenizer path
+    tokenizer: str = setting("auto", "auto: the checkpoint's own tokenizer (the embedded task's for the tiny model) "
+                                     "| embedded | a tokenizer folder")
     train_data: str | None = None  # JSONL, Parquet, or a datasets save_to_disk folder; None: the embedded task
     eval_data: str | None = None
     eval_fraction: float = 0.05  # held-out share of train_data when eval_data is not given
     task_max_level: int = 0  # embedded task: one-digit sums, which a tiny model learns in minutes on CPU
     skip_malformed: bool = False
-    max_length: int = 32
+    max_length: int = setting(1024, "tokens per sequence (special tokens included): longer examples are truncated "
+                                    "(the prompt from the left) or dropped (truncation=drop), counted in the log")
     truncation: str = "truncate"  # truncate | drop
     packed: bool = True  # padding-free batches
     grad_accum_steps: int = 1
@@ -135,6 +163,7 @@ class Trainer:
         self.resume_from: Path | None = None  # the checkpoint this run continues (start_run decides)
         self.run_id: str | None = None  # this run's id, recorded in its checkpoints: pruning deletes only these
         self.lock: ckpt.OutputLock | None = None  # rank 0's lock on out_dir
+        self.final_model: Path | None = None  # output_dir/final, written when training ends
         self.task = None  # the embedded task, when the data is its
 
     def evaluate_and_save(self, has_eval: bool):
@@ -159,6 +188,12 @@ class Trainer:
         if self.lock is not None:
             self.lock.release()
             self.lock = None
+
+
+def log_tokenized(split: str, report, max_length: int):
+    """One log line per tokenized split: examples kept, and how many were truncated or dropped at max_length."""
+    log.info("%s: %d examples from %d rows; %d truncated, %d dropped at max_length=%d", split, report.n_examples,
+             report.n_rows, report.truncated, report.dropped, max_length)
 
 
 def use_bf16_autocast(mixed_precision: str, device: torch.device) -> bool:
@@ -300,6 +335,11 @@ def make_optimizer(params, name: str, lr: float, weight_decay: float, device: to
         return bnb.optim.AdamW8bit(params, lr=lr, weight_decay=weight_decay)
     log.info("optimizer: torch AdamW")
     return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, foreach=device.type == "cuda")
+
+
+def warmup_steps(config: TrainerSettings, total_steps: int) -> int:
+    """``config.warmup_steps``, or when 0, ``config.warmup_ratio`` of ``total_steps`` optimizer steps."""
+    return config.warmup_steps or math.ceil(config.warmup_ratio * total_steps)
 
 
 def make_scheduler(optimizer, name: str, warmup_steps: int, total_steps: int):
@@ -613,6 +653,7 @@ def fit(trainer, desc: str, postfix: dict):
                     trainer.metrics.log(trainer.step, row)
                     bar.set_postfix({label: f"{row[key]:.4f}" for label, key in postfix.items()})
                 trainer.evaluate_and_save(bool(trainer.eval_examples))
+        trainer.final_model = save_final(trainer.parallel, trainer.tokenizer, trainer.out_dir)
     finally:
         bar.close()
         trainer.metrics.close()
@@ -632,7 +673,7 @@ def prepare_optimization(trainer):
     trainer.parallel = distributed.Parallel.wrap(trainer.model, trainer.mode, trainer.device, bf16=trainer.autocast)
     trainer.optimizer = make_optimizer(trainer.model.parameters(), c.optimizer, c.lr, c.weight_decay, trainer.device,
                                        sharded=trainer.parallel.is_fsdp)
-    trainer.scheduler = make_scheduler(trainer.optimizer, c.lr_scheduler, c.warmup_steps, c.max_steps)
+    trainer.scheduler = make_scheduler(trainer.optimizer, c.lr_scheduler, warmup_steps(c, c.max_steps), c.max_steps)
     # The stream yields GLOBAL batches (batch_size per device x world_size); fit() shards them per rank.
     # Its position is global, so a checkpoint resumes on any number of ranks with the same global batch.
     trainer.stream = BatchStream(trainer.train_examples, c.batch_size * distributed.world_size(), c.seed)
@@ -688,6 +729,30 @@ def _write_checkpoint(trainer, model, state: dict, weights) -> str:
     except OSError as err:
         log.warning("could not prune older checkpoints in %s: %s", trainer.out_dir, err)
     return str(path)
+
+
+def save_final(parallel: distributed.Parallel, tokenizer, out_dir: Path) -> Path:
+    """Write the trained model and its tokenizer to ``out_dir/final``: an ordinary Hugging Face folder that
+    ``from_pretrained`` loads (no trainer state), replacing the one of an earlier run. Written to a temporary
+    folder first and renamed into place; every rank takes part (FSDP shards are gathered), rank 0 writes."""
+    weights = distributed.full_model_state(parallel.model) if parallel.is_fsdp else None
+    final = Path(out_dir) / FINAL_DIR
+    if distributed.is_main():
+        tmp = Path(out_dir) / f"{ckpt.TMP_PREFIX}{FINAL_DIR}-{os.getpid()}"
+        if tmp.exists():
+            ckpt.discard(tmp)
+        parallel.model.save_pretrained(tmp, safe_serialization=True, state_dict=weights)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        for child in tmp.iterdir():
+            if child.is_file():
+                ckpt._fsync(child)
+        if final.exists() or final.is_symlink():
+            ckpt.discard(final)  # an earlier run's
+        os.replace(tmp, final)
+        log.info("final model and tokenizer saved in %s", final)
+    distributed.barrier()
+    return final
 
 
 def load_model_weights(model, checkpoint: Path):

@@ -42,6 +42,30 @@ def test_config_yaml_then_overrides(tmp_path):
     assert (config.lr, config.batch_size, config.model.hidden_size, config.model.num_heads) == (0.01, 4, 48, 3)
 
 
+def test_tiny_preset_is_a_layer_under_the_users_settings(tmp_path):
+    from fastrm.trainers.rl import RLConfig
+
+    tiny = load_config(RewardConfig)  # model.name_or_path=tiny: the embedded task's small-model settings
+    assert (tiny.preset, tiny.lr, tiny.max_length, tiny.batch_size, tiny.warmup_steps) == ("auto", 2e-3, 32, 64, 30)
+    pretrained = load_config(RewardConfig, None, ["model.name_or_path=/models/any"])  # the global defaults
+    assert (pretrained.lr, pretrained.max_length, pretrained.batch_size, pretrained.warmup_steps) == (1e-5, 1024, 8, 0)
+    assert pretrained.warmup_ratio > 0 and pretrained.tokenizer == "auto"
+    path = tmp_path / "rm.yaml"
+    path.write_text("lr: 0.01\nmax_length: 48\n")
+    config = load_config(RewardConfig, path, ["max_length=64"])  # YAML and overrides win over the preset
+    assert (config.lr, config.max_length, config.batch_size) == (0.01, 64, 64)
+    assert load_config(RewardConfig, None, ["preset=none"]).lr == 1e-5  # the tiny model without its preset
+    forced = load_config(SFTConfig, None, ["preset=tiny", "model.name_or_path=runs/sft/final"])
+    assert (forced.lr, forced.max_length) == (3e-3, 32)
+    assert load_config(SFTConfig, None, ["model.name_or_path=/m"]).lr == 2e-5
+    rl_tiny = load_config(RLConfig, None, ["reward=rule"])
+    assert (rl_tiny.lr, rl_tiny.max_new_tokens, rl_tiny.batch_size) == (1e-4, 6, 16)
+    rl = load_config(RLConfig, None, ["model.name_or_path=/m", "reward=rule"])
+    assert (rl.lr, rl.max_new_tokens) == (1e-6, 256)
+    with pytest.raises(ConfigError, match="setting preset='small'"):
+        load_config(RewardConfig, None, ["preset=small"])
+
+
 @pytest.mark.parametrize("override,match", [
     ("lr=fast", "setting 'lr'"),
     ("nope=1", "setting 'nope'"),

@@ -17,8 +17,8 @@ import torch
 import fastrm
 from fastrm import data as fdata
 from fastrm import distributed, training
-from fastrm.config import parse_cli, require
-from fastrm.models import load_reward_model, reward_scores
+from fastrm.config import parse_cli, require, setting
+from fastrm.models import load_reward_model, resolve_packing, reward_scores
 
 log = logging.getLogger("fastrm")
 
@@ -35,14 +35,20 @@ class RewardConfig(training.SupervisedSettings):
     center_coef: float = 0.0
     use_margin: bool = False
     output_dir: str = "runs/reward"
-    batch_size: int = 64
-    max_steps: int = 400
-    lr: float = 2e-3
+    # Defaults for a pretrained checkpoint (full fine-tuning); the tiny model's are TINY_PRESET.
+    batch_size: int = setting(8, "preference pairs per step (per device under torchrun)")
+    max_steps: int = setting(1000, "optimizer steps")
+    lr: float = setting(1e-5, "peak learning rate (AdamW)")
     lr_scheduler: str = "cosine"
-    warmup_steps: int = 30
-    log_steps: int = 20
-    eval_steps: int = 200
-    save_steps: int = 200
+    warmup_ratio: float = setting(0.03, "share of the optimizer steps spent warming the learning rate up (when "
+                                        "warmup_steps is 0)")
+    log_steps: int = setting(10, "log the metrics every N steps")
+    eval_steps: int = setting(200, "evaluate every N steps (and at the end)")
+    save_steps: int = setting(500, "checkpoint every N steps (and at the end)")
+
+    # The embedded task's small model from scratch (preset=tiny, or auto with model.name_or_path=tiny).
+    TINY_PRESET: ClassVar[dict] = {"batch_size": 64, "max_steps": 400, "lr": 2e-3, "warmup_steps": 30,
+                                   "max_length": 32, "log_steps": 20, "eval_steps": 200, "save_steps": 200}
 
     FIXED_ON_RESUME: ClassVar[tuple[str, ...]] = training.SupervisedSettings.FIXED_ON_RESUME + (
         "num_train_pairs", "annotator_noise")
@@ -65,17 +71,19 @@ class RewardTrainer(training.Trainer):
     def setup(self):
         c = self.config
         training.start_run(self)
-        self.tokenizer = fdata.load_tokenizer(c.tokenizer)
+        self.tokenizer = fdata.load_tokenizer(c.tokenizer, c.model.name_or_path)
         train_rows, eval_rows = self._load_rows()
         self.train_examples, self.kind = self._tokenize(train_rows, "train")
         self.eval_examples, _ = self._tokenize(eval_rows, "eval")
         if not self.train_examples:
             raise ValueError("no training examples left after tokenization (all dropped?)")
         self.model = load_reward_model(c.model, self.tokenizer, self.device)
+        self.packed = self.kind == "pairwise" and resolve_packing(c.packed, self.model, "train-rm")
         training.prepare_optimization(self)
         n_params = sum(p.numel() for p in self.model.parameters())
-        log.info("reward model: %.2fM parameters, %d train / %d eval %s examples, packed=%s, device=%s",
-                 n_params / 1e6, len(self.train_examples), len(self.eval_examples), self.kind, c.packed, self.device)
+        log.info("reward model: %s, %.2fM parameters, %d train / %d eval %s examples, packed=%s, device=%s",
+                 type(self.model).__name__, n_params / 1e6, len(self.train_examples), len(self.eval_examples),
+                 self.kind, self.packed, self.device)
         return self
 
     def _load_rows(self):
@@ -100,9 +108,7 @@ class RewardTrainer(training.Trainer):
         kind = "ranking" if fdata.detect_format(rows[0]) == "ranking" else "pairwise"
         tokenize = fdata.tokenize_ranking if kind == "ranking" else fdata.tokenize_preference
         examples, stats = tokenize(rows, self.tokenizer, c.max_length, truncation=c.truncation)
-        if stats.truncated or stats.dropped:
-            log.info("%s: %d examples truncated, %d dropped (max_length=%d)", split, stats.truncated, stats.dropped,
-                     c.max_length)
+        training.log_tokenized(split, stats, c.max_length)
         return examples, kind
 
     # ---- one step ---------------------------------------------------------------------------------------------
@@ -111,7 +117,7 @@ class RewardTrainer(training.Trainer):
         pad = self.tokenizer.pad_token_id
         if self.kind == "ranking":
             batch = fdata.collate_ranking_padded(examples, pad)
-        elif self.config.packed:
+        elif self.packed:
             batch = fdata.collate_preference_packed(examples)
         else:
             batch = fdata.collate_preference_padded(examples, pad)
@@ -173,6 +179,6 @@ def main(argv=None) -> int:
         after = trainer.evaluate()
         if distributed.is_main():
             print(f"held-out accuracy: {before['eval/accuracy']:.3f} before training -> {after['eval/accuracy']:.3f} "
-                  f"after {trainer.step} steps (chance = 0.5); model saved in {trainer.last_checkpoint}")
+                  f"after {trainer.step} steps (chance = 0.5); model saved in {trainer.final_model}")
     distributed.cleanup()
     return 0

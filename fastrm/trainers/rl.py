@@ -50,6 +50,7 @@ from fastrm.models import (
     ModelConfig,
     load_causal_lm,
     load_reward_model,
+    resolve_packing,
     reward_scores,
     token_logprobs,
 )
@@ -64,7 +65,8 @@ VALUE_MODELS = ("auto", "none", "policy", "reward")
 @dataclass
 class RLConfig(training.TrainerSettings):
     # The policy (model): an SFT checkpoint from `fastrm sft` (model.name_or_path=<checkpoint dir>), or "tiny".
-    tokenizer: str = "auto"  # auto: the policy checkpoint's tokenizer if it has one, else the embedded one
+    tokenizer: str = setting("auto", "auto: the policy checkpoint's own tokenizer (the embedded task's for the tiny "
+                                     "model) | embedded | a tokenizer folder")
     # Prompts (JSONL / Parquet / save_to_disk rows with "prompt", optional numeric "difficulty", any other fields
     # for the reward functions). None: the embedded arithmetic task.
     train_data: str | None = None
@@ -90,9 +92,9 @@ class RLConfig(training.TrainerSettings):
     value_model: str = "auto"
     ref_8bit: bool = False  # load the frozen reference in 8 bits (CUDA, model.name_or_path must be a checkpoint)
     # Rollouts
-    batch_size: int = 16  # prompts per step (per device under torchrun)
+    batch_size: int = setting(8, "prompts per step (per device under torchrun)")
     num_samples: int = 4  # completions per prompt (n)
-    max_new_tokens: int = 6
+    max_new_tokens: int = setting(256, "longest completion, in tokens")
     temperature: float = 1.0
     top_p: float = 1.0
     # Advantages
@@ -129,12 +131,15 @@ class RLConfig(training.TrainerSettings):
     # Optimisation (the rest: training.TrainerSettings)
     output_dir: str = "runs/ppo"
     max_steps: int = 200
+    lr: float = setting(1e-6, "learning rate of the policy (AdamW)")
     value_lr: float | None = None  # default: lr
 
     # The global batch may change on resume (another number of GPUs): rollouts are sampled, and the prompt
     # order goes on from the same epoch position.
     FIXED_ON_RESUME: ClassVar[tuple[str, ...]] = ("model", "seed", "tokenizer", "train_data", "train_split",
                                                   "num_train_prompts", "task_max_level", "curriculum")
+    # The embedded task's small model (preset=tiny, or auto with model.name_or_path=tiny; fastrm demo sets it).
+    TINY_PRESET: ClassVar[dict] = {"batch_size": 16, "max_new_tokens": 6, "lr": 1e-4}
 
     def validate(self):
         super().validate()
@@ -245,7 +250,8 @@ class RLTrainer(training.Trainer):
     def setup(self):
         c = self.config
         training.start_run(self)
-        self.tokenizer = self._load_tokenizer()
+        self.tokenizer = fdata.load_tokenizer(c.tokenizer, c.model.name_or_path)
+        fdata.sequence_template(self.tokenizer)  # a policy needs an EOS token to end its answers
         self.train_rows, self.eval_rows = self._load_prompts()
         # Policy, and the frozen reference: a copy of the initial policy (or the same checkpoint in 8 bits).
         self.policy = load_causal_lm(c.model, self.tokenizer, self.device)
@@ -254,11 +260,17 @@ class RLTrainer(training.Trainer):
         else:
             self.ref = copy.deepcopy(self.policy)
         self.ref.requires_grad_(False).eval()
-        self.reward_model = None
+        self.reward_model = self.reward_tokenizer = None
         if c.reward in ("model", "both"):
             rm_config = ModelConfig(name_or_path=c.reward_model_path, load_in_8bit=c.reward_model_8bit)
-            self.reward_model = load_reward_model(rm_config, self.tokenizer, self.device)
+            self.reward_tokenizer = fdata.load_tokenizer("auto", c.reward_model_path)
+            self.reward_model = load_reward_model(rm_config, self.reward_tokenizer, self.device)
             self.reward_model.requires_grad_(False).eval()
+            # The reward model reads its own template; the policy's token ids are reused when the vocabularies
+            # match, else prompt and completion are re-tokenized from text by the reward model's tokenizer.
+            self.reward_template = fdata.sequence_template(self.reward_tokenizer, reward=True)
+            self.reward_same_tokens = self.reward_tokenizer.get_vocab() == self.tokenizer.get_vocab()
+            self.reward_packed = resolve_packing(True, self.reward_model, "reward model scoring")
         self.rules = self._load_rules()
         self.value = self._build_value_model()
         # Resumed weights go into the whole models, before FSDP shards them (see training.prepare_optimization).
@@ -283,12 +295,13 @@ class RLTrainer(training.Trainer):
         sharded = self.mode == "fsdp"
         self.optimizer = training.make_optimizer(self.policy.parameters(), c.optimizer, c.lr, c.weight_decay,
                                                  self.device, sharded=sharded)
-        self.scheduler = training.make_scheduler(self.optimizer, c.lr_scheduler, c.warmup_steps, total)
+        warmup = training.warmup_steps(c, total)
+        self.scheduler = training.make_scheduler(self.optimizer, c.lr_scheduler, warmup, total)
         self.value_optimizer = self.value_scheduler = None
         if self.value is not None:
             self.value_optimizer = training.make_optimizer(self.value.parameters(), c.optimizer, c.value_lr or c.lr,
                                                            c.weight_decay, self.device, sharded=sharded)
-            self.value_scheduler = training.make_scheduler(self.value_optimizer, c.lr_scheduler, c.warmup_steps, total)
+            self.value_scheduler = training.make_scheduler(self.value_optimizer, c.lr_scheduler, warmup, total)
         # Prompt order: shuffled epochs, or the curriculum. Both yield GLOBAL batches (batch_size prompts per
         # rank); each rank takes its share ``rank::world_size`` in train_step.
         global_batch = c.batch_size * fdist.world_size()
@@ -315,13 +328,6 @@ class RLTrainer(training.Trainer):
                  c.advantage, c.resolved_value_model(), len(self.train_rows), len(self.eval_rows), c.curriculum,
                  self.device)
         return self
-
-    def _load_tokenizer(self):
-        spec = self.config.tokenizer
-        if spec == "auto":
-            path = Path(self.config.model.name_or_path)
-            spec = str(path) if (path / "tokenizer_config.json").is_file() else EMBEDDED
-        return fdata.load_tokenizer(spec)
 
     def _load_prompts(self):
         """Prompt rows (:func:`fastrm.data.prepare_prompts`) for training and evaluation, and the names of their
@@ -377,11 +383,18 @@ class RLTrainer(training.Trainer):
             return None
         if kind == "policy":
             backbone = copy.deepcopy(getattr(self.policy, self.policy.base_model_prefix))
-            head = nn.Linear(self.policy.config.hidden_size, 1, device=self.device)
+            head = nn.Linear(self.policy.get_output_embeddings().in_features, 1, device=self.device)
             nn.init.zeros_(head.weight), nn.init.zeros_(head.bias)
         else:  # the reward model's backbone and head, loaded afresh in full precision (TRL's default critic)
             path = c.reward_model_path if kind == "reward" else kind
-            rm = load_reward_model(ModelConfig(name_or_path=path), self.tokenizer, self.device)
+            rm_tokenizer = fdata.load_tokenizer("auto", path)
+            if rm_tokenizer.get_vocab() != self.tokenizer.get_vocab():
+                raise ConfigError(f"setting value_model={c.value_model!r}: the critic reads the policy's tokens, but "
+                                  f"{path} has another tokenizer; use value_model=policy")
+            rm = load_reward_model(ModelConfig(name_or_path=path), rm_tokenizer, self.device)
+            if not isinstance(getattr(rm, "score", None), nn.Linear):
+                raise ConfigError(f"setting value_model={c.value_model!r}: {type(rm).__name__} has no per-token "
+                                  "'score' head to read values at every position; use value_model=policy")
             backbone, head = getattr(rm, rm.base_model_prefix), rm.score
         value = TokenValueModel(backbone, head).to(self.device)
         value.requires_grad_(True)
@@ -417,15 +430,15 @@ class RLTrainer(training.Trainer):
             return self.value_p(_call, batch)[:, prompt_len - 1:-1].float()
 
     @torch.no_grad()
-    def model_scores(self, gen: dict) -> torch.Tensor:
-        """``[B]`` float32: the learned reward model's score of each prompt + completion (one packed row)."""
-        seqs = []
-        for p_ids, p_mask, c_ids, c_mask in zip(gen["prompt_ids"].tolist(), gen["prompt_mask"].tolist(),
-                                                gen["completion_ids"].tolist(), gen["completion_mask"].tolist()):
-            seqs.append([t for t, m in zip(p_ids, p_mask) if m] + [t for t, m in zip(c_ids, c_mask) if m])
-        packed = {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in fdata._pack(seqs).items()}
+    def model_scores(self, rows: list[dict], gen: dict, completions: list[str]) -> torch.Tensor:
+        """``[B]`` float32: the learned reward model's score of each prompt + completion (one packed row where
+        packing is exact for it, else a padded batch); ``rows[i]`` is the prompt row completion i answers."""
+        seqs = self._reward_inputs([r["prompt"] for r in rows], gen, completions)
+        batch = fdata._pack(seqs) if self.reward_packed else \
+            fdata.collate_padded(seqs, self.reward_tokenizer.pad_token_id)
+        batch = {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
         with self._autocast():
-            return self.reward_p(reward_scores, packed).float()
+            return self.reward_p(reward_scores, batch).float()
 
     def rule_scores(self, rows: list[dict], gen: dict, completions: list[str]) -> torch.Tensor:
         """``[B, F]`` float32: each reward function's score of each completion (NaN where it returned None);
@@ -448,7 +461,7 @@ class RLTrainer(training.Trainer):
         c = self.config
         parts, total = {}, torch.zeros(len(completions), device=self.device)
         if self.reward_model is not None:
-            model_scores = self.model_scores(gen)
+            model_scores = self.model_scores(rows, gen, completions)
             parts["reward/model"] = model_scores.mean()
             total = total + c.reward_model_weight * model_scores
         if c.reward in ("rule", "both"):
@@ -464,6 +477,28 @@ class RLTrainer(training.Trainer):
             parts.update(self.rule_means(per_function, "reward/"))
             total = total + c.rule_weight * rule
         return total, parts
+
+    def _reward_inputs(self, prompts: list[str], gen: dict, completions: list[str]) -> list[list[int]]:
+        """Prompt + completion of each rollout as the reward model reads it: its own template (head, tail) around
+        the policy's tokens, or around its own tokenization of the texts when the tokenizers differ. A completion
+        cut at max_new_tokens (no EOS) gets no EOS tail: the reward model sees an unfinished answer."""
+        t, eos = self.reward_template, self.tokenizer.eos_token_id
+        seqs = []
+        for i, (p_ids, p_mask, c_ids, c_mask) in enumerate(zip(
+                gen["prompt_ids"].tolist(), gen["prompt_mask"].tolist(), gen["completion_ids"].tolist(),
+                gen["completion_mask"].tolist())):
+            c_ids = [tok for tok, m in zip(c_ids, c_mask) if m]
+            ended = bool(c_ids) and c_ids[-1] == eos
+            if self.reward_same_tokens:
+                prompt, completion = [tok for tok, m in zip(p_ids, p_mask) if m], c_ids
+            else:
+                encode = self.reward_tokenizer
+                prompt = encode(prompts[i], add_special_tokens=False)["input_ids"]
+                completion = encode(completions[i], add_special_tokens=False)["input_ids"]
+            prompt, completion = t.strip(prompt, completion)
+            tail = list(t.tail) if ended or not t.tail_is_eos else []
+            seqs.append(list(t.head) + prompt + completion + tail)
+        return seqs
 
     @torch.no_grad()
     def rollout(self, rows: list[dict]) -> dict:
@@ -644,6 +679,7 @@ class RLTrainer(training.Trainer):
                             postfix["true"] = f"{row['objective/true_score']:.3f}"
                         bar.set_postfix(**postfix)
                     self.evaluate_and_save(bool(self.eval_rows))
+            self.final_model = training.save_final(self.policy_p, self.tokenizer, self.out_dir)
         finally:
             bar.close()
             self.metrics.close()
@@ -681,7 +717,7 @@ class RLTrainer(training.Trainer):
                 add("eval/true_score", sum(self.task.score(p, x) for p, x in zip(prompts, completions)), n)
                 add("eval/accuracy", sum(self.task.is_correct(p, x) for p, x in zip(prompts, completions)), n)
             if self.reward_model is not None:
-                add("eval/model_score", self.model_scores(gen).sum(), n)
+                add("eval/model_score", self.model_scores(chunk, gen, completions).sum(), n)
             if self.rules:
                 per_function = self.rule_scores(chunk, gen, completions)
                 total = rewards.weighted_sum(self.rules, per_function)
@@ -754,6 +790,6 @@ def main(argv=None) -> int:
     keys += sorted(k for k in after if k.startswith("eval/score/"))
     summary = ", ".join(f"{k} {before.get(k, float('nan')):.3f} -> {after[k]:.3f}" for k in keys)
     if fdist.is_main():
-        print(f"held-out (greedy): {summary or 'no eval prompts'}; policy saved in {trainer.last_checkpoint}")
+        print(f"held-out (greedy): {summary or 'no eval prompts'}; policy saved in {trainer.final_model}")
     fdist.cleanup()
     return 0

@@ -18,8 +18,8 @@ import torch
 
 from fastrm import data as fdata
 from fastrm import distributed, training
-from fastrm.config import parse_cli, require
-from fastrm.models import load_causal_lm, token_logprobs
+from fastrm.config import parse_cli, require, setting
+from fastrm.models import load_causal_lm, resolve_packing, token_logprobs
 
 log = logging.getLogger("fastrm")
 
@@ -32,14 +32,20 @@ class SFTConfig(training.SupervisedSettings):
     eval_generate: int = 100  # held-out prompts answered greedily and scored by the task's checker (0: off)
     max_new_tokens: int = 6
     output_dir: str = "runs/sft"
-    batch_size: int = 64
-    max_steps: int = 300
-    lr: float = 3e-3
+    # Defaults for a pretrained checkpoint (full fine-tuning); the tiny model's are TINY_PRESET.
+    batch_size: int = setting(8, "examples per step (per device under torchrun)")
+    max_steps: int = setting(1000, "optimizer steps")
+    lr: float = setting(2e-5, "peak learning rate (AdamW)")
     lr_scheduler: str = "cosine"
-    warmup_steps: int = 20
-    log_steps: int = 20
-    eval_steps: int = 100
-    save_steps: int = 100
+    warmup_ratio: float = setting(0.03, "share of the optimizer steps spent warming the learning rate up (when "
+                                        "warmup_steps is 0)")
+    log_steps: int = setting(10, "log the metrics every N steps")
+    eval_steps: int = setting(200, "evaluate every N steps (and at the end)")
+    save_steps: int = setting(500, "checkpoint every N steps (and at the end)")
+
+    # The embedded task's small model from scratch (preset=tiny, or auto with model.name_or_path=tiny).
+    TINY_PRESET: ClassVar[dict] = {"batch_size": 64, "max_steps": 300, "lr": 3e-3, "warmup_steps": 20,
+                                   "max_length": 32, "log_steps": 20, "eval_steps": 100, "save_steps": 100}
 
     FIXED_ON_RESUME: ClassVar[tuple[str, ...]] = training.SupervisedSettings.FIXED_ON_RESUME + ("num_train_examples",)
 
@@ -58,7 +64,7 @@ class SFTTrainer(training.Trainer):
     def setup(self):
         c = self.config
         training.start_run(self)
-        self.tokenizer = fdata.load_tokenizer(c.tokenizer)
+        self.tokenizer = fdata.load_tokenizer(c.tokenizer, c.model.name_or_path)
         train_rows, eval_rows = self._load_rows()
         self.train_examples = self._tokenize(train_rows, "train")
         self.eval_examples = self._tokenize(eval_rows, "eval")
@@ -66,10 +72,11 @@ class SFTTrainer(training.Trainer):
         if not self.train_examples:
             raise ValueError("no training examples left after tokenization (all dropped?)")
         self.model = load_causal_lm(c.model, self.tokenizer, self.device)
+        self.packed = resolve_packing(c.packed, self.model, "sft")
         training.prepare_optimization(self)
-        log.info("policy: %.2fM parameters, %d train / %d eval examples, packed=%s, device=%s",
-                 sum(p.numel() for p in self.model.parameters()) / 1e6, len(self.train_examples),
-                 len(self.eval_examples), c.packed, self.device)
+        log.info("policy: %s, %.2fM parameters, %d train / %d eval examples, packed=%s, device=%s",
+                 type(self.model).__name__, sum(p.numel() for p in self.model.parameters()) / 1e6,
+                 len(self.train_examples), len(self.eval_examples), self.packed, self.device)
         return self
 
     def _load_rows(self):
@@ -88,12 +95,11 @@ class SFTTrainer(training.Trainer):
         if not rows:
             return []
         examples, stats = fdata.tokenize_sft(rows, self.tokenizer, self.config.max_length, truncation=self.config.truncation)
-        if stats.truncated or stats.dropped:
-            log.info("%s: %d examples truncated, %d dropped", split, stats.truncated, stats.dropped)
+        training.log_tokenized(split, stats, self.config.max_length)
         return examples
 
     def collate(self, examples):
-        if self.config.packed:
+        if self.packed:
             batch = fdata.collate_sft_packed(examples)
         else:
             batch = fdata.collate_sft_padded(examples, self.tokenizer.pad_token_id)
@@ -158,6 +164,6 @@ def main(argv=None) -> int:
     result = trainer.evaluate() if trainer.eval_examples else {}
     if distributed.is_main():
         print(f"held-out: {', '.join(f'{k}={v:.4f}' for k, v in result.items())}; "
-              f"model saved in {trainer.last_checkpoint}")
+              f"model saved in {trainer.final_model}")
     distributed.cleanup()
     return 0
