@@ -492,8 +492,12 @@ def load_tokenizer(spec=EMBEDDED_TOKENIZER, model_name_or_path: str | None = Non
                 raise ValueError(f"tokenizer=auto: the checkpoint {spec} has no tokenizer files ({', '.join(TOKENIZER_FILES)}); "
                                  "set tokenizer=<folder with the model's tokenizer>")
     if spec is None or spec == EMBEDDED_TOKENIZER:
+        from fastrm.models import TINY
         from fastrm.tasks.arithmetic import build_tokenizer
 
+        if model_name_or_path not in (None, TINY):
+            logger.warning("tokenizer=embedded with the checkpoint %s: the embedded task's 47-token tokenizer was "
+                           "not made for it (tokenizer=auto uses the checkpoint's own)", model_name_or_path)
         return build_tokenizer()
     from transformers import AutoTokenizer
 

@@ -117,7 +117,17 @@ class TrainerSettings:
 
 @dataclass
 class SupervisedSettings(TrainerSettings):
-    """What the reward and SFT trainers add: a tokenized dataset, its length limit, packing, accumulation."""
+    """What the reward and SFT trainers add: a tokenized dataset, its length limit, packing, accumulation; and their
+    defaults for a pretrained checkpoint (the tiny model's: each config's ``TINY_PRESET``)."""
+
+    batch_size: int = setting(8, "examples (preference pairs) per step, per device under torchrun")
+    max_steps: int = setting(1000, "optimizer steps")
+    lr_scheduler: str = "cosine"
+    warmup_ratio: float = setting(0.03, "share of the optimizer steps spent warming the learning rate up (when "
+                                        "warmup_steps is 0)")
+    log_steps: int = setting(10, "log the metrics every N steps")
+    eval_steps: int = setting(200, "evaluate every N steps (and at the end)")
+    save_steps: int = setting(500, "checkpoint every N steps (and at the end)")
 
     tokenizer: str = setting("auto", "auto: the checkpoint's own tokenizer (the embedded task's for the tiny model) "
                                      "| embedded | a tokenizer folder")

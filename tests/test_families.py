@@ -159,14 +159,14 @@ def test_sft_logprobs_are_the_reloaded_models(checkpoints, tmp_path, name):
 
 @pytest.mark.parametrize("name", [f.name for f in FAMILIES])
 def test_one_rl_iteration_scores_rollouts_as_the_reward_model(checkpoints, reward_models, tmp_path, name):
-    """A decoder family is the policy and its own reward model scores it; an encoder reward model scores a Llama
-    policy, re-tokenizing prompt and completion with its own tokenizer."""
+    """A decoder family is the policy (PPO with a critic copied from it) and its own reward model scores it; an
+    encoder reward model scores a Llama policy (RLOO), re-tokenizing prompt and completion with its own tokenizer."""
     rm = reward_models(name, BY_NAME[name].packs)
     policy = name if name in DECODERS else "llama"
     trainer = RLTrainer(load_config(RLConfig, None, [
         "tensorboard=false", "progress=false", "device=cpu", "backend=torch", f"output_dir={tmp_path}",
         f"model.name_or_path={checkpoints[policy]}", f"reward_model_path={rm.final_model}", "reward=model",
-        "advantage=rloo", "batch_size=2", "num_samples=2", "max_new_tokens=4", "num_train_prompts=4",
+        f"advantage={'gae' if name in DECODERS else 'rloo'}", "batch_size=2", "num_samples=2", "max_new_tokens=4", "num_train_prompts=4",
         "num_eval_prompts=0", "max_steps=1", "ppo_epochs=1", "lr=1e-3", "temperature=2.0"])).setup()
     assert trainer.reward_same_tokens == (name in DECODERS)
     before = {k: v.clone() for k, v in trainer.policy.state_dict().items()}

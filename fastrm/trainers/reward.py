@@ -35,16 +35,7 @@ class RewardConfig(training.SupervisedSettings):
     center_coef: float = 0.0
     use_margin: bool = False
     output_dir: str = "runs/reward"
-    # Defaults for a pretrained checkpoint (full fine-tuning); the tiny model's are TINY_PRESET.
-    batch_size: int = setting(8, "preference pairs per step (per device under torchrun)")
-    max_steps: int = setting(1000, "optimizer steps")
-    lr: float = setting(1e-5, "peak learning rate (AdamW)")
-    lr_scheduler: str = "cosine"
-    warmup_ratio: float = setting(0.03, "share of the optimizer steps spent warming the learning rate up (when "
-                                        "warmup_steps is 0)")
-    log_steps: int = setting(10, "log the metrics every N steps")
-    eval_steps: int = setting(200, "evaluate every N steps (and at the end)")
-    save_steps: int = setting(500, "checkpoint every N steps (and at the end)")
+    lr: float = setting(1e-5, "peak learning rate (AdamW); pretrained full fine-tuning (TINY_PRESET: the tiny model's)")
 
     # The embedded task's small model from scratch (preset=tiny, or auto with model.name_or_path=tiny).
     TINY_PRESET: ClassVar[dict] = {"batch_size": 64, "max_steps": 400, "lr": 2e-3, "warmup_steps": 30,

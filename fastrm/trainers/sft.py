@@ -32,16 +32,7 @@ class SFTConfig(training.SupervisedSettings):
     eval_generate: int = 100  # held-out prompts answered greedily and scored by the task's checker (0: off)
     max_new_tokens: int = 6
     output_dir: str = "runs/sft"
-    # Defaults for a pretrained checkpoint (full fine-tuning); the tiny model's are TINY_PRESET.
-    batch_size: int = setting(8, "examples per step (per device under torchrun)")
-    max_steps: int = setting(1000, "optimizer steps")
-    lr: float = setting(2e-5, "peak learning rate (AdamW)")
-    lr_scheduler: str = "cosine"
-    warmup_ratio: float = setting(0.03, "share of the optimizer steps spent warming the learning rate up (when "
-                                        "warmup_steps is 0)")
-    log_steps: int = setting(10, "log the metrics every N steps")
-    eval_steps: int = setting(200, "evaluate every N steps (and at the end)")
-    save_steps: int = setting(500, "checkpoint every N steps (and at the end)")
+    lr: float = setting(2e-5, "peak learning rate (AdamW); pretrained full fine-tuning (TINY_PRESET: the tiny model's)")
 
     # The embedded task's small model from scratch (preset=tiny, or auto with model.name_or_path=tiny).
     TINY_PRESET: ClassVar[dict] = {"batch_size": 64, "max_steps": 300, "lr": 3e-3, "warmup_steps": 20,
