@@ -578,13 +578,13 @@ def sequence_template(tokenizer, *, reward: bool = False) -> SequenceTemplate:
     Policies (``reward=False``) need EOS to learn when to stop: a tokenizer without one is an error."""
     head, own_tail = _own_special_tokens(tokenizer)
     eos = tokenizer.eos_token_id
+    if eos is None and not reward:
+        raise ValueError("the tokenizer has no eos_token: a policy could never learn to end its answer (an encoder's "
+                         "tokenizer? encoders can be reward models); set tokenizer.eos_token before tokenizing")
     if own_tail:
         return SequenceTemplate(tuple(head), tuple(own_tail), eos, tail_is_eos=False)
     if eos is None:
-        if reward:
-            return SequenceTemplate(tuple(head), (), None, tail_is_eos=False)
-        raise ValueError("the tokenizer has no eos_token: a policy could never learn to end its answer; "
-                         "set tokenizer.eos_token before tokenizing")
+        return SequenceTemplate(tuple(head), (), None, tail_is_eos=False)
     if reward and tokenizer.pad_token_id == eos:
         return SequenceTemplate(tuple(head), (), eos, tail_is_eos=False)
     return SequenceTemplate(tuple(head), (eos,), eos, tail_is_eos=True)
@@ -751,7 +751,7 @@ def _tokenize_responses(rows, tokenizer, max_length, truncation, task: str, make
         report.truncated += fitted.truncated
         examples.append(make_example(row, fitted))
     report.n_examples = len(examples)
-    logger.info("tokenize_%s: %s", task, report)
+    logger.debug("tokenize_%s: %s", task, report)
     return examples, report
 
 
@@ -803,7 +803,7 @@ def tokenize_sft(rows, tokenizer, max_length: int | None = None, truncation: str
         n = fitted.prompt_len
         examples.append({"input_ids": input_ids, "labels": [IGNORE_INDEX] * n + input_ids[n:], "prompt_len": n})
     report.n_examples = len(examples)
-    logger.info("tokenize_sft: %s", report)
+    logger.debug("tokenize_sft: %s", report)
     return examples, report
 
 

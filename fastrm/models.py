@@ -150,6 +150,10 @@ def load_causal_lm(config: ModelConfig, tokenizer, device: torch.device):
                                                      **_quantization(config, device))
     _match_tokenizer(model, tokenizer, config)
     model = _finish(model, config, device)
+    if not attends_causally(model):
+        raise ConfigError(f"setting model.name_or_path={config.name_or_path!r}: {type(model).__name__} attends to "
+                          "later tokens (an encoder's bidirectional attention); SFT and RL need a causal decoder. "
+                          "An encoder can be a reward model (fastrm train-rm)")
     model.fastrm_logits_from_head = logits_are_head_output(model)
     if not model.fastrm_logits_from_head:
         log.info("%s changes its LM head's output (e.g. logit soft-capping): per-token log-probs are taken from its "
@@ -176,6 +180,27 @@ def _match_tokenizer(model, tokenizer, config: ModelConfig):
 
 
 @torch.no_grad()
+def _probe_logits(model, ids: list[int]) -> torch.Tensor:
+    """``model``'s logits for one short sequence, in eval mode (no dropout)."""
+    was_training = model.training
+    model.eval()
+    try:
+        device = model.get_input_embeddings().weight.device
+        ids = torch.tensor([ids], device=device) % model.get_input_embeddings().num_embeddings
+        return model(input_ids=ids, use_cache=False).logits.float()
+    finally:
+        model.train(was_training)
+
+
+def attends_causally(model) -> bool:
+    """Whether a language model's prediction at a position ignores the tokens after it: changing the last of 4
+    tokens must leave the logits of the first 3 as they were (false for an encoder loaded as a causal LM, e.g.
+    ``BertLMHeadModel`` without ``is_decoder``)."""
+    a, b = _probe_logits(model, [0, 1, 2, 3]), _probe_logits(model, [0, 1, 2, 4])
+    return torch.allclose(a[:, :3], b[:, :3], rtol=0, atol=1e-6 * max(1.0, a.abs().max().item()))
+
+
+@torch.no_grad()
 def logits_are_head_output(model) -> bool:
     """Whether ``model``'s logits are exactly its LM head applied to the backbone's last hidden states, as
     :func:`token_logprobs` computes them (false for heads followed by soft-capping or scaling: Gemma-2,
@@ -185,17 +210,12 @@ def logits_are_head_output(model) -> bool:
     if head is None:
         return False
     seen = []
-    hook = head.register_forward_hook(lambda module, args, out: seen.append(out))
-    was_training = model.training
-    model.eval()
+    hook = head.register_forward_hook(lambda module, args, out: seen.append(out.float()))
     try:
-        device = head.weight.device
-        ids = torch.arange(4, device=device).unsqueeze(0) % model.get_input_embeddings().num_embeddings
-        logits = model(input_ids=ids, use_cache=False).logits
+        logits = _probe_logits(model, [0, 1, 2, 3])
     finally:
         hook.remove()
-        model.train(was_training)
-    return len(seen) == 1 and seen[0].shape == logits.shape and torch.equal(seen[0].to(logits.dtype), logits)
+    return len(seen) == 1 and seen[0].shape == logits.shape and torch.equal(seen[0], logits)
 
 
 def _finish(model, config: ModelConfig, device: torch.device):

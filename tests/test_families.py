@@ -219,3 +219,12 @@ def test_requested_sdpa_on_a_family_without_it_names_the_class(checkpoints, tmp_
         RewardTrainer(load_config(RewardConfig, None, COMMON + [
             f"model.name_or_path={checkpoints['gemma2']}", "model.attn_implementation=sdpa",
             f"output_dir={tmp_path}", "num_train_pairs=8", "num_eval_pairs=2"])).setup()
+
+
+@pytest.mark.parametrize("name,match", [("bert", "no eos_token: a policy could never learn to end its answer"),
+                                        ("roberta", "attends to later tokens .*SFT and RL need a causal decoder")])
+def test_sft_on_an_encoder_says_why(checkpoints, tmp_path, name, match):
+    with pytest.raises(ValueError, match=match):
+        SFTTrainer(load_config(SFTConfig, None, COMMON + [
+            f"model.name_or_path={checkpoints[name]}", f"output_dir={tmp_path}", "num_train_examples=4",
+            "num_eval_examples=2"])).setup()
