@@ -174,10 +174,11 @@ def test_one_rl_iteration_scores_rollouts_as_the_reward_model(checkpoints, rewar
     assert any(not torch.equal(before[k], v) for k, v in trainer.policy.state_dict().items())
     assert (trainer.final_model / "config.json").is_file()
 
-    prompts = [r["prompt"] for r in trainer.train_rows[:3]]
+    rows = trainer.train_rows[:3]
+    prompts = [r["prompt"] for r in rows]
     gen = generate(trainer.policy, trainer.tokenizer, prompts, max_new_tokens=4, temperature=2.0)
     completions = decode_completions(trainer.tokenizer, gen["completion_ids"], gen["completion_mask"])
-    ours, _ = trainer.score(prompts, gen, completions)
+    ours, _ = trainer.score(rows, gen, completions)
     model, tokenizer = auto_reward_model(rm.final_model)
     seqs = trainer._reward_inputs(prompts, gen, completions)
     first, last, _ = EXPECTED_ENDS[name]
