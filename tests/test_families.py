@@ -229,3 +229,23 @@ def test_sft_on_an_encoder_says_why(checkpoints, tmp_path, name, match):
         SFTTrainer(load_config(SFTConfig, None, COMMON + [
             f"model.name_or_path={checkpoints[name]}", f"output_dir={tmp_path}", "num_train_examples=4",
             "num_eval_examples=2"])).setup()
+
+
+def test_packing_is_refused_where_it_would_be_wrong(checkpoints):
+    """OPT builds its attention mask without the position ids: forced packing changes its scores, which is why
+    fastrm pads OPT batches (if transformers fixes this, the guard's list can shrink)."""
+    from transformers import AutoModelForSequenceClassification
+
+    from fastrm.models import packing_fallback_reason
+
+    rows = [{"prompt": f"{a}+{b}=", "chosen": str(a + b), "rejected": str(a + b + 1)} for a, b in [(1, 2), (3, 4)]]
+    for name in ("opt", "gpt2"):
+        tokenizer = fdata.load_tokenizer("auto", str(checkpoints[name]))
+        model = AutoModelForSequenceClassification.from_pretrained(checkpoints[name], num_labels=1).eval()
+        model.config.pad_token_id = tokenizer.pad_token_id
+        examples, _ = fdata.tokenize_preference(rows, tokenizer)
+        with torch.no_grad():
+            packed = reward_scores(model, fdata.collate_preference_packed(examples))
+            padded = reward_scores(model, fdata.collate_preference_padded(examples, tokenizer.pad_token_id))
+        wrong = not torch.allclose(packed, padded, atol=1e-5, rtol=1e-5)
+        assert wrong == (name == "opt") == (packing_fallback_reason(model) is not None)
