@@ -38,19 +38,15 @@ from __future__ import annotations
 
 import importlib
 import inspect
-import logging
 import math
 import sys
-from collections import Counter
-from dataclasses import dataclass, field
 
 import torch
 
+from fastrm.integrations._patching import PatchReport, bind
 from fastrm.ops.linear_logprobs import linear_logprobs
 from fastrm.ops.logprobs import gather_logprobs
 from fastrm.ops.ranking import pairwise_ranking_loss
-
-log = logging.getLogger("fastrm")
 
 TESTED_TRL = "1.16"
 IGNORE_INDEX = -100
@@ -64,58 +60,6 @@ TRAINER_MODULES = ("grpo_trainer", "rloo_trainer", "reward_trainer", "sft_traine
                    "ppo_trainer")
 
 _active: PatchReport | None = None
-
-
-@dataclass
-class PatchReport:
-    """What :func:`patch` did: ``patched`` / ``not_patched`` map a site to what runs there now / why not;
-    ``calls`` and ``fallbacks`` count, per site, the calls fastrm served and those handed back to TRL (with
-    the reason in ``fallback_reasons``). ``undo()`` (or leaving the ``with`` block) restores TRL."""
-
-    trl_version: str
-    backend: str | None
-    patched: dict = field(default_factory=dict)
-    not_patched: dict = field(default_factory=dict)
-    calls: Counter = field(default_factory=Counter)
-    fallbacks: Counter = field(default_factory=Counter)
-    fallback_reasons: dict = field(default_factory=dict)
-    _undo: list = field(default_factory=list, repr=False)
-
-    def __enter__(self) -> PatchReport:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.undo()
-
-    @property
-    def active(self) -> bool:
-        return _active is self
-
-    def undo(self) -> None:
-        """Put every replaced TRL attribute back (idempotent)."""
-        global _active
-        for owner, name, original in reversed(self._undo):
-            setattr(owner, name, original)
-        self._undo.clear()
-        if _active is self:
-            _active = None
-            log.info("fastrm.integrations.trl: TRL restored")
-
-    def _fallback(self, site: str, reason: str):
-        self.fallbacks[site] += 1
-        if site not in self.fallback_reasons:
-            log.warning("fastrm.integrations.trl: %s handed back to TRL: %s", site, reason)
-        self.fallback_reasons.setdefault(site, reason)
-
-    def __str__(self) -> str:
-        lines = [f"fastrm.integrations.trl on TRL {self.trl_version} (tested: {TESTED_TRL}); backend="
-                 f"{self.backend or 'auto'}; {'active' if self.active else 'undone'}"]
-        for site, what in self.patched.items():
-            lines.append(f"  patched   {site}: {what} [fastrm calls {self.calls[site]}, "
-                         f"TRL fallbacks {self.fallbacks[site]}]")
-        for site, why in self.not_patched.items():
-            lines.append(f"  unpatched {site}: {why}")
-        return "\n".join(lines)
 
 
 def patch(*, backend: str | None = None) -> PatchReport:
@@ -135,24 +79,25 @@ def patch(*, backend: str | None = None) -> PatchReport:
         raise ImportError("fastrm.integrations.trl.patch() needs TRL (pip install trl)") from None
     if _active is not None:
         _active.undo()
-    report = PatchReport(trl_version=getattr(trl, "__version__", "unknown"), backend=backend)
+    report = PatchReport("TRL", getattr(trl, "__version__", "unknown"), TESTED_TRL, backend)
     modules = _import_trainer_modules(report)
     _patch_fused_head(report, modules)
     _patch_logprob_functions(report)
     _patch_reward_loss(report, modules)
     if "ppo_trainer" not in modules:
-        report.not_patched["ppo"] = (f"TRL {report.trl_version} ships no PPOTrainer (removed in TRL 1.x); nothing "
+        report.not_patched["ppo"] = (f"TRL {report.version} ships no PPOTrainer (removed in TRL 1.x); nothing "
                                      "to patch")
     _active = report
-    for line in str(report).splitlines():
-        log.info(line)
+    report.log()
     return report
 
 
 def unpatch() -> None:
     """Undo the active patch, if any."""
+    global _active
     if _active is not None:
         _active.undo()
+        _active = None
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -173,21 +118,6 @@ def _import_trainer_modules(report: PatchReport) -> dict:
     return found
 
 
-def _replace(report: PatchReport, owner, name: str, new) -> None:
-    report._undo.append((owner, name, getattr(owner, name)))
-    setattr(owner, name, new)
-
-
-def _bind(signature: inspect.Signature, args, kwargs):
-    """The call's arguments by name (defaults applied), or None when they do not fit the signature."""
-    try:
-        bound = signature.bind(*args, **kwargs)
-    except TypeError:
-        return None
-    bound.apply_defaults()
-    return bound.arguments
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # the fused LM head (GRPO, RLOO, ... in TRL 1.x)
 # ---------------------------------------------------------------------------------------------------------------
@@ -204,7 +134,7 @@ class _FusedHeadShim:
         self.signature = inspect.Signature(list(inspect.signature(original.forward).parameters.values())[1:])
 
     def apply(self, *args, **kwargs):
-        a = _bind(self.signature, args, kwargs)
+        a = bind(self.signature, args, kwargs)
         if a is None:
             return self._fallback("arguments do not fit ChunkedLogProbFunction.forward", args, kwargs)
         outputs = tuple(a["outputs"])
@@ -228,7 +158,7 @@ class _FusedHeadShim:
         return (log_probs,) + tuple(entropy if name == "entropy" else None for name in self.optional_outputs)
 
     def _fallback(self, reason, args, kwargs):
-        self.report._fallback(self.site, reason)
+        self.report.fallback(self.site, reason)
         return self.original.apply(*args, **kwargs)
 
 
@@ -246,7 +176,7 @@ def _patch_fused_head(report: PatchReport, modules: dict) -> None:
         return
     chunked = sys.modules.get("trl.kernels.chunked_logprob")
     optional = tuple(getattr(chunked, "OPTIONAL_OUTPUTS", ("entropy", "log_sum_sq_probs", "mean_logits", "is_top1")))
-    _replace(report, utils, "_ChunkedLogProbFunction", _FusedHeadShim(original, report, optional))
+    report.replace(utils, "_ChunkedLogProbFunction", _FusedHeadShim(original, report, optional))
     users = [name.replace("_trainer", "") for name, module in modules.items()
              if getattr(module, "add_fused_lm_head", None) is not None]
     report.patched[site] = (f"trl.trainer.utils._ChunkedLogProbFunction (add_fused_lm_head; used by "
@@ -264,10 +194,10 @@ def _logprob_shim(name: str, original, report: PatchReport):
     unknown = set(signature.parameters) - known
 
     def shim(*args, **kwargs):
-        a = _bind(signature, args, kwargs)
+        a = bind(signature, args, kwargs)
         if a is None or unknown:
             reason = "arguments do not fit" if a is None else f"unknown parameters {sorted(unknown)}"
-            report._fallback(name, reason)
+            report.fallback(name, reason)
             return original(*args, **kwargs)
         logits = a["logits"]
         temperature = a.get("temperature", 1.0)
@@ -297,13 +227,7 @@ def _patch_logprob_functions(report: PatchReport) -> None:
         if original is None:
             report.not_patched[name] = f"trl.trainer.utils has no {name}"
             continue
-        shim = _logprob_shim(name, original, report)
-        where = []
-        for module_name, module in list(sys.modules.items()):
-            if (module_name == "trl" or module_name.startswith("trl.")) and module is not None \
-                    and module.__dict__.get(name) is original:
-                _replace(report, module, name, shim)
-                where.append(module_name)
+        where = report.replace_bindings("trl", name, original, _logprob_shim(name, original, report))
         users = [m.rsplit(".", 1)[-1] for m in where if m != "trl.trainer.utils"]
         report.patched[name] = (f"{len(where)} binding(s) (trl.trainer.utils"
                                 f"{', ' + ', '.join(users) if users else ''}) -> fastrm.gather_logprobs")
@@ -336,7 +260,7 @@ def _patch_reward_loss(report: PatchReport, modules: dict) -> None:
         # TRL's loss came from the same rewards: a difference beyond rounding means a term fastrm lacks.
         ours, theirs = float(loss.detach()), float(trl_loss.detach())
         if abs(ours - theirs) > 64 * torch.finfo(chosen.dtype).eps * (1.0 + abs(theirs)):
-            report._fallback(site, f"TRL's loss {theirs:.6g} != fastrm's {ours:.6g}: this TRL adds a term "
+            report.fallback(site, f"TRL's loss {theirs:.6g} != fastrm's {ours:.6g}: this TRL adds a term "
                                    "fastrm does not know; TRL's loss is used")
             loss = trl_loss
         else:
@@ -344,6 +268,6 @@ def _patch_reward_loss(report: PatchReport, modules: dict) -> None:
         return (loss, outputs) if return_outputs else loss
 
     compute_loss.__wrapped__ = original
-    _replace(report, trainer_cls, "compute_loss", compute_loss)
+    report.replace(trainer_cls, "compute_loss", compute_loss)
     report.patched[site] = ("RewardTrainer.compute_loss -> fastrm.pairwise_ranking_loss (margin, "
                             "center_rewards_coefficient; checked against TRL's value each step)")
