@@ -1,7 +1,7 @@
 """TRL's GRPOTrainer as TRL ships it vs the same trainer after ``fastrm.integrations.trl.patch()``.
 
-    python benchmarks/bench_trl_grpo.py --quick             # CPU-sized: 8 completions x 64, 128 tokens
-    python benchmarks/bench_trl_grpo.py --completion 256 --vocab 32000
+    python benchmarks/bench_trl_grpo.py --quick             # CPU-sized: 8 completions x 32 tokens, V 32000
+    python benchmarks/bench_trl_grpo.py --completion 256 --vocab 32000 --hidden 512
 
 A Llama of ``--hidden`` width, 2 layers and a ``--vocab`` vocabulary (random weights, saved and loaded by TRL),
 8 completions per step (4 prompts x 2 generations), SGD. Two parts per size:
@@ -32,10 +32,10 @@ if __package__ in (None, ""):  # run as a file: make the `benchmarks` package im
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks import common  # noqa: E402
 
-QUICK = {"completion": [64, 128], "vocab": [32000]}
+QUICK = {"completion": [32], "vocab": [32000]}
 FULL = {"completion": [128, 512, 1024], "vocab": [32000, 128256]}
 PROMPTS, GENERATIONS, LAYERS = 4, 2, 2
-STEP_REPEATS = 4  # timed training steps after one warm-up step
+STEP_REPEATS = 3  # timed training steps after one warm-up step
 
 
 def _has_trl() -> bool:
@@ -225,7 +225,7 @@ def bench_size(run, size: dict, providers: list[str], workdir: Path):
 def main(argv=None) -> int:
     parser = common.base_parser(__doc__)
     common.add_size_options(parser, completion="completion lengths (tokens)", vocab="vocabulary sizes")
-    parser.add_argument("--hidden", type=int, default=256, help="the model's hidden size (default 256)")
+    parser.add_argument("--hidden", type=int, default=128, help="the model's hidden size (default 128)")
     args = parser.parse_args(argv)
     if not _has_trl():
         print("bench_trl_grpo: TRL is not installed (pip install trl): nothing to run")
