@@ -88,6 +88,17 @@ KL_STRAIGHT_THROUGH = {"k1+": "k1", "abs+": "abs", "k3+": "k3"}
 if HAS_TRITON:
 
     @triton.jit
+    def _ratio_inputs(start, lane, T, mask_row, stride_mt, logp_row, stride_lt, old_row, stride_ot):
+        """Positions ``start + lane`` of a row: ``(t, in_row, valid, logprobs, old_logprobs)``, the two in fp32.
+        Masked positions are never read: whatever they hold (NaN, inf) cannot reach a result."""
+        t = (start + lane).to(tl.int64)
+        in_row = t < T
+        valid = in_row & (tl.load(mask_row + t * stride_mt, mask=in_row, other=0) != 0)
+        logp = tl.load(logp_row + t * stride_lt, mask=valid, other=0.0).to(tl.float32)
+        old = tl.load(old_row + t * stride_ot, mask=valid, other=0.0).to(tl.float32)
+        return t, in_row, valid, logp, old
+
+    @triton.jit
     def _ppo_policy_fwd_kernel(
         logp_ptr, old_ptr, adv_ptr, mask_ptr,
         grad_ptr,  # fp32 [B, T] contiguous: d loss_t / d logprobs_t, 0 where masked; dummy unless WRITE_GRADS
@@ -113,11 +124,8 @@ if HAS_TRITON:
             acc_log_ratio = tl.zeros([BLOCK_T], dtype=tl.float32)
             acc_valid = tl.zeros([BLOCK_T], dtype=tl.int32)
             for start in range(0, T, BLOCK_T):
-                t = (start + lane).to(tl.int64)
-                in_row = t < T
-                valid = in_row & (tl.load(mask_row + t * stride_mt, mask=in_row, other=0) != 0)
-                logp = tl.load(logp_row + t * stride_lt, mask=valid, other=0.0).to(tl.float32)
-                old = tl.load(old_row + t * stride_ot, mask=valid, other=0.0).to(tl.float32)
+                _, _, valid, logp, old = _ratio_inputs(start, lane, T, mask_row, stride_mt, logp_row, stride_lt,
+                                                       old_row, stride_ot)
                 acc_log_ratio += tl.where(valid, logp - old, 0.0)
                 acc_valid += valid.to(tl.int32)
             seq_raw = tl.sum(acc_log_ratio, axis=0) / tl.maximum(tl.sum(acc_valid, axis=0), 1).to(tl.float32)
@@ -128,12 +136,8 @@ if HAS_TRITON:
         acc_clipped = tl.zeros([BLOCK_T], dtype=tl.int32)
         acc_dual = tl.zeros([BLOCK_T], dtype=tl.int32)
         for start in range(0, T, BLOCK_T):
-            t = (start + lane).to(tl.int64)
-            in_row = t < T
-            valid = in_row & (tl.load(mask_row + t * stride_mt, mask=in_row, other=0) != 0)
-            # Masked positions are never read: whatever they hold (NaN, inf) cannot reach a result.
-            logp = tl.load(logp_row + t * stride_lt, mask=valid, other=0.0).to(tl.float32)
-            old = tl.load(old_row + t * stride_ot, mask=valid, other=0.0).to(tl.float32)
+            t, in_row, valid, logp, old = _ratio_inputs(start, lane, T, mask_row, stride_mt, logp_row, stride_lt,
+                                                        old_row, stride_ot)
             adv = tl.load(adv_row + t * stride_at, mask=valid, other=0.0).to(tl.float32)
 
             if SEQ_RATIO:
