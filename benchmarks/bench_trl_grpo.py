@@ -8,7 +8,7 @@ A Llama of ``--hidden`` width, 2 layers and a ``--vocab`` vocabulary (random wei
 
 * ``part=loss``: ``trainer.compute_loss`` on one fixed batch of completions, forward (``fwd``: the policy's and
   the reference's per-token log-probs and entropies through the fused LM head, the GRPO loss) and forward +
-  backward (``fwd+bwd``). This is what the patch changes.
+  backward (``fwd+bwd``), time and peak memory. This is what the patch changes.
 * ``part=train_step``: one whole ``trainer.train()`` step (``fwd+bwd``): generation, rewards, the loss, its
   backward and the optimizer step, timed per step by a callback after a warm-up step.
 
@@ -203,10 +203,12 @@ def bench_size(run, size: dict, providers: list[str], workdir: Path):
                 else:
                     def call():
                         trainer.compute_loss(trainer.model, batch).backward()
-                t = common.time_fn(call, setup=lambda: trainer.model.zero_grad(set_to_none=True),
-                                   repeats=run.args.repeats, min_time_s=run.args.min_time)
-                run.rows.append({**base, "mode": mode, "status": "ok", **t, "peak_mb": None})
-                print(f"    {name:<16} loss {mode:<8} {t['median_ms']:>10.1f} ms")
+                def setup():
+                    trainer.model.zero_grad(set_to_none=True)
+                t = common.time_fn(call, setup=setup, repeats=run.args.repeats, min_time_s=run.args.min_time)
+                peak = common.peak_memory_mb(call, setup)
+                run.rows.append({**base, "mode": mode, "status": "ok", **t, "peak_mb": peak})
+                print(f"    {name:<16} loss {mode:<8} {t['median_ms']:>10.1f} ms  peak {peak} MiB")
             timer = _StepTimer()
             stepper = make_trainer(path, tokenizer, completion, str(workdir / "out"), max_steps=1 + STEP_REPEATS)
             stepper.add_callback(timer)
