@@ -15,7 +15,9 @@ A Llama of ``--hidden`` width, 2 layers and a ``--vocab`` vocabulary (random wei
 Providers: ``trl`` (TRL's ``ChunkedLogProbFunction``; on CPU its torch fold over vocabulary tiles) and
 ``fastrm-<backend>`` (``fastrm.linear_logprobs``). Both are checked against float64 before they are timed: the
 per-token log-probs of the batch and the gradients of the loss with respect to every parameter, against the
-same trainer step computed in float64 with an eager ``log_softmax`` head. Needs TRL (``pip install trl``).
+same trainer step computed in float64 with an eager ``log_softmax`` head. Providers are timed interleaved in
+one process (loss calls alternate; one trainer's steps alternate, the patch switched between steps), so a
+change of machine load hits them alike and their ratio holds on a shared machine. Needs TRL.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ from benchmarks import common  # noqa: E402
 QUICK = {"completion": [32], "vocab": [32000]}
 FULL = {"completion": [128, 512, 1024], "vocab": [32000, 128256]}
 PROMPTS, GENERATIONS, LAYERS = 4, 2, 2
-STEP_REPEATS = 3  # timed training steps after one warm-up step
+STEP_REPEATS = 3  # timed training steps per provider, after one warm-up step
 
 
 def _has_trl() -> bool:
@@ -93,9 +95,11 @@ class _StepTimer:
 
         class Timer(TrainerCallback):
             def __init__(self):
-                self.samples_ms, self._start = [], None
+                self.samples_ms, self._start, self.before_step = [], None, None
 
             def on_step_begin(self, args, state, control, **kwargs):
+                if self.before_step is not None:
+                    self.before_step(len(self.samples_ms))
                 self._start = time.perf_counter()
 
             def on_step_end(self, args, state, control, **kwargs):
@@ -167,61 +171,98 @@ def float64_reference(trainer, batch):
     return logps, grads
 
 
-def bench_size(run, size: dict, providers: list[str], workdir: Path):
-    import fastrm.integrations.trl as fastrm_trl
+class _Providers:
+    """Switch TRL between providers in one process: ``trl`` (unpatched) or ``fastrm-<backend>`` (patched)."""
 
+    def __init__(self):
+        import fastrm.integrations.trl as fastrm_trl
+
+        self.trl, self.calls = fastrm_trl, {}
+
+    def use(self, name: str):
+        self.trl.unpatch()
+        if name.startswith("fastrm"):
+            report = self.trl.patch(backend=name.split("-", 1)[1])
+            self.calls.setdefault(name, []).append(report)
+
+    def served(self, name: str) -> tuple[int, int]:
+        reports = self.calls.get(name, [])
+        return (sum(r.calls["fused_lm_head"] for r in reports), sum(r.fallbacks["fused_lm_head"] for r in reports))
+
+
+def bench_size(run, size: dict, providers: list[str], workdir: Path):
+    """Check every provider against float64, then time them interleaved: the loss calls alternate between
+    providers, and so do the training steps of one trainer, so a change of machine load hits all alike."""
     completion, vocab = size["completion"], size["vocab"]
     path = workdir / f"model_{completion}_{vocab}"
     tokenizer = save_model(path, vocab, run.args.hidden, completion)
     print(f"  completion={completion} vocab={vocab} hidden={run.args.hidden}")
-    reference = None
+    switch = _Providers()
+    switch.use("trl")
+    # One training step generates and scores a batch; its compute_loss inputs are kept and timed.
+    trainer = make_trainer(path, tokenizer, completion, str(workdir / "out"), max_steps=1)
+    batch = capture_batch(trainer)
+    reference = float64_reference(trainer, batch)
+    tol = common.TOLERANCE[torch.float32]
+    base = {}
+    for name in list(providers):
+        switch.use(name)
+        logps = policy_logprobs(trainer, trainer.model, batch)
+        _, grads = loss_and_grads(trainer, trainer.model, batch)
+        err = {"out": common.relative_error([(logps, reference[0])]),
+               "grad": common.relative_error(zip(grads, reference[1]))}
+        base[name] = {**size, "part": "loss", "dtype": "float32", "provider": name, "err_out": err["out"],
+                      "err_grad": err["grad"], "tol": tol}
+        if max(err.values()) > tol:
+            for mode in run.args.modes:
+                run.rows.append({**base[name], "mode": mode, "status": "wrong", "note": "disagrees with float64"})
+            print(f"    {name:<16} REFUSED: disagrees with float64 ({err})")
+            providers.remove(name)
+
+    def setup():
+        trainer.model.zero_grad(set_to_none=True)
+
+    for mode in [m for m in run.args.modes if m in ("fwd", "fwd+bwd")]:
+        if mode == "fwd":
+            def call():
+                with torch.no_grad():
+                    trainer.compute_loss(trainer.model, batch)
+        else:
+            def call():
+                trainer.compute_loss(trainer.model, batch).backward()
+        samples = {name: [] for name in providers}
+        for rep in range(1 + run.args.repeats):  # the first round warms up
+            for name in providers[rep % len(providers):] + providers[:rep % len(providers)]:
+                switch.use(name)
+                setup()
+                start = time.perf_counter()
+                call()
+                if rep:
+                    samples[name].append((time.perf_counter() - start) * 1e3)
+        for name in providers:
+            switch.use(name)
+            t = common.summarize(samples[name])
+            peak = common.peak_memory_mb(call, setup)
+            run.rows.append({**base[name], "mode": mode, "status": "ok", **t, "peak_mb": peak})
+            print(f"    {name:<16} loss {mode:<8} {t['median_ms']:>10.1f} ms  peak {peak:.0f} MiB")
+
+    # Whole training steps of one trainer, the provider switched before each step (untimed).
+    timer = _StepTimer()
+    steps = STEP_REPEATS * len(providers)
+    stepper = make_trainer(path, tokenizer, completion, str(workdir / "out"), max_steps=1 + steps)
+    order = [providers[0]] + [providers[i % len(providers)] for i in range(steps)]  # step 0 warms up
+    timer.before_step = lambda step: switch.use(order[step])
+    stepper.add_callback(timer)
+    stepper.train()
     for name in providers:
-        report = fastrm_trl.patch(backend=name.split("-", 1)[1]) if name.startswith("fastrm") else None
-        try:
-            # One training step generates and scores a batch; its compute_loss inputs are kept and timed.
-            trainer = make_trainer(path, tokenizer, completion, str(workdir / "out"), max_steps=1)
-            batch = capture_batch(trainer)
-            if reference is None:
-                reference = float64_reference(trainer, batch)
-            logps = policy_logprobs(trainer, trainer.model, batch)
-            _, grads = loss_and_grads(trainer, trainer.model, batch)
-            err = {"out": common.relative_error([(logps, reference[0])]),
-                   "grad": common.relative_error(zip(grads, reference[1]))}
-            tol = common.TOLERANCE[torch.float32]
-            base = {**size, "part": "loss", "dtype": "float32", "provider": name, "err_out": err["out"],
-                    "err_grad": err["grad"], "tol": tol}
-            if max(err.values()) > tol:
-                for mode in run.args.modes:
-                    run.rows.append({**base, "mode": mode, "status": "wrong", "note": "disagrees with float64"})
-                print(f"    {name:<16} REFUSED: disagrees with float64 ({err})")
-                continue
-            for mode in [m for m in run.args.modes if m in ("fwd", "fwd+bwd")]:
-                if mode == "fwd":
-                    def call():
-                        with torch.no_grad():
-                            trainer.compute_loss(trainer.model, batch)
-                else:
-                    def call():
-                        trainer.compute_loss(trainer.model, batch).backward()
-                def setup():
-                    trainer.model.zero_grad(set_to_none=True)
-                t = common.time_fn(call, setup=setup, repeats=run.args.repeats, min_time_s=run.args.min_time)
-                peak = common.peak_memory_mb(call, setup)
-                run.rows.append({**base, "mode": mode, "status": "ok", **t, "peak_mb": peak})
-                print(f"    {name:<16} loss {mode:<8} {t['median_ms']:>10.1f} ms  peak {peak} MiB")
-            timer = _StepTimer()
-            stepper = make_trainer(path, tokenizer, completion, str(workdir / "out"), max_steps=1 + STEP_REPEATS)
-            stepper.add_callback(timer)
-            stepper.train()
-            steps = timer.samples_ms[1:]  # the first step warms up
-            t = common.summarize(steps)
-            run.rows.append({**base, "part": "train_step", "mode": "fwd+bwd", "status": "ok", **t, "peak_mb": None})
-            print(f"    {name:<16} train step         {t['median_ms']:>10.1f} ms  ({len(steps)} steps)")
-        finally:
-            if report is not None:
-                print(f"    {name}: fastrm served {report.calls['fused_lm_head']} fused-head calls, "
-                      f"{report.fallbacks['fused_lm_head']} fallbacks")
-                report.undo()
+        t = common.summarize([ms for ms, who in zip(timer.samples_ms[1:], order[1:]) if who == name])
+        run.rows.append({**base[name], "part": "train_step", "mode": "fwd+bwd", "status": "ok", **t, "peak_mb": None})
+        print(f"    {name:<16} train step         {t['median_ms']:>10.1f} ms  ({t['n_samples']} steps)")
+    switch.use("trl")
+    for name in providers:
+        if name != "trl":
+            calls, fallbacks = switch.served(name)
+            print(f"    {name}: fastrm served {calls} fused-head calls, {fallbacks} fallbacks")
 
 
 def main(argv=None) -> int:
