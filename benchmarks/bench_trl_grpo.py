@@ -95,15 +95,16 @@ class _StepTimer:
 
         class Timer(TrainerCallback):
             def __init__(self):
-                self.samples_ms, self._start, self.before_step = [], None, None
+                self.samples_ms, self.cpu_ms, self._start, self.before_step = [], [], None, None
 
             def on_step_begin(self, args, state, control, **kwargs):
                 if self.before_step is not None:
                     self.before_step(len(self.samples_ms))
-                self._start = time.perf_counter()
+                self._start = (time.perf_counter(), time.process_time())
 
             def on_step_end(self, args, state, control, **kwargs):
-                self.samples_ms.append((time.perf_counter() - self._start) * 1e3)
+                self.samples_ms.append((time.perf_counter() - self._start[0]) * 1e3)
+                self.cpu_ms.append((time.process_time() - self._start[1]) * 1e3)
 
         return Timer()
 
@@ -190,6 +191,25 @@ class _Providers:
         return (sum(r.calls["fused_lm_head"] for r in reports), sum(r.fallbacks["fused_lm_head"] for r in reports))
 
 
+def _median(values):
+    return common.percentile(sorted(values), 0.5) if values else None
+
+
+def cpu_time_note(run):
+    """The process CPU time (all threads) of each timed row, against trl's: on a CPU shared with other work,
+    wall-clock medians swing with the load while CPU time measures the work itself."""
+    base = {(r["completion"], r["vocab"], r["part"], r["mode"]): r["cpu_ms"] for r in run.rows
+            if r["provider"] == "trl" and r.get("cpu_ms")}
+    parts = []
+    for r in run.rows:
+        ref = base.get((r["completion"], r["vocab"], r["part"], r["mode"]))
+        if r["provider"] != "trl" and r.get("cpu_ms") and ref:
+            parts.append(f"{r['part']} {r['mode']} (completion {r['completion']}, V {r['vocab']}): {r['provider']} "
+                         f"{r['cpu_ms']:.0f} ms vs trl {ref:.0f} ms, {ref / r['cpu_ms']:.2f}x")
+    if parts:
+        run.note("process CPU time, median: " + "; ".join(parts))
+
+
 def bench_size(run, size: dict, providers: list[str], workdir: Path):
     """Check every provider against float64, then time them interleaved: the loss calls alternate between
     providers, and so do the training steps of one trainer, so a change of machine load hits all alike."""
@@ -231,19 +251,22 @@ def bench_size(run, size: dict, providers: list[str], workdir: Path):
             def call():
                 trainer.compute_loss(trainer.model, batch).backward()
         samples = {name: [] for name in providers}
+        cpu = {name: [] for name in providers}
         for rep in range(1 + run.args.repeats):  # the first round warms up
             for name in providers[rep % len(providers):] + providers[:rep % len(providers)]:
                 switch.use(name)
                 setup()
-                start = time.perf_counter()
+                start, start_cpu = time.perf_counter(), time.process_time()
                 call()
                 if rep:
                     samples[name].append((time.perf_counter() - start) * 1e3)
+                    cpu[name].append((time.process_time() - start_cpu) * 1e3)
         for name in providers:
             switch.use(name)
             t = common.summarize(samples[name])
             peak = common.peak_memory_mb(call, setup)
-            run.rows.append({**base[name], "mode": mode, "status": "ok", **t, "peak_mb": peak})
+            run.rows.append({**base[name], "mode": mode, "status": "ok", **t, "peak_mb": peak,
+                             "cpu_ms": _median(cpu[name])})
             print(f"    {name:<16} loss {mode:<8} {t['median_ms']:>10.1f} ms  peak {peak:.0f} MiB")
 
     # Whole training steps of one trainer, the provider switched before each step (untimed).
@@ -256,7 +279,9 @@ def bench_size(run, size: dict, providers: list[str], workdir: Path):
     stepper.train()
     for name in providers:
         t = common.summarize([ms for ms, who in zip(timer.samples_ms[1:], order[1:]) if who == name])
-        run.rows.append({**base[name], "part": "train_step", "mode": "fwd+bwd", "status": "ok", **t, "peak_mb": None})
+        cpu_ms = _median([ms for ms, who in zip(timer.cpu_ms[1:], order[1:]) if who == name])
+        run.rows.append({**base[name], "part": "train_step", "mode": "fwd+bwd", "status": "ok", **t, "peak_mb": None,
+                         "cpu_ms": cpu_ms})
         print(f"    {name:<16} train step         {t['median_ms']:>10.1f} ms  ({t['n_samples']} steps)")
     switch.use("trl")
     for name in providers:
@@ -285,6 +310,7 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as workdir:
         for size in common.sweep(args, QUICK, FULL):
             bench_size(run, size, providers, Path(workdir))
+    cpu_time_note(run)
     return run.finish()
 
 
