@@ -727,7 +727,7 @@ class Run:
 
 ROW_FIELDS = {"dtype", "provider", "mode", "status", "median_ms", "p20_ms", "p80_ms", "n_samples", "samples_ms",
               "peak_mb", "bytes", "gbs", "pct_copy_bw", "err_out", "err_grad", "tol", "note", "speedup",
-              "mem_ratio"}
+              "mem_ratio", "cpu_ms"}
 
 
 def exit_code(rows: list[dict]) -> int:
@@ -880,6 +880,9 @@ def plot_results(result: dict, out_dir: Path) -> list[Path]:
                 ax.set_ylabel(label)
                 ax.set_title(f"{mode}" + (f", {panel_key}={panel}" if panel_key else ""), fontsize=10)
                 ax.grid(True, which="both", alpha=0.3)
+        if not any(ax.has_data() for ax in axes.flat):  # e.g. no provider measured peak memory
+            plt.close(fig)
+            continue
         handles, labels = axes[0][0].get_legend_handles_labels()
         for ax in axes.flat:  # every provider once, even those missing from the first panel
             for h, lab in zip(*ax.get_legend_handles_labels()):

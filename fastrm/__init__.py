@@ -3,6 +3,9 @@
 Ops (each with ``backend="auto" | "triton" | "torch"``, an nn.Module form and a plain reference):
 ``gather_logprobs``, ``linear_logprobs``, ``compute_gae`` (+ ``whiten``), ``pairwise_ranking_loss``,
 ``ranking_loss``, ``ppo_policy_loss``, ``value_loss``, ``kl_penalty``.
+
+Inside other libraries: ``fastrm.integrations.trl.patch()`` (TRL's trainers on fastrm's ops) and
+``fastrm.integrations.verl`` (verl's loss functions, ``register()`` for a verl run).
 """
 
 __version__ = "0.1.0"

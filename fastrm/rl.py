@@ -8,7 +8,8 @@
   ``reinforce``             discounted return-to-go of the token rewards, no baseline (REINFORCE)
   ``reinforce_baseline``    the score minus a baseline (moving average of past batches, or this batch's mean)
   ``rloo``                  the score minus the mean score of the *other* n-1 samples of the same prompt
-  ``grpo``                  (score - group mean) / (group std + eps) over the n samples of a prompt
+  ``grpo``                  (score - group mean) / (std + eps) over the n samples of a prompt; the std is the
+                            group's, the whole batch's, or none (``scale_rewards`` group | batch | none)
   ========================  ===============================================================================
 
   Token rewards are the per-token KL penalty ``-kl_coef * kl_t`` (zero when the KL is a loss term) plus
@@ -37,6 +38,8 @@ import fastrm
 from fastrm import distributed
 
 ESTIMATORS = ("gae", "reinforce", "reinforce_baseline", "rloo", "grpo")
+# What GRPO divides the centred scores by (TRL's scale_rewards): the group's std, the batch's, or nothing.
+SCALE_REWARDS = ("group", "batch", "none")
 # Estimators whose baseline needs several samples of the same prompt.
 GROUP_ESTIMATORS = ("rloo", "grpo")
 
@@ -94,15 +97,22 @@ def rloo_scores(scores: torch.Tensor, n: int) -> torch.Tensor:
     return (g - others).reshape(-1)
 
 
-def grpo_scores(scores: torch.Tensor, n: int, eps: float = 1e-6, scale: bool = True) -> torch.Tensor:
-    """GRPO: ``(s_i - mean(group)) / (std(group) + eps)``; the std is unbiased (as DeepSeekMath / TRL).
-    ``scale=False`` only centres (Dr. GRPO)."""
+def grpo_scores(scores: torch.Tensor, n: int, eps: float = 1e-6, scale_rewards: str = "group") -> torch.Tensor:
+    """GRPO: ``(s_i - mean(group)) / (std + eps)``, TRL's ``scale_rewards``: ``"group"`` the std of the n samples
+    of the prompt (DeepSeekMath), ``"batch"`` the std of every score of the batch (over all ranks; more robust
+    when a group's scores are nearly equal), ``"none"`` no division (Dr. GRPO, centring only). Stds are
+    unbiased, as TRL's and verl's."""
     if n < 2:
         raise ValueError(f"grpo needs n >= 2 samples per prompt, got n={n}")
+    if scale_rewards not in SCALE_REWARDS:
+        raise ValueError(f"scale_rewards must be one of {', '.join(SCALE_REWARDS)}, got {scale_rewards!r}")
     g = _groups(scores, n)
     centred = g - g.mean(dim=1, keepdim=True)
-    if scale:
+    if scale_rewards == "group":
         centred = centred / (g.std(dim=1, keepdim=True) + eps)
+    elif scale_rewards == "batch":
+        count, _, m2 = distributed.global_moments(g)
+        centred = centred / ((m2 / (count - 1).clamp_min(1)).sqrt().float() + eps)
     return centred.reshape(-1)
 
 
@@ -142,7 +152,7 @@ class MovingAverageBaseline:
 def compute_advantages(estimator: str, scores: torch.Tensor, mask: torch.Tensor, *, n: int = 1,
                        kl: torch.Tensor | None = None, kl_coef: float = 0.0, values: torch.Tensor | None = None,
                        gamma: float = 1.0, lam: float = 0.95, baseline: MovingAverageBaseline | None = None,
-                       grpo_eps: float = 1e-6, grpo_scale: bool = True):
+                       grpo_eps: float = 1e-6, scale_rewards: str = "group"):
     """``(advantages [B, T], returns [B, T] or None)`` for one rollout batch (see the module docstring).
 
     Args:
@@ -152,6 +162,7 @@ def compute_advantages(estimator: str, scores: torch.Tensor, mask: torch.Tensor,
         kl, kl_coef: per-token KL estimate and its coefficient when the KL is a reward penalty.
         values: ``[B, T]`` critic values (gae only; returns = advantages + values, the critic's target).
         baseline: state of ``reinforce_baseline`` (default: a fresh moving average, i.e. the batch mean).
+        grpo_eps, scale_rewards: grpo's eps and what it divides by (see :func:`grpo_scores`).
     """
     if estimator not in ESTIMATORS:
         raise ValueError(f"unknown advantage estimator {estimator!r}; expected one of {', '.join(ESTIMATORS)}")
@@ -165,7 +176,7 @@ def compute_advantages(estimator: str, scores: torch.Tensor, mask: torch.Tensor,
     elif estimator == "rloo":
         scores = rloo_scores(scores, n)
     elif estimator == "grpo":
-        scores = grpo_scores(scores, n, grpo_eps, grpo_scale)
+        scores = grpo_scores(scores, n, grpo_eps, scale_rewards)
     rewards = token_rewards(scores, mask, kl, kl_coef)
     return discounted_returns(rewards, mask, gamma), None
 

@@ -9,7 +9,7 @@ from fastrm.kernels.logprobs import gather_logprobs_reference
 
 
 def linear_logprobs_reference(hidden, weight, labels, bias=None, temperature=1.0, ignore_index=-100,
-                              return_entropy=False):
+                              return_entropy=False, softcap=None):
     """``log_softmax((hidden @ weight.T + bias) / temperature)[..., labels]`` the eager way.
 
     Builds the whole ``[..., V]`` logits in the inputs' dtype (as ``lm_head(hidden)`` does), then the
@@ -20,4 +20,4 @@ def linear_logprobs_reference(hidden, weight, labels, bias=None, temperature=1.0
     if bias is not None:
         logits = logits + bias
     return gather_logprobs_reference(logits, labels, temperature=temperature, ignore_index=ignore_index,
-                                     return_entropy=return_entropy)
+                                     return_entropy=return_entropy, softcap=softcap)

@@ -16,6 +16,14 @@ Policy loss, per token t of a [B, T] batch (valid where mask is 1)::
 (Where pg2 > pg1 the ratio lies outside the clip range, so clamp(ratio) is a constant there; inside the
 range clamp(ratio) == ratio exactly and pg1 == pg2, which is not "clipped".)
 
+Sequence-level ratio (GSPO, verl's ``loss_mode=gspo``, TRL's ``importance_sampling_level="sequence"``), with
+SEQ_RATIO set: every token of row b uses the row's ratio ``s_b = exp(min(mean_valid(logprobs - old_logprobs), 10))``
+with verl's stop-gradient construction ``log s_bt = sg(log s_b) + logprobs_t - sg(logprobs_t)``, so
+
+    d loss_t / d logprobs_t = -A * s_b  where not clipped and the mean log-ratio is <= 10; 0 elsewhere.
+
+The kernel then makes two passes over the row: the mean log-ratio first, the loss second.
+
 Value loss, per token::
 
     clipped_t = clamp(values, old_values - clip, old_values + clip)   (= old + clamp(values - old, ±clip))
@@ -64,15 +72,31 @@ if HAS_TRITON:
 POLICY_STATS = ("loss", "count", "clipped", "dual_clipped", "approx_kl", "ratio")
 VALUE_STATS = ("loss", "count", "clipped")
 
-# The verl stability clamp on the log-ratio, and the clamps of the k3 ("low_var_kl") penalty.
+# The verl stability clamp on the log-ratio, the upper clamp of GSPO's sequence log-ratio, and the clamps of
+# the k3 ("low_var_kl") penalty.
 LOG_RATIO_CLAMP = 20.0
+SEQ_LOG_RATIO_MAX = 10.0
 K3_LOG_RATIO_CLAMP = 20.0
 K3_CLAMP = 10.0
 
 KL_KINDS = {"k1": 0, "abs": 1, "k2": 2, "k3": 3}
+# Straight-through estimators (verl's "k1+", "k3+", ...): the value of the base kind, the gradient of k2
+# (d = logprobs - ref_logprobs), whose expected gradient is the KL's.
+KL_STRAIGHT_THROUGH = {"k1+": "k1", "abs+": "abs", "k3+": "k3"}
 
 
 if HAS_TRITON:
+
+    @triton.jit
+    def _ratio_inputs(start, lane, T, mask_row, stride_mt, logp_row, stride_lt, old_row, stride_ot):
+        """Positions ``start + lane`` of a row: ``(t, in_row, valid, logprobs, old_logprobs)``, the two in fp32.
+        Masked positions are never read: whatever they hold (NaN, inf) cannot reach a result."""
+        t = (start + lane).to(tl.int64)
+        in_row = t < T
+        valid = in_row & (tl.load(mask_row + t * stride_mt, mask=in_row, other=0) != 0)
+        logp = tl.load(logp_row + t * stride_lt, mask=valid, other=0.0).to(tl.float32)
+        old = tl.load(old_row + t * stride_ot, mask=valid, other=0.0).to(tl.float32)
+        return t, in_row, valid, logp, old
 
     @triton.jit
     def _ppo_policy_fwd_kernel(
@@ -82,9 +106,10 @@ if HAS_TRITON:
         B, T,
         stride_lb, stride_lt, stride_ob, stride_ot, stride_ab, stride_at, stride_mb, stride_mt,
         ratio_low, ratio_high, dual_clip,  # 1 - eps, 1 + eps_high, dual-clip ratio (unused unless HAS_DUAL_CLIP)
-        log_ratio_clamp,
+        log_ratio_clamp,  # token ratios: |log ratio| <= this; sequence ratios (SEQ_RATIO): log ratio <= this
         HAS_DUAL_CLIP: tl.constexpr,
         WRITE_GRADS: tl.constexpr,
+        SEQ_RATIO: tl.constexpr,
         BLOCK_T: tl.constexpr,
     ):
         row = tl.program_id(0).to(tl.int64)  # int64: row * stride can exceed 2**31
@@ -95,6 +120,15 @@ if HAS_TRITON:
         grad_row = grad_ptr + row * T
 
         lane = tl.arange(0, BLOCK_T)
+        if SEQ_RATIO:  # first pass: the row's mean log-ratio over its valid tokens
+            acc_log_ratio = tl.zeros([BLOCK_T], dtype=tl.float32)
+            acc_valid = tl.zeros([BLOCK_T], dtype=tl.int32)
+            for start in range(0, T, BLOCK_T):
+                _, _, valid, logp, old = _ratio_inputs(start, lane, T, mask_row, stride_mt, logp_row, stride_lt,
+                                                       old_row, stride_ot)
+                acc_log_ratio += tl.where(valid, logp - old, 0.0)
+                acc_valid += valid.to(tl.int32)
+            seq_raw = tl.sum(acc_log_ratio, axis=0) / tl.maximum(tl.sum(acc_valid, axis=0), 1).to(tl.float32)
         acc_loss = tl.zeros([BLOCK_T], dtype=tl.float32)
         acc_kl = tl.zeros([BLOCK_T], dtype=tl.float32)
         acc_ratio = tl.zeros([BLOCK_T], dtype=tl.float32)
@@ -102,23 +136,24 @@ if HAS_TRITON:
         acc_clipped = tl.zeros([BLOCK_T], dtype=tl.int32)
         acc_dual = tl.zeros([BLOCK_T], dtype=tl.int32)
         for start in range(0, T, BLOCK_T):
-            t = (start + lane).to(tl.int64)
-            in_row = t < T
-            valid = in_row & (tl.load(mask_row + t * stride_mt, mask=in_row, other=0) != 0)
-            # Masked positions are never read: whatever they hold (NaN, inf) cannot reach a result.
-            logp = tl.load(logp_row + t * stride_lt, mask=valid, other=0.0).to(tl.float32)
-            old = tl.load(old_row + t * stride_ot, mask=valid, other=0.0).to(tl.float32)
+            t, in_row, valid, logp, old = _ratio_inputs(start, lane, T, mask_row, stride_mt, logp_row, stride_lt,
+                                                        old_row, stride_ot)
             adv = tl.load(adv_row + t * stride_at, mask=valid, other=0.0).to(tl.float32)
 
-            raw = logp - old
-            log_ratio = tl.minimum(tl.maximum(raw, -log_ratio_clamp), log_ratio_clamp)
+            if SEQ_RATIO:
+                raw = tl.zeros([BLOCK_T], dtype=tl.float32) + seq_raw
+                log_ratio = tl.minimum(raw, log_ratio_clamp)
+                outside_clamp = raw > log_ratio_clamp
+            else:
+                raw = logp - old
+                log_ratio = tl.minimum(tl.maximum(raw, -log_ratio_clamp), log_ratio_clamp)
+                outside_clamp = (raw < -log_ratio_clamp) | (raw > log_ratio_clamp)
             ratio = tl.exp(log_ratio)
             pg1 = -adv * ratio
             pg2 = -adv * tl.minimum(tl.maximum(ratio, ratio_low), ratio_high)
             loss = tl.maximum(pg1, pg2)
             clipped = pg2 > pg1
             # d pg1 / d logp = -A * ratio, blocked by the log-ratio clamp (closed interval, as torch.clamp).
-            outside_clamp = (raw < -log_ratio_clamp) | (raw > log_ratio_clamp)
             grad = tl.where(clipped | outside_clamp, 0.0, pg1)
             if HAS_DUAL_CLIP:
                 pg3 = -adv * dual_clip
@@ -195,8 +230,9 @@ if HAS_TRITON:
         tl.store(stats_ptr + 2 * B + row, tl.sum(acc_clipped, axis=0).to(tl.float32))
 
     @triton.jit
-    def _kl_terms(logp, ref, KIND: tl.constexpr, log_ratio_clamp, k3_clamp):
-        """Return ``(kl, d kl / d logp)`` in fp32; d kl / d ref is the negation of the second."""
+    def _kl_terms(logp, ref, KIND: tl.constexpr, STRAIGHT_THROUGH: tl.constexpr, log_ratio_clamp, k3_clamp):
+        """Return ``(kl, d kl / d logp)`` in fp32; d kl / d ref is the negation of the second. With
+        STRAIGHT_THROUGH the gradient is k2's, d = logp - ref, whatever the kind of the value."""
         d = logp - ref
         if KIND == 0:  # k1
             kl = d
@@ -216,6 +252,8 @@ if HAS_TRITON:
             # d k / d x = e - 1 and d x / d logp = -1, each clamp passing the gradient on its closed interval.
             active = (x_raw >= -log_ratio_clamp) & (x_raw <= log_ratio_clamp) & (k >= -k3_clamp) & (k <= k3_clamp)
             g = tl.where(active, 1.0 - e, 0.0)
+        if STRAIGHT_THROUGH:
+            g = d
         return kl, g
 
     @triton.jit
@@ -232,7 +270,7 @@ if HAS_TRITON:
         in_row = t < T
         logp = tl.load(logp_ptr + row * stride_lb + t * stride_lt, mask=in_row, other=0.0).to(tl.float32)
         ref = tl.load(ref_ptr + row * stride_rb + t * stride_rt, mask=in_row, other=0.0).to(tl.float32)
-        kl, _ = _kl_terms(logp, ref, KIND, log_ratio_clamp, k3_clamp)
+        kl, _ = _kl_terms(logp, ref, KIND, False, log_ratio_clamp, k3_clamp)
         tl.store(out_ptr + row * T + t, kl, mask=in_row)
 
     @triton.jit
@@ -243,6 +281,7 @@ if HAS_TRITON:
         stride_lb, stride_lt, stride_rb, stride_rt, stride_gb, stride_gt,
         log_ratio_clamp, k3_clamp,
         KIND: tl.constexpr,
+        STRAIGHT_THROUGH: tl.constexpr,
         NEED_LOGP: tl.constexpr,
         NEED_REF: tl.constexpr,
         BLOCK_T: tl.constexpr,
@@ -254,7 +293,7 @@ if HAS_TRITON:
         ref = tl.load(ref_ptr + row * stride_rb + t * stride_rt, mask=in_row, other=0.0).to(tl.float32)
         # grad_output may be a stride-0 expansion (e.g. from kl.sum()): strides, not a contiguous copy.
         gout = tl.load(gout_ptr + row * stride_gb + t * stride_gt, mask=in_row, other=0.0).to(tl.float32)
-        _, g = _kl_terms(logp, ref, KIND, log_ratio_clamp, k3_clamp)
+        _, g = _kl_terms(logp, ref, KIND, STRAIGHT_THROUGH, log_ratio_clamp, k3_clamp)
         g = g * gout
         if NEED_LOGP:
             tl.store(glogp_ptr + row * T + t, g.to(glogp_ptr.dtype.element_ty), mask=in_row)
@@ -271,8 +310,8 @@ if HAS_TRITON:
 
 
 def ppo_policy_fwd(logprobs, old_logprobs, advantages, mask, *, clip_eps: float, clip_eps_high: float,
-                   dual_clip: float | None, write_grads: bool, block_t: int | None = None):
-    """Launch ``_ppo_policy_fwd_kernel`` on [B, T] inputs with any strides.
+                   dual_clip: float | None, write_grads: bool, seq_ratio: bool = False, block_t: int | None = None):
+    """Launch ``_ppo_policy_fwd_kernel`` on [B, T] inputs with any strides (``seq_ratio``: GSPO's sequence ratio).
 
     Returns ``(stats, grad)``: fp32 [6, B] per-row sums in the order of ``POLICY_STATS`` (the counts are
     whole numbers), and the fp32 [B, T] per-token d loss_t / d logprobs_t (0 where masked), or None
@@ -292,9 +331,10 @@ def ppo_policy_fwd(logprobs, old_logprobs, advantages, mask, *, clip_eps: float,
         advantages.stride(0), advantages.stride(1), mask.stride(0), mask.stride(1),
         1.0 - float(clip_eps), 1.0 + float(clip_eps_high),
         float(dual_clip) if dual_clip is not None else 0.0,
-        LOG_RATIO_CLAMP,
+        SEQ_LOG_RATIO_MAX if seq_ratio else LOG_RATIO_CLAMP,
         HAS_DUAL_CLIP=dual_clip is not None,
         WRITE_GRADS=write_grads,
+        SEQ_RATIO=seq_ratio,
         BLOCK_T=block,
         num_warps=row_num_warps(block),
     )
@@ -335,7 +375,8 @@ def _kl_grid(B: int, T: int, block: int):
 
 
 def kl_penalty_fwd(logprobs, ref_logprobs, kind: str, block_t: int | None = None):
-    """Launch ``_kl_fwd_kernel``; returns the fp32 [B, T] per-token penalty."""
+    """Launch ``_kl_fwd_kernel``; returns the fp32 [B, T] per-token penalty (a "+" kind: its base kind's)."""
+    kind = KL_STRAIGHT_THROUGH.get(kind, kind)
     B, T = logprobs.shape
     out = new_output((B, T), dtype=torch.float32, device=logprobs.device)
     block = row_block_t(T, block_t)
@@ -354,6 +395,8 @@ def kl_penalty_fwd(logprobs, ref_logprobs, kind: str, block_t: int | None = None
 def kl_penalty_bwd(grad_out, logprobs, ref_logprobs, kind: str, *, need_logprobs: bool, need_ref: bool,
                    block_t: int | None = None):
     """Launch ``_kl_bwd_kernel``; returns (d logprobs, d ref_logprobs), each in its input's dtype or None."""
+    straight_through = kind in KL_STRAIGHT_THROUGH
+    kind = KL_STRAIGHT_THROUGH.get(kind, kind)
     B, T = logprobs.shape
     device = logprobs.device
     g_logp = new_output((B, T), dtype=logprobs.dtype, device=device) if need_logprobs else None
@@ -369,6 +412,7 @@ def kl_penalty_bwd(grad_out, logprobs, ref_logprobs, kind: str, *, need_logprobs
         grad_out.stride(0), grad_out.stride(1),
         K3_LOG_RATIO_CLAMP, K3_CLAMP,
         KIND=KL_KINDS[kind],
+        STRAIGHT_THROUGH=straight_through,
         NEED_LOGP=need_logprobs,
         NEED_REF=need_ref,
         BLOCK_T=block,
@@ -388,9 +432,9 @@ def _masked_mean_reference(values, mask):
     return (values * mask).sum() / mask.sum()
 
 
-def _agg_loss_reference(loss_mat, mask, agg):
-    """verl's ``agg_loss``, except that rows with no valid token are left out of the seq-mean modes
-    (verl's seq-mean-token-mean gives 0/0 = NaN for them; its seq-mean-token-sum counts them as rows)."""
+def _agg_loss_reference(loss_mat, mask, agg, loss_scale_factor=None):
+    """verl's ``agg_loss`` (one process), rows with no valid token left out of the seq-mean modes as verl
+    0.9 does. ``seq-mean-token-sum-norm`` divides seq-mean-token-sum by ``loss_scale_factor`` (default: T)."""
     if agg == "token-mean":
         return _masked_mean_reference(loss_mat, mask)
     row_sum = (loss_mat * mask).sum(dim=-1)
@@ -398,14 +442,18 @@ def _agg_loss_reference(loss_mat, mask, agg):
     keep = row_count > 0
     if agg == "seq-mean-token-sum":
         return row_sum[keep].mean()
+    if agg == "seq-mean-token-sum-norm":
+        return row_sum[keep].mean() / (mask.shape[-1] if loss_scale_factor is None else loss_scale_factor)
     if agg == "seq-mean-token-mean":
         return (row_sum[keep] / row_count[keep]).mean()
-    raise ValueError(f"agg must be 'token-mean', 'seq-mean-token-mean' or 'seq-mean-token-sum', got {agg!r}")
+    raise ValueError("agg must be 'token-mean', 'seq-mean-token-mean', 'seq-mean-token-sum' or "
+                     f"'seq-mean-token-sum-norm', got {agg!r}")
 
 
 def ppo_policy_loss_reference(logprobs, old_logprobs, advantages, mask, clip_eps=0.2, clip_eps_high=None,
-                              dual_clip=None, agg="token-mean"):
-    """verl's vanilla ``compute_policy_loss`` + ``agg_loss``.
+                              dual_clip=None, agg="token-mean", ratio_level="token", loss_scale_factor=None):
+    """verl's vanilla ``compute_policy_loss`` + ``agg_loss`` (``ratio_level="sequence"``: verl's
+    ``compute_policy_loss_gspo`` ratio, with the dual clip still applied when ``dual_clip`` is set).
 
     ``clip_eps`` / ``clip_eps_high`` are verl's ``cliprange_low`` / ``cliprange_high``, ``dual_clip`` its
     ``clip_ratio_c`` (None: no dual clip; verl always applies one, 3.0 by default). Returns
@@ -413,7 +461,12 @@ def ppo_policy_loss_reference(logprobs, old_logprobs, advantages, mask, clip_eps
     k3 = (ratio - 1) - log ratio (verl reports the k1 mean -log ratio instead).
     """
     m = mask.to(logprobs.dtype)
-    negative_approx_kl = torch.clamp(logprobs - old_logprobs, min=-LOG_RATIO_CLAMP, max=LOG_RATIO_CLAMP)
+    if ratio_level == "sequence":
+        seq_log_ratio = ((logprobs - old_logprobs) * m).sum(-1) / m.sum(-1).clamp(min=1)
+        negative_approx_kl = logprobs - logprobs.detach() + seq_log_ratio.detach().unsqueeze(-1)
+        negative_approx_kl = torch.clamp(negative_approx_kl, max=SEQ_LOG_RATIO_MAX)
+    else:
+        negative_approx_kl = torch.clamp(logprobs - old_logprobs, min=-LOG_RATIO_CLAMP, max=LOG_RATIO_CLAMP)
     ratio = torch.exp(negative_approx_kl)
     high = clip_eps if clip_eps_high is None else clip_eps_high
     pg_losses1 = -advantages * ratio
@@ -430,11 +483,11 @@ def ppo_policy_loss_reference(logprobs, old_logprobs, advantages, mask, clip_eps
         pg_losses = clip_pg_losses1
     approx_kl = _masked_mean_reference((ratio - 1) - negative_approx_kl, m)
     ratio_mean = _masked_mean_reference(ratio, m)
-    loss = _agg_loss_reference(pg_losses, m, agg)
+    loss = _agg_loss_reference(pg_losses, m, agg, loss_scale_factor)
     return loss, clipfrac, approx_kl, ratio_mean, clipfrac_lower
 
 
-def value_loss_reference(values, old_values, returns, mask, clip=0.2, agg="token-mean"):
+def value_loss_reference(values, old_values, returns, mask, clip=0.2, agg="token-mean", loss_scale_factor=None):
     """verl's ``compute_value_loss`` (= TRL's PPO value loss for token-mean). ``clip=None``: no clipping.
 
     Returns ``(loss, clipfrac)``.
@@ -449,11 +502,16 @@ def value_loss_reference(values, old_values, returns, mask, clip=0.2, agg="token
         vf_losses2 = (vpredclipped - returns) ** 2
         clipped_vf_losses = torch.max(vf_losses1, vf_losses2)
         clipfrac = _masked_mean_reference(torch.gt(vf_losses2, vf_losses1).to(m.dtype), m)
-    return 0.5 * _agg_loss_reference(clipped_vf_losses, m, agg), clipfrac
+    return 0.5 * _agg_loss_reference(clipped_vf_losses, m, agg, loss_scale_factor), clipfrac
 
 
 def kl_penalty_reference(logprobs, ref_logprobs, kind="k1"):
-    """verl's ``kl_penalty``: ``k1`` ("kl"), ``abs``, ``k2`` ("mse"), ``k3`` ("low_var_kl")."""
+    """verl's ``kl_penalty``: ``k1`` ("kl"), ``abs``, ``k2`` ("mse"), ``k3`` ("low_var_kl"), and the
+    straight-through ``k1+``, ``abs+``, ``k3+``: the base kind's value with k2's gradient."""
+    if kind in KL_STRAIGHT_THROUGH:
+        value = kl_penalty_reference(logprobs, ref_logprobs, KL_STRAIGHT_THROUGH[kind])
+        k2 = 0.5 * (logprobs - ref_logprobs).square()
+        return k2 - k2.detach() + value.detach()
     if kind == "k1":
         return logprobs - ref_logprobs
     if kind == "abs":
@@ -466,13 +524,14 @@ def kl_penalty_reference(logprobs, ref_logprobs, kind="k1"):
         ratio = torch.exp(kl)
         kld = ratio - kl - 1
         return torch.clamp(kld, min=-K3_CLAMP, max=K3_CLAMP)
-    raise ValueError(f"kind must be one of {tuple(KL_KINDS)}, got {kind!r}")
+    raise ValueError(f"kind must be one of {tuple(KL_KINDS) + tuple(KL_STRAIGHT_THROUGH)}, got {kind!r}")
 
 
 __all__ = [
     "POLICY_STATS",
     "VALUE_STATS",
     "KL_KINDS",
+    "KL_STRAIGHT_THROUGH",
     "ppo_policy_fwd",
     "value_loss_fwd",
     "kl_penalty_fwd",

@@ -93,8 +93,13 @@ def test_rloo_and_grpo_by_hand():
     s1, s2 = math.sqrt(7.0), math.sqrt(3.0)  # unbiased stds: (4 + 1 + 9) / 2, (1 + 1 + 4) / 2
     expected = torch.tensor([-2 / s1, -1 / s1, 3 / s1, -1 / s2, -1 / s2, 2 / s2])
     torch.testing.assert_close(adv, expected[:, None].expand(6, 2))
-    adv, _ = rl.compute_advantages("grpo", scores, mask, n=3, grpo_scale=False)
+    adv, _ = rl.compute_advantages("grpo", scores, mask, n=3, scale_rewards="none")
     torch.testing.assert_close(adv[:, 0], torch.tensor([-2.0, -1.0, 3.0, -1.0, -1.0, 2.0]))
+    adv, _ = rl.compute_advantages("grpo", scores, mask, n=3, scale_rewards="batch", grpo_eps=0.0)
+    s = math.sqrt(((scores - 2.0) ** 2).sum().item() / 5)  # unbiased std of all six scores (mean 2)
+    torch.testing.assert_close(adv[:, 0], torch.tensor([-2.0, -1.0, 3.0, -1.0, -1.0, 2.0]) / s)
+    with pytest.raises(ValueError, match="scale_rewards must be one of"):
+        rl.grpo_scores(scores, 3, scale_rewards="global")
     with pytest.raises(ValueError, match="n >= 2"):
         rl.rloo_scores(scores, 1)
 
@@ -330,10 +335,21 @@ def test_resume_equals_straight_run(tmp_path):
     (["dual_clip=0.5", "reward=rule"], "setting dual_clip=0.5"),
     (["num_minibatches=100", "reward=rule"], "setting num_minibatches=100"),
     (["value_model=reward", "reward=rule"], "setting value_model='reward': value_model=reward needs"),
+    (["scale_rewards=global", "reward=rule"], "setting scale_rewards='global'"),
+    (["grpo_scale=false", "scale_rewards=batch", "reward=rule"], "setting grpo_scale=False: conflicts"),
+    (["loss_agg=token-sum", "reward=rule"], "setting loss_agg='token-sum'"),
 ])
 def test_bad_config_names_the_setting(overrides, match):
     with pytest.raises(ConfigError, match=match):
         load_config(RLConfig, None, overrides)
+
+
+def test_grpo_scale_is_an_alias_of_scale_rewards():
+    for old, new in (("false", "none"), ("true", "group")):
+        config = load_config(RLConfig, None, ["reward=rule", "advantage=grpo", f"grpo_scale={old}"])
+        assert config.scale_rewards == new and config.grpo_scale is None
+    config = load_config(RLConfig, None, ["reward=rule", "kl_estimator=k3+", "loss_agg=seq-mean-token-sum-norm"])
+    assert config.kl_estimator == "k3+" and config.scale_rewards == "group"
 
 
 def test_nonfinite_loss_stops_training(tmp_path):

@@ -30,7 +30,7 @@ from fastrm._checks import value_checks_enabled
 from fastrm._dispatch import resolve_backend
 from fastrm.kernels import new_output
 from fastrm.kernels.logprobs import logprob_bwd, logprob_fwd
-from fastrm.ops.logprobs import torch_block_bwd, torch_block_fwd
+from fastrm.ops.logprobs import check_softcap, torch_block_bwd, torch_block_fwd
 
 OP = "linear_logprobs"
 # The default chunk holds about this many logits. CPU: 16 MB of float32, like gather_logprobs' torch
@@ -47,7 +47,7 @@ def default_chunk_size(V: int, device: torch.device) -> int:
     return max(1, budget // V)
 
 
-def _check_inputs(hidden, weight, labels, bias, temperature, ignore_index, chunk_size):
+def _check_inputs(hidden, weight, labels, bias, temperature, ignore_index, chunk_size, softcap):
     check_tensor(OP, "hidden", hidden, dtypes=FLOAT_DTYPES, min_ndim=1)
     check_tensor(OP, "weight", weight, dtypes=FLOAT_DTYPES, ndim=2)
     if weight.dtype != hidden.dtype:
@@ -71,6 +71,7 @@ def _check_inputs(hidden, weight, labels, bias, temperature, ignore_index, chunk
         )
     check_same_device(OP, {"hidden": hidden, "weight": weight, "bias": bias, "labels": labels})
     check_positive(OP, "temperature", temperature)
+    check_softcap(OP, softcap)
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
         raise TypeError(f"{OP}: ignore_index must be an int, got {type(ignore_index).__name__}")
     if chunk_size is not None:
@@ -133,10 +134,11 @@ def _chunk_logits(buf, hidden_c, weight, bias):
 
 class _LinearLogprobs(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, backend, temperature, ignore_index, return_entropy, chunk_size):
+    def forward(ctx, hidden, weight, bias, labels, backend, temperature, ignore_index, return_entropy, chunk_size,
+                softcap):
         with _no_autocast(hidden.device):
             return _LinearLogprobs._forward(ctx, hidden, weight, bias, labels, backend, temperature, ignore_index,
-                                            return_entropy, chunk_size)
+                                            return_entropy, chunk_size, softcap)
 
     @staticmethod
     @once_differentiable
@@ -145,7 +147,8 @@ class _LinearLogprobs(torch.autograd.Function):
             return _LinearLogprobs._backward(ctx, grad_logprobs, grad_entropy)
 
     @staticmethod
-    def _forward(ctx, hidden, weight, bias, labels, backend, temperature, ignore_index, return_entropy, chunk_size):
+    def _forward(ctx, hidden, weight, bias, labels, backend, temperature, ignore_index, return_entropy, chunk_size,
+                 softcap):
         # hidden [N, H], labels [N] contiguous.
         N, V = hidden.shape[0], weight.shape[0]
         device = hidden.device
@@ -167,9 +170,10 @@ class _LinearLogprobs(torch.autograd.Function):
             if backend == "triton":
                 n = end - start
                 lp_c, ent_c, lse_c = logprob_fwd(logits_c, (n, n, 0, V), labels_c, temperature, ignore_index,
-                                                 return_entropy)
+                                                 return_entropy, softcap)
             else:
-                lp_c, lse_c, ent_c = torch_block_fwd(logits_c, labels_c, temperature, ignore_index, return_entropy)
+                lp_c, lse_c, ent_c = torch_block_fwd(logits_c, labels_c, temperature, ignore_index, return_entropy,
+                                                     softcap)
             _put(logprobs, kept, start, end, lp_c)
             _put(lse, kept, start, end, lse_c)
             if return_entropy:
@@ -182,7 +186,7 @@ class _LinearLogprobs(torch.autograd.Function):
                 entropy.masked_fill_(ignored, 0.0)
         check_finite(OP, "logits (hidden @ weight.T + bias)", lse, " in a row whose label is not ignore_index")
         ctx.save_for_backward(hidden, weight, bias, labels, kept, lse, entropy)
-        ctx.backend, ctx.temperature, ctx.ignore_index = backend, temperature, ignore_index
+        ctx.backend, ctx.temperature, ctx.ignore_index, ctx.softcap = backend, temperature, ignore_index, softcap
         ctx.return_entropy, ctx.chunk_size, ctx.n_kept, ctx.device = return_entropy, chunk_size, n_kept, device
         return (logprobs, entropy) if return_entropy else logprobs
 
@@ -190,7 +194,7 @@ class _LinearLogprobs(torch.autograd.Function):
     def _backward(ctx, grad_logprobs, grad_entropy):
         hidden, weight, bias, labels, kept, lse, entropy = ctx.saved_tensors
         need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
-        nones = (None,) * 6
+        nones = (None,) * 7
         if not (need_hidden or need_weight or need_bias):
             return (None, None, None) + nones
         N, H = hidden.shape
@@ -237,9 +241,10 @@ class _LinearLogprobs(torch.autograd.Function):
             if ctx.backend == "triton":
                 layout = (n, n, 0, V)
                 logprob_bwd(g, layout, labels_c, lse_c, ent_c, grad_lp_c, grad_ent_c, temperature, ignore_index,
-                            g, layout)
+                            g, layout, ctx.softcap)
             else:
-                torch_block_bwd(g, labels_c, lse_c, ent_c, grad_lp_c, grad_ent_c, temperature, ignore_index, out=g)
+                torch_block_bwd(g, labels_c, lse_c, ent_c, grad_lp_c, grad_ent_c, temperature, ignore_index, out=g,
+                                softcap=ctx.softcap)
             if need_hidden:
                 if kept is None:
                     torch.mm(g, weight, out=grad_hidden[start:end])
@@ -273,6 +278,7 @@ def linear_logprobs(
     ignore_index: int = -100,
     return_entropy: bool = False,
     chunk_size: int | None = None,
+    softcap: float | None = None,
     backend: str | None = None,
 ):
     """``log_softmax((hidden @ weight.T + bias) / temperature)[..., labels]`` without the ``[N, V]`` logits.
@@ -289,6 +295,8 @@ def linear_logprobs(
         return_entropy: also return the entropy of ``softmax(logits / temperature)`` per position.
         chunk_size: tokens per chunk (int >= 1). Default: about 2**22 logits per chunk on CPU and 2**27
             on CUDA (:func:`default_chunk_size`). Peak extra memory is about ``chunk_size x V`` elements.
+        softcap: None, or a cap > 0: each logit x becomes ``softcap * tanh(x / softcap)`` before the
+            temperature (Gemma-2/3's ``final_logit_softcapping``), forward and backward.
         backend: ``"auto"`` (Triton on CUDA, PyTorch elsewhere), ``"triton"`` or ``"torch"``; the
             matmuls always run in PyTorch, the backend picks the log-softmax/gather code per chunk.
 
@@ -301,7 +309,7 @@ def linear_logprobs(
     say, bf16 exactly as ``lm_head(hidden)`` would), so a bf16 ``hidden`` and a float32 ``weight`` mix there.
     """
     hidden, weight, bias = _autocast_inputs(hidden, weight, bias)
-    _check_inputs(hidden, weight, labels, bias, temperature, ignore_index, chunk_size)
+    _check_inputs(hidden, weight, labels, bias, temperature, ignore_index, chunk_size, softcap)
     chosen = resolve_backend(backend, hidden.device, OP, hidden.dtype, "hidden")
     H, V = hidden.shape[-1], weight.shape[0]
     hidden_2d = hidden.reshape(-1, H)
@@ -309,7 +317,7 @@ def linear_logprobs(
     if chunk_size is None:
         chunk_size = default_chunk_size(V, hidden.device)
     out = _LinearLogprobs.apply(hidden_2d, weight, bias, flat_labels, chosen, float(temperature), ignore_index,
-                                bool(return_entropy), chunk_size)
+                                bool(return_entropy), chunk_size, None if softcap is None else float(softcap))
     if return_entropy:
         logprobs, entropy = out
         return logprobs.view(labels.shape), entropy.view(labels.shape)
@@ -326,11 +334,11 @@ class LinearLogprobs(nn.Module):
     """
 
     def __init__(self, temperature: float = 1.0, ignore_index: int = -100, return_entropy: bool = False,
-                 chunk_size: int | None = None, backend: str | None = None):
+                 chunk_size: int | None = None, softcap: float | None = None, backend: str | None = None):
         super().__init__()
         check_positive(OP, "temperature", temperature)
         self.temperature, self.ignore_index, self.return_entropy = float(temperature), ignore_index, return_entropy
-        self.chunk_size, self.backend = chunk_size, backend
+        self.chunk_size, self.softcap, self.backend = chunk_size, check_softcap(OP, softcap), backend
 
     def forward(self, hidden, weight, labels, bias=None):
         if isinstance(weight, nn.Linear):
@@ -339,8 +347,8 @@ class LinearLogprobs(nn.Module):
             weight, bias = weight.weight, weight.bias
         return linear_logprobs(hidden, weight, labels, bias=bias, temperature=self.temperature,
                                ignore_index=self.ignore_index, return_entropy=self.return_entropy,
-                               chunk_size=self.chunk_size, backend=self.backend)
+                               chunk_size=self.chunk_size, softcap=self.softcap, backend=self.backend)
 
     def extra_repr(self):
         return (f"temperature={self.temperature}, ignore_index={self.ignore_index}, "
-                f"return_entropy={self.return_entropy}, chunk_size={self.chunk_size}")
+                f"return_entropy={self.return_entropy}, chunk_size={self.chunk_size}, softcap={self.softcap}")

@@ -1,7 +1,8 @@
 """``gather_logprobs``: log-probabilities (and entropy) of chosen tokens without a full log-softmax.
 
-Drop-in for TRL's ``selective_log_softmax(logits, index)`` and verl's
-``logprobs_from_logits(logits, labels)`` (+ ``entropy_from_logits`` with ``return_entropy=True``).
+Drop-in for TRL's ``selective_log_softmax(logits, index)`` (also with ``K`` candidate indices per position,
+``index [..., K]``) and verl's ``logprobs_from_logits(logits, labels)`` (+ ``entropy_from_logits`` with
+``return_entropy=True``); ``softcap`` covers Gemma-2/3's ``final_logit_softcapping``.
 """
 
 from __future__ import annotations
@@ -55,15 +56,34 @@ def _contiguous_layout(shape) -> tuple:
     return n_rows, n_rows, 0, V
 
 
-def _check_inputs(logits, labels, temperature, ignore_index):
+def check_softcap(op: str, softcap):
+    """None (no capping) or a finite number > 0."""
+    if softcap is None:
+        return None
+    if isinstance(softcap, bool) or not isinstance(softcap, (int, float)):
+        raise TypeError(f"{op}: softcap must be None or a number > 0, got {type(softcap).__name__}")
+    return check_positive(op, "softcap", softcap)
+
+
+def is_multi_label(logits: torch.Tensor, labels: torch.Tensor) -> bool:
+    """True for ``labels [..., K]`` (K candidates per position), False for ``labels [...]``; else ValueError."""
+    if labels.shape == logits.shape[:-1]:
+        return False
+    if labels.dim() == logits.dim() and labels.shape[:-1] == logits.shape[:-1]:
+        return True
+    raise ValueError(
+        f"{OP}: labels must have shape logits.shape[:-1] = {tuple(logits.shape[:-1])} (one label per position) "
+        f"or logits.shape[:-1] + (K,) (K candidate labels per position), got {tuple(labels.shape)}"
+    )
+
+
+def _check_inputs(logits, labels, temperature, ignore_index, softcap):
     check_tensor(OP, "logits", logits, dtypes=FLOAT_DTYPES, min_ndim=1)
     check_tensor(OP, "labels", labels, dtypes=INT_DTYPES)
-    if labels.shape != logits.shape[:-1]:
-        raise ValueError(
-            f"{OP}: labels must have shape logits.shape[:-1] = {tuple(logits.shape[:-1])}, got {tuple(labels.shape)}"
-        )
+    is_multi_label(logits, labels)
     check_same_device(OP, {"logits": logits, "labels": labels})
     check_positive(OP, "temperature", temperature)
+    check_softcap(OP, softcap)
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
         raise TypeError(f"{OP}: ignore_index must be an int, got {type(ignore_index).__name__}")
     V = logits.shape[-1]
@@ -76,11 +96,12 @@ def _check_inputs(logits, labels, temperature, ignore_index):
 
 class _GatherLogprobsTriton(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logits, labels, layout, temperature, ignore_index, return_entropy, inplace_backward):
-        logprobs, entropy, lse = logprob_fwd(logits, layout, labels, temperature, ignore_index, return_entropy)
+    def forward(ctx, logits, labels, layout, temperature, ignore_index, return_entropy, inplace_backward, softcap):
+        logprobs, entropy, lse = logprob_fwd(logits, layout, labels, temperature, ignore_index, return_entropy,
+                                             softcap)
         check_finite(OP, "logits", lse, " in a row whose label is not ignore_index")
         ctx.save_for_backward(logits, labels, lse, entropy if return_entropy else lse)
-        ctx.layout, ctx.temperature, ctx.ignore_index = layout, temperature, ignore_index
+        ctx.layout, ctx.temperature, ctx.ignore_index, ctx.softcap = layout, temperature, ignore_index, softcap
         ctx.return_entropy, ctx.inplace_backward = return_entropy, inplace_backward
         ctx.mark_non_differentiable(lse)
         return (logprobs, entropy) if return_entropy else logprobs
@@ -88,23 +109,24 @@ class _GatherLogprobsTriton(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_logprobs, grad_entropy=None):
         logits, labels, lse, entropy = ctx.saved_tensors
-        n_rows = labels.numel()
-        grad_logprobs = _flat_grad(grad_logprobs, n_rows, logits.device)
-        grad_entropy = _flat_grad(grad_entropy, n_rows, logits.device) if ctx.return_entropy and grad_entropy is not None else None
+        grad_logprobs = _flat_grad(grad_logprobs, labels.shape, logits.device)
+        grad_entropy = (_flat_grad(grad_entropy, lse.shape, logits.device)
+                        if ctx.return_entropy and grad_entropy is not None else None)
         if ctx.inplace_backward:
             grad_logits, grad_layout = logits, ctx.layout
         else:
             grad_logits = new_output(logits.shape, dtype=logits.dtype, device=logits.device)
             grad_layout = _contiguous_layout(logits.shape)
         logprob_bwd(logits, ctx.layout, labels, lse, entropy, grad_logprobs, grad_entropy, ctx.temperature,
-                    ctx.ignore_index, grad_logits, grad_layout)
-        return grad_logits, None, None, None, None, None, None
+                    ctx.ignore_index, grad_logits, grad_layout, ctx.softcap)
+        return grad_logits, None, None, None, None, None, None, None
 
 
-def _flat_grad(grad, n_rows, device):
+def _flat_grad(grad, shape, device):
+    """An upstream gradient as a contiguous float32 tensor of ``shape`` (zeros when autograd gave None)."""
     if grad is None:
-        return torch.zeros(n_rows, dtype=torch.float32, device=device)
-    return grad.reshape(-1).to(torch.float32).contiguous()
+        return torch.zeros(shape, dtype=torch.float32, device=device)
+    return grad.reshape(shape).to(torch.float32).contiguous()
 
 
 def _row_blocks(layout, V):
@@ -117,10 +139,19 @@ def _row_blocks(layout, V):
             yield outer, start, end, outer * n_inner + start
 
 
-def _scaled_block(block, compute_dtype, temperature):
-    """``block / temperature`` in the compute dtype; a view (no copy) when there is nothing to do."""
+def _scaled_block(block, compute_dtype, temperature, softcap=None):
+    """``softcap * tanh(block / softcap) / temperature`` in the compute dtype (no cap when softcap is None);
+    a view (no copy) when there is nothing to do."""
     block = block.to(compute_dtype)
+    if softcap is not None:
+        block = torch.tanh(block / softcap).mul_(softcap)
     return block if temperature == 1.0 else block / temperature
+
+
+def _label_keep(labels, ignore_index):
+    """``(keep, row_keep)``: labels that count (shaped like labels) and rows with at least one of them."""
+    keep = labels != ignore_index
+    return keep, (keep.any(-1) if labels.dim() == 2 else keep)
 
 
 def _rows3(x, layout):
@@ -128,34 +159,45 @@ def _rows3(x, layout):
     return x.as_strided((n_rows // n_inner, n_inner, x.shape[-1]), (stride_outer, stride_inner, 1), x.storage_offset())
 
 
-def torch_block_fwd(block, labels, temperature, ignore_index, return_entropy):
+def torch_block_fwd(block, labels, temperature, ignore_index, return_entropy, softcap=None):
     """Forward of the PyTorch path on one block of rows: ``block [R, V]`` (any float dtype, a view is
-    fine), ``labels [R]``. Returns ``(logprobs, lse, entropy or None)``, each ``[R]`` in the compute
-    dtype (float64 for float64 blocks, else float32); ignored rows get 0 everywhere.
+    fine), ``labels [R]`` or ``[R, K]``. Returns ``(logprobs, lse, entropy or None)``: logprobs shaped like
+    labels, lse and entropy ``[R]``, in the compute dtype (float64 for float64 blocks, else float32);
+    ignored labels get log-prob 0, rows with no kept label 0 everywhere.
     Shared with ``linear_logprobs``, which feeds it one chunk of ``hidden @ weight.T`` at a time."""
     compute_dtype = torch.float64 if block.dtype == torch.float64 else torch.float32
-    z = _scaled_block(block, compute_dtype, temperature)
-    keep = labels != ignore_index
+    z = _scaled_block(block, compute_dtype, temperature, softcap)
+    keep, row_keep = _label_keep(labels, ignore_index)
     block_lse = torch.logsumexp(z, dim=-1)
-    picked = z.gather(-1, torch.where(keep, labels, 0).long().unsqueeze(-1)).squeeze(-1)
-    logprobs = torch.where(keep, picked - block_lse, 0.0)
-    lse = torch.where(keep, block_lse, 0.0)
+    multi_label = labels.dim() == 2
+    index = torch.where(keep, labels, 0).long()
+    if multi_label:
+        logprobs = torch.where(keep, z.gather(-1, index) - block_lse.unsqueeze(-1), 0.0)
+    else:
+        logprobs = torch.where(keep, z.gather(-1, index.unsqueeze(-1)).squeeze(-1) - block_lse, 0.0)
+    lse = torch.where(row_keep, block_lse, 0.0)
     entropy = None
     if return_entropy:
         logp = z - block_lse.unsqueeze(-1)
         p = logp.exp()
-        entropy = torch.where(keep, -(p * torch.where(p > 0, logp, 0.0)).sum(-1), 0.0)
+        entropy = torch.where(row_keep, -(p * torch.where(p > 0, logp, 0.0)).sum(-1), 0.0)
     return logprobs, lse, entropy
 
 
-def torch_block_bwd(block, labels, lse, entropy, grad_logprobs, grad_entropy, temperature, ignore_index, out):
+def torch_block_bwd(block, labels, lse, entropy, grad_logprobs, grad_entropy, temperature, ignore_index, out,
+                    softcap=None):
     """Backward of the PyTorch path on one block of rows: writes d ``block`` into ``out [R, V]``, which
-    may be ``block`` itself (in place). ``lse``, ``entropy``, ``grad_logprobs`` are ``[R]`` in the
-    compute dtype; ``grad_entropy`` is ``[R]`` or None (no entropy term). Ignored rows get zeros."""
+    may be ``block`` itself (in place). ``lse``, ``entropy`` are ``[R]`` and ``grad_logprobs`` is shaped
+    like ``labels`` (``[R]`` or ``[R, K]``), in the compute dtype; ``grad_entropy`` is ``[R]`` or None (no
+    entropy term). Rows with no kept label get zeros."""
     compute_dtype = lse.dtype
     use_entropy = grad_entropy is not None
-    z = _scaled_block(block, compute_dtype, temperature)
-    keep = labels != ignore_index
+    cap_slope = None
+    if softcap is not None:
+        # d softcap * tanh(x / softcap) / dx = 1 - tanh^2, taken before the block may be overwritten.
+        cap_slope = 1 - torch.tanh(block.to(compute_dtype) / softcap).square()
+    z = _scaled_block(block, compute_dtype, temperature, softcap)
+    keep, row_keep = _label_keep(labels, ignore_index)
     # Work directly in the gradient buffer when its dtype allows: one [rows, V] pass fewer.
     direct = out.dtype == compute_dtype
     logp = torch.sub(z, lse.unsqueeze(-1), out=out if direct and not use_entropy else None)
@@ -167,12 +209,17 @@ def torch_block_bwd(block, labels, lse, entropy, grad_logprobs, grad_entropy, te
         g = torch.mul(p, 1.0, out=out if direct else None)
     else:
         g = logp.exp_()
-    g_lp = (grad_logprobs / temperature).unsqueeze(-1)
-    g.mul_(-g_lp)
-    g.scatter_add_(-1, torch.where(keep, labels, 0).long().unsqueeze(-1), g_lp)  # the onehot term
+    g_lp = torch.where(keep, grad_logprobs, 0.0) / temperature
+    if labels.dim() == 1:
+        g_lp = g_lp.unsqueeze(-1)
+    g.mul_(-g_lp.sum(-1, keepdim=True))
+    index = torch.where(keep, labels, 0).long()
+    g.scatter_add_(-1, index if labels.dim() == 2 else index.unsqueeze(-1), g_lp)  # the onehot terms
     if use_entropy:
         g.sub_(entropy_term)
-    ignored = (~keep).nonzero().squeeze(-1)
+    if cap_slope is not None:
+        g.mul_(cap_slope)
+    ignored = (~row_keep).nonzero().squeeze(-1)
     if ignored.numel():
         g.index_fill_(0, ignored, 0.0)  # a fill, not a multiply: garbage there may be NaN
     if not direct:
@@ -184,24 +231,24 @@ class _GatherLogprobsTorch(torch.autograd.Function):
     """The plain-PyTorch path: the same math in row blocks, recomputing the softmax in backward."""
 
     @staticmethod
-    def forward(ctx, logits, labels, layout, temperature, ignore_index, return_entropy, inplace_backward):
+    def forward(ctx, logits, labels, layout, temperature, ignore_index, return_entropy, inplace_backward, softcap):
         V = logits.shape[-1]
         compute_dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
         n_rows = layout[0]
         rows = _rows3(logits, layout)
-        logprobs = torch.empty(n_rows, dtype=compute_dtype, device=logits.device)
-        lse = torch.empty_like(logprobs)
-        entropy = torch.empty_like(logprobs) if return_entropy else None
+        logprobs = torch.empty(labels.shape, dtype=compute_dtype, device=logits.device)
+        lse = torch.empty(n_rows, dtype=compute_dtype, device=logits.device)
+        entropy = torch.empty_like(lse) if return_entropy else None
         for outer, start, end, row0 in _row_blocks(layout, V):
             sl = slice(row0, row0 + end - start)
             block_lp, block_lse, block_ent = torch_block_fwd(rows[outer, start:end], labels[sl], temperature,
-                                                             ignore_index, return_entropy)
+                                                             ignore_index, return_entropy, softcap)
             logprobs[sl], lse[sl] = block_lp, block_lse
             if return_entropy:
                 entropy[sl] = block_ent
         check_finite(OP, "logits", lse, " in a row whose label is not ignore_index")
         ctx.save_for_backward(logits, labels, lse, entropy if return_entropy else lse)
-        ctx.layout, ctx.temperature, ctx.ignore_index = layout, temperature, ignore_index
+        ctx.layout, ctx.temperature, ctx.ignore_index, ctx.softcap = layout, temperature, ignore_index, softcap
         ctx.return_entropy, ctx.inplace_backward = return_entropy, inplace_backward
         return (logprobs, entropy) if return_entropy else logprobs
 
@@ -212,7 +259,8 @@ class _GatherLogprobsTorch(torch.autograd.Function):
         V = logits.shape[-1]
         compute_dtype = lse.dtype
         n_rows = layout[0]
-        grad_logprobs = torch.zeros_like(lse) if grad_logprobs is None else grad_logprobs.reshape(-1).to(compute_dtype)
+        grad_logprobs = (torch.zeros(labels.shape, dtype=compute_dtype, device=lse.device) if grad_logprobs is None
+                         else grad_logprobs.reshape(labels.shape).to(compute_dtype))
         use_entropy = ctx.return_entropy and grad_entropy is not None
         if use_entropy:
             grad_entropy = grad_entropy.reshape(-1).to(compute_dtype)
@@ -226,8 +274,8 @@ class _GatherLogprobsTorch(torch.autograd.Function):
             sl = slice(row0, row0 + end - start)
             torch_block_bwd(rows[outer, start:end], labels[sl], lse[sl], entropy[sl], grad_logprobs[sl],
                             grad_entropy[sl] if use_entropy else None, temperature, ctx.ignore_index,
-                            grad_rows[outer, start:end])
-        return grad_logits, None, None, None, None, None, None
+                            grad_rows[outer, start:end], ctx.softcap)
+        return grad_logits, None, None, None, None, None, None, None
 
 
 def gather_logprobs(
@@ -238,6 +286,7 @@ def gather_logprobs(
     ignore_index: int = -100,
     return_entropy: bool = False,
     inplace_backward: bool = False,
+    softcap: float | None = None,
     backend: str | None = None,
 ):
     """``log_softmax(logits / temperature)[..., labels]`` without materialising the log-softmax.
@@ -245,19 +294,25 @@ def gather_logprobs(
     Args:
         logits: ``[..., V]`` float32 / bfloat16 / float16 (float64 on the torch backend). Rows may be
             strided (e.g. ``logits[:, :-1]``); the last dim must be contiguous or it is copied.
-        labels: ``[...]`` integer token ids in ``[0, V)``, or ``ignore_index``.
+        labels: ``[...]`` integer token ids in ``[0, V)``, or ``ignore_index``; or ``[..., K]``: K candidate
+            labels per position (TRL's ``selective_log_softmax`` with ``index [..., K]``), all gathered from
+            one pass over the row. Duplicates are fine (their gradients add up).
         temperature: sampling temperature the log-probs are taken at (> 0).
-        ignore_index: label value whose position gets log-prob 0, entropy 0 and zero gradient.
+        ignore_index: label value whose log-prob is 0 with zero gradient; a position whose labels are all
+            ignore_index also gets entropy 0 and no gradient at all.
         return_entropy: also return the entropy of ``softmax(logits / temperature)`` per position.
         inplace_backward: write d logits into the logits buffer during backward (saves one
             ``[..., V]`` allocation). Only safe when nothing else reads ``logits`` afterwards.
+        softcap: None, or a cap > 0: each logit x becomes ``softcap * tanh(x / softcap)`` before the
+            temperature (Gemma-2/3's ``final_logit_softcapping``), forward and backward.
         backend: ``"auto"`` (Triton on CUDA, PyTorch elsewhere), ``"triton"`` or ``"torch"``;
             default from ``FASTRM_BACKEND``.
 
     Returns:
-        float32 log-probs ``[...]`` (float64 for float64 logits), and the entropy if asked.
+        float32 log-probs shaped like ``labels`` (float64 for float64 logits), and the entropy ``[...]``
+        (``logits.shape[:-1]``) if asked.
     """
-    _check_inputs(logits, labels, temperature, ignore_index)
+    _check_inputs(logits, labels, temperature, ignore_index, softcap)
     chosen = resolve_backend(backend, logits.device, OP, logits.dtype, "logits")
     if logits.stride(-1) != 1:
         logits = logits.contiguous()
@@ -265,12 +320,15 @@ def gather_logprobs(
     if layout is None:
         logits = logits.contiguous()
         layout = row_layout(logits)
-    flat_labels = labels.reshape(-1).contiguous()
+    multi_label = is_multi_label(logits, labels)
+    flat_labels = (labels.reshape(layout[0], labels.shape[-1]) if multi_label else labels.reshape(-1)).contiguous()
+    softcap = None if softcap is None else float(softcap)
     fn = _GatherLogprobsTriton if chosen == "triton" else _GatherLogprobsTorch
-    out = fn.apply(logits, flat_labels, layout, float(temperature), ignore_index, return_entropy, inplace_backward)
+    out = fn.apply(logits, flat_labels, layout, float(temperature), ignore_index, return_entropy, inplace_backward,
+                   softcap)
     if return_entropy:
         logprobs, entropy = out
-        return logprobs.view(labels.shape), entropy.view(labels.shape)
+        return logprobs.view(labels.shape), entropy.view(logits.shape[:-1])
     return out.view(labels.shape)
 
 
@@ -278,16 +336,17 @@ class GatherLogprobs(nn.Module):
     """Module form of :func:`gather_logprobs`: ``forward(logits, labels)``."""
 
     def __init__(self, temperature: float = 1.0, ignore_index: int = -100, return_entropy: bool = False,
-                 inplace_backward: bool = False, backend: str | None = None):
+                 inplace_backward: bool = False, softcap: float | None = None, backend: str | None = None):
         super().__init__()
         check_positive(OP, "temperature", temperature)
         self.temperature, self.ignore_index, self.return_entropy = float(temperature), ignore_index, return_entropy
-        self.inplace_backward, self.backend = inplace_backward, backend
+        self.inplace_backward, self.softcap, self.backend = inplace_backward, check_softcap(OP, softcap), backend
 
     def forward(self, logits, labels):
         return gather_logprobs(logits, labels, temperature=self.temperature, ignore_index=self.ignore_index,
                                return_entropy=self.return_entropy, inplace_backward=self.inplace_backward,
-                               backend=self.backend)
+                               softcap=self.softcap, backend=self.backend)
 
     def extra_repr(self):
-        return f"temperature={self.temperature}, ignore_index={self.ignore_index}, return_entropy={self.return_entropy}"
+        return (f"temperature={self.temperature}, ignore_index={self.ignore_index}, "
+                f"return_entropy={self.return_entropy}, softcap={self.softcap}")

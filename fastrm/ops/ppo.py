@@ -13,6 +13,9 @@ Aggregation modes (``agg``), over valid tokens (mask 1):
 * ``"token-mean"``: sum of all valid tokens' losses / number of valid tokens (row weight 1 / sum(mask)).
 * ``"seq-mean-token-mean"``: mean over rows of each row's token mean (weight 1 / (n_rows * count_b)).
 * ``"seq-mean-token-sum"``: mean over rows of each row's token sum (weight 1 / n_rows).
+* ``"seq-mean-token-sum-norm"``: seq-mean-token-sum divided by ``loss_scale_factor`` (default: T, the padded
+  length), verl's mode; with a constant factor (e.g. the maximum completion length) it is Dr. GRPO's
+  normaliser (weight 1 / (n_rows * factor)).
 
 In the seq-mean modes ``n_rows`` counts only rows with at least one valid token: a row with none is left
 out (verl would give NaN for seq-mean-token-mean and count the empty row in seq-mean-token-sum). A batch
@@ -53,8 +56,9 @@ __all__ = [
     "ValueLossOutput",
 ]
 
-AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum")
-KL_KINDS = tuple(ppo_kernels.KL_KINDS)
+AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
+KL_KINDS = tuple(ppo_kernels.KL_KINDS) + tuple(ppo_kernels.KL_STRAIGHT_THROUGH)
+RATIO_LEVELS = ("token", "sequence")
 MASK_DTYPES = (torch.bool,) + FLOAT_DTYPES + INT_DTYPES
 
 
@@ -114,6 +118,18 @@ def _check_dual_clip(op: str, dual_clip):
     return dual_clip
 
 
+def _check_loss_scale_factor(op: str, agg: str, loss_scale_factor):
+    """None, or (with agg='seq-mean-token-sum-norm' only) a finite number > 0."""
+    loss_scale_factor = _real(op, "loss_scale_factor", loss_scale_factor, allow_none=True)
+    if loss_scale_factor is None:
+        return None
+    if agg != "seq-mean-token-sum-norm":
+        raise ValueError(f"{op}: loss_scale_factor only applies to agg='seq-mean-token-sum-norm', got agg={agg!r}")
+    if not loss_scale_factor > 0:
+        raise ValueError(f"{op}: loss_scale_factor must be > 0, got {loss_scale_factor}")
+    return loss_scale_factor
+
+
 def _check_value_clip(op: str, clip):
     clip = _real(op, "clip", clip, allow_none=True)
     if clip is not None and clip < 0.0:
@@ -167,8 +183,9 @@ def _check_values(op: str, tensors: dict, mask):
 # ----------------------------------------------------------------------------------------------
 
 
-def _row_weights(count: torch.Tensor, agg: str) -> torch.Tensor:
+def row_weights(count: torch.Tensor, agg: str, loss_scale_factor: float = 1.0) -> torch.Tensor:
     """Weight w_b of each row in ``loss = sum_b w_b * (row b's sum of token losses)``; 0 for empty rows.
+    ``count [B]`` holds the rows' valid-token counts; ``loss_scale_factor`` divides seq-mean-token-sum-norm.
 
     Denominators are clamped to 1, so with value checks off an all-masked batch gives loss 0 and zero
     gradients rather than NaN.
@@ -179,6 +196,8 @@ def _row_weights(count: torch.Tensor, agg: str) -> torch.Tensor:
     n_rows = nonempty.sum().to(count.dtype).clamp_min(1)
     if agg == "seq-mean-token-mean":
         return torch.where(nonempty, 1.0 / (count.clamp_min(1) * n_rows), 0.0)
+    if agg == "seq-mean-token-sum-norm":
+        return torch.where(nonempty, 1.0 / (n_rows * loss_scale_factor), 0.0)
     return torch.where(nonempty, 1.0 / n_rows, 0.0)  # seq-mean-token-sum
 
 
@@ -192,9 +211,9 @@ class _FusedLoss(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, stats, grad, agg):
+    def forward(ctx, x, stats, grad, agg, loss_scale_factor):
         loss_rows, count = stats[0], stats[1]
-        weights = _row_weights(count, agg)
+        weights = row_weights(count, agg, loss_scale_factor)
         loss = (loss_rows * weights).sum()
         total = count.sum(dtype=torch.float64).clamp_min(1)
         metrics = tuple((s.sum(dtype=torch.float64) / total).to(torch.float32) for s in stats[2:])
@@ -208,10 +227,17 @@ class _FusedLoss(torch.autograd.Function):
     def backward(ctx, grad_loss, *grad_metrics):
         grad, weights = ctx.saved_tensors
         if grad is None or not ctx.needs_input_grad[0]:
-            return None, None, None, None
+            return None, None, None, None, None
         scale = grad_loss.to(grad.dtype) * weights  # [B]
         # Out of place: the saved buffer stays intact for a second backward (retain_graph).
-        return (grad * scale[:, None]).to(ctx.dtype), None, None, None
+        return (grad * scale[:, None]).to(ctx.dtype), None, None, None, None
+
+
+def _scale_factor(agg: str, loss_scale_factor, T: int) -> float:
+    """The divisor of seq-mean-token-sum-norm (T unless given); 1 for the other modes."""
+    if agg != "seq-mean-token-sum-norm":
+        return 1.0
+    return float(T) if loss_scale_factor is None else loss_scale_factor
 
 
 # ----------------------------------------------------------------------------------------------
@@ -219,7 +245,8 @@ class _FusedLoss(torch.autograd.Function):
 # ----------------------------------------------------------------------------------------------
 
 
-def _policy_terms_torch(logprobs, old_logprobs, advantages, mask, clip_eps, clip_eps_high, dual_clip, write_grads):
+def _policy_terms_torch(logprobs, old_logprobs, advantages, mask, clip_eps, clip_eps_high, dual_clip, write_grads,
+                        seq_ratio=False):
     """Plain PyTorch twin of ``_ppo_policy_fwd_kernel``: per-row sums [6, B] and d loss_t / d logprobs_t."""
     acc = _acc_dtype(logprobs.dtype)
     valid = mask if mask.dtype == torch.bool else mask != 0
@@ -227,15 +254,22 @@ def _policy_terms_torch(logprobs, old_logprobs, advantages, mask, clip_eps, clip
     logp = torch.where(valid, logprobs.detach().to(acc), 0)
     old = torch.where(valid, old_logprobs.detach().to(acc), 0)
     adv = torch.where(valid, advantages.detach().to(acc), 0)
-    c = ppo_kernels.LOG_RATIO_CLAMP
     raw = logp - old
-    log_ratio = raw.clamp(-c, c)
+    if seq_ratio:  # GSPO: the row's mean log-ratio for every token, clamped from above only (as verl)
+        c = ppo_kernels.SEQ_LOG_RATIO_MAX
+        raw = (raw.sum(dim=1, keepdim=True) / valid.sum(dim=1, keepdim=True).clamp_min(1)).expand_as(raw)
+        log_ratio = raw.clamp(max=c)
+        outside_clamp = raw > c
+    else:
+        c = ppo_kernels.LOG_RATIO_CLAMP
+        log_ratio = raw.clamp(-c, c)
+        outside_clamp = (raw < -c) | (raw > c)
     ratio = log_ratio.exp()
     pg1 = -adv * ratio
     pg2 = -adv * ratio.clamp(1.0 - clip_eps, 1.0 + clip_eps_high)
     loss = torch.maximum(pg1, pg2)
     clipped = pg2 > pg1
-    grad = torch.where(clipped | (raw < -c) | (raw > c), 0.0, pg1) if write_grads else None
+    grad = torch.where(clipped | outside_clamp, 0.0, pg1) if write_grads else None
     if dual_clip is not None:
         pg3 = -adv * dual_clip
         dual = (adv < 0) & (loss > pg3)
@@ -268,6 +302,8 @@ def ppo_policy_loss(
     clip_eps_high: float | None = None,
     dual_clip: float | None = None,
     agg: str = "token-mean",
+    ratio_level: str = "token",
+    loss_scale_factor: float | None = None,
     backend: str | None = None,
 ) -> PolicyLossOutput:
     """PPO clipped policy loss (with optional asymmetric clip and dual clip), fused forward and backward.
@@ -281,6 +317,11 @@ def ppo_policy_loss(
     ``compute_policy_loss`` (``cliprange_low/high`` = ``clip_eps``/``clip_eps_high``, ``clip_ratio_c`` =
     ``dual_clip``) and, for token-mean without dual clip, TRL's PPO policy loss.
 
+    ``ratio_level="sequence"`` is GSPO (verl's ``compute_policy_loss_gspo``; TRL's
+    ``importance_sampling_level="sequence"``): every token of a row takes the row's ratio
+    ``exp(min(mean over its valid tokens of (logprobs - old_logprobs), 10))``, and token t's gradient is
+    ``-A_t * ratio`` (verl's stop-gradient form), so per-token advantages still weight each token.
+
     Args:
         logprobs: [B, T] float (float32 / bfloat16 / float16; float64 on the PyTorch path): log-probs of
             the taken tokens under the current policy. The only input that gets a gradient.
@@ -290,8 +331,11 @@ def ppo_policy_loss(
             NaN): they are never read into a result.
         clip_eps: in [0, 1). clip_eps_high: upper clip (>= 0), defaults to clip_eps.
         dual_clip: None, or a ratio bound > 1 (verl's clip_ratio_c, 3.0 there).
-        agg: ``"token-mean"`` | ``"seq-mean-token-mean"`` | ``"seq-mean-token-sum"``. In the seq-mean modes
-            rows with no valid token are left out of the mean over rows.
+        agg: ``"token-mean"`` | ``"seq-mean-token-mean"`` | ``"seq-mean-token-sum"`` |
+            ``"seq-mean-token-sum-norm"``. In the seq-mean modes rows with no valid token are left out of the
+            mean over rows.
+        ratio_level: ``"token"`` (PPO) | ``"sequence"`` (GSPO).
+        loss_scale_factor: the divisor of ``"seq-mean-token-sum-norm"`` (> 0; default: T). Only with that mode.
         backend: ``"auto"`` | ``"triton"`` | ``"torch"`` (default: ``$FASTRM_BACKEND`` or auto).
 
     Returns:
@@ -310,21 +354,26 @@ def ppo_policy_loss(
     clip_eps, clip_eps_high = _check_clip_eps(op, clip_eps, clip_eps_high)
     dual_clip = _check_dual_clip(op, dual_clip)
     check_choice(op, "agg", agg, AGG_MODES)
+    check_choice(op, "ratio_level", ratio_level, RATIO_LEVELS)
+    loss_scale_factor = _check_loss_scale_factor(op, agg, loss_scale_factor)
     impl = resolve_backend(backend, logprobs.device, op, logprobs.dtype, "logprobs")
     _check_values(op, tensors, mask)
 
     write_grads = torch.is_grad_enabled() and logprobs.requires_grad
+    seq_ratio = ratio_level == "sequence"
     if impl == "triton":
         stats, grad = ppo_kernels.ppo_policy_fwd(
             logprobs.detach(), old_logprobs.detach(), advantages.detach(), mask,
             clip_eps=clip_eps, clip_eps_high=clip_eps_high, dual_clip=dual_clip, write_grads=write_grads,
+            seq_ratio=seq_ratio,
         )
     else:
         stats, grad = _policy_terms_torch(
-            logprobs, old_logprobs, advantages, mask, clip_eps, clip_eps_high, dual_clip, write_grads
+            logprobs, old_logprobs, advantages, mask, clip_eps, clip_eps_high, dual_clip, write_grads, seq_ratio
         )
     # stats rows: loss, count, clipped, dual_clipped, approx_kl, ratio -> metrics in that order.
-    loss, clipfrac, dual_frac, approx_kl, ratio_mean = _FusedLoss.apply(logprobs, stats, grad, agg)
+    factor = _scale_factor(agg, loss_scale_factor, logprobs.shape[1])
+    loss, clipfrac, dual_frac, approx_kl, ratio_mean = _FusedLoss.apply(logprobs, stats, grad, agg, factor)
     return PolicyLossOutput(loss, clipfrac, approx_kl, ratio_mean, dual_frac)
 
 
@@ -367,6 +416,7 @@ def value_loss(
     *,
     clip: float | None = 0.2,
     agg: str = "token-mean",
+    loss_scale_factor: float | None = None,
     backend: str | None = None,
 ) -> ValueLossOutput:
     """PPO clipped value loss, fused forward and backward.
@@ -386,7 +436,7 @@ def value_loss(
             when ``clip`` is None (it is still checked).
         mask: [B, T] bool or 0/1 numbers; masked positions may hold anything.
         clip: >= 0, or None for the unclipped loss 0.5 * (values - returns)^2.
-        agg, backend: as in :func:`ppo_policy_loss`.
+        agg, loss_scale_factor, backend: as in :func:`ppo_policy_loss`.
 
     Returns:
         ``ValueLossOutput(loss, clipfrac)``: the loss is float32 (float64 for float64 inputs), its gradient
@@ -398,6 +448,7 @@ def value_loss(
     _check_tensors(op, tensors, mask)
     clip = _check_value_clip(op, clip)
     check_choice(op, "agg", agg, AGG_MODES)
+    loss_scale_factor = _check_loss_scale_factor(op, agg, loss_scale_factor)
     impl = resolve_backend(backend, values.device, op, values.dtype, "values")
     _check_values(op, tensors, mask)
 
@@ -408,7 +459,7 @@ def value_loss(
         )
     else:
         stats, grad = _value_terms_torch(values, old_values, returns, mask, clip, write_grads)
-    loss, clipfrac = _FusedLoss.apply(values, stats, grad, agg)
+    loss, clipfrac = _FusedLoss.apply(values, stats, grad, agg, _scale_factor(agg, loss_scale_factor, values.shape[1]))
     return ValueLossOutput(loss, clipfrac)
 
 
@@ -438,9 +489,16 @@ class _KLPenaltyTriton(torch.autograd.Function):
 
 
 def _kl_penalty_torch(logprobs, ref_logprobs, kind):
-    """The formula in float32 (float64 for float64); autograd gives exactly its derivative."""
+    """The formula in float32 (float64 for float64); autograd gives exactly its derivative (for a
+    straight-through "+" kind: the base kind's value, k2's gradient)."""
     acc = _acc_dtype(logprobs.dtype)
     logp, ref = logprobs.to(acc), ref_logprobs.to(acc)
+    if kind in ppo_kernels.KL_STRAIGHT_THROUGH:
+        with torch.no_grad():
+            value = _kl_penalty_torch(logp, ref, ppo_kernels.KL_STRAIGHT_THROUGH[kind])
+        d = logp - ref
+        k2 = 0.5 * d.square()
+        return (k2 - k2.detach()) + value  # exactly the value forward (k2 - k2 == 0), k2's gradient
     if kind == "k1":
         return logp - ref
     if kind == "abs":
@@ -462,6 +520,8 @@ def kl_penalty(
 
     With ``d = logprobs - ref_logprobs``: ``"k1"`` d (verl "kl"), ``"abs"`` |d|, ``"k2"`` 0.5 d^2 (verl "mse"),
     ``"k3"`` verl's "low_var_kl": ``x = clamp(-d, -20, 20)``, ``clamp(exp(x) - x - 1, -10, 10)``.
+    ``"k1+"``, ``"abs+"``, ``"k3+"`` are verl's straight-through estimators: the value of k1 / abs / k3 and the
+    gradient of k2 (``d`` w.r.t. logprobs, ``-d`` w.r.t. ref_logprobs), whose expectation is the KL's gradient.
 
     Use it as a reward penalty (under ``torch.no_grad()``) or as a loss term: it is differentiable w.r.t.
     both logprobs and ref_logprobs, with exactly the derivative of the formula as written (0 where a clamp
@@ -470,7 +530,7 @@ def kl_penalty(
     Args:
         logprobs, ref_logprobs: [B, T], same float dtype (float32 / bfloat16 / float16; float64 on the
             PyTorch path). No mask: every position is computed, and every position must be finite.
-        kind: ``"k1"`` | ``"abs"`` | ``"k2"`` | ``"k3"``.
+        kind: ``"k1"`` | ``"abs"`` | ``"k2"`` | ``"k3"`` | ``"k1+"`` | ``"abs+"`` | ``"k3+"``.
         backend: ``"auto"`` | ``"triton"`` | ``"torch"``.
 
     Returns:
@@ -496,38 +556,45 @@ class PPOPolicyLoss(nn.Module):
     """Module form of :func:`ppo_policy_loss`; ``forward(logprobs, old_logprobs, advantages, mask)``."""
 
     def __init__(self, clip_eps: float = 0.2, clip_eps_high: float | None = None, dual_clip: float | None = None,
-                 agg: str = "token-mean", backend: str | None = None):
+                 agg: str = "token-mean", ratio_level: str = "token", loss_scale_factor: float | None = None,
+                 backend: str | None = None):
         super().__init__()
         op = "PPOPolicyLoss"
         self.clip_eps, high = _check_clip_eps(op, clip_eps, clip_eps_high)
         self.clip_eps_high = None if clip_eps_high is None else high
         self.dual_clip = _check_dual_clip(op, dual_clip)
         self.agg = check_choice(op, "agg", agg, AGG_MODES)
+        self.ratio_level = check_choice(op, "ratio_level", ratio_level, RATIO_LEVELS)
+        self.loss_scale_factor = _check_loss_scale_factor(op, agg, loss_scale_factor)
         self.backend = backend
 
     def forward(self, logprobs, old_logprobs, advantages, mask) -> PolicyLossOutput:
         return ppo_policy_loss(
             logprobs, old_logprobs, advantages, mask, clip_eps=self.clip_eps, clip_eps_high=self.clip_eps_high,
-            dual_clip=self.dual_clip, agg=self.agg, backend=self.backend,
+            dual_clip=self.dual_clip, agg=self.agg, ratio_level=self.ratio_level,
+            loss_scale_factor=self.loss_scale_factor, backend=self.backend,
         )
 
     def extra_repr(self) -> str:
         return (f"clip_eps={self.clip_eps}, clip_eps_high={self.clip_eps_high}, dual_clip={self.dual_clip}, "
-                f"agg={self.agg!r}, backend={self.backend!r}")
+                f"agg={self.agg!r}, ratio_level={self.ratio_level!r}, backend={self.backend!r}")
 
 
 class ValueLoss(nn.Module):
     """Module form of :func:`value_loss`; ``forward(values, old_values, returns, mask)``."""
 
-    def __init__(self, clip: float | None = 0.2, agg: str = "token-mean", backend: str | None = None):
+    def __init__(self, clip: float | None = 0.2, agg: str = "token-mean", loss_scale_factor: float | None = None,
+                 backend: str | None = None):
         super().__init__()
         op = "ValueLoss"
         self.clip = _check_value_clip(op, clip)
         self.agg = check_choice(op, "agg", agg, AGG_MODES)
+        self.loss_scale_factor = _check_loss_scale_factor(op, agg, loss_scale_factor)
         self.backend = backend
 
     def forward(self, values, old_values, returns, mask) -> ValueLossOutput:
-        return value_loss(values, old_values, returns, mask, clip=self.clip, agg=self.agg, backend=self.backend)
+        return value_loss(values, old_values, returns, mask, clip=self.clip, agg=self.agg,
+                          loss_scale_factor=self.loss_scale_factor, backend=self.backend)
 
     def extra_repr(self) -> str:
         return f"clip={self.clip}, agg={self.agg!r}, backend={self.backend!r}"

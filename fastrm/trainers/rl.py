@@ -54,7 +54,7 @@ from fastrm.models import (
     reward_scores,
     token_logprobs,
 )
-from fastrm.ops.ppo import kl_penalty, ppo_policy_loss, value_loss
+from fastrm.ops.ppo import AGG_MODES, KL_KINDS, kl_penalty, ppo_policy_loss, value_loss
 
 log = logging.getLogger("fastrm")
 
@@ -104,19 +104,22 @@ class RLConfig(training.TrainerSettings):
     whiten_advantages: bool = True
     baseline: str = "moving"  # reinforce_baseline: moving (EMA of past batches) | batch (this batch's mean)
     baseline_decay: float = 0.9
-    grpo_scale: bool = True  # grpo: divide by the group std (false: Dr. GRPO, centring only)
+    scale_rewards: str = setting("group", "grpo: divide the centred scores by the std of the group | batch | "
+                                          "none (Dr. GRPO, centring only), as TRL's scale_rewards")
+    grpo_scale: bool | None = setting(None, "deprecated alias: true = scale_rewards=group, false = none")
     # Objective
     ppo_epochs: int = 2
     num_minibatches: int = 1
     clip_eps: float = 0.2
     clip_eps_high: float | None = None
     dual_clip: float | None = None
-    loss_agg: str = "token-mean"  # token-mean | seq-mean-token-mean | seq-mean-token-sum
+    loss_agg: str = setting("token-mean", "token-mean | seq-mean-token-mean | seq-mean-token-sum | "
+                                          "seq-mean-token-sum-norm (divided by max_new_tokens: Dr. GRPO)")
     vf_coef: float = 0.5
     value_clip: float | None = 0.2
     entropy_coef: float = 0.0
     kl_coef: float = 0.05
-    kl_estimator: str = "k1"  # k1 | k2 | k3 | abs
+    kl_estimator: str = "k1"  # k1 | k2 | k3 | abs | k1+ | abs+ | k3+ (straight-through: k2's gradient, kl_in=loss)
     kl_in: str = "reward"  # reward: per-token penalty in the rewards | loss: a term of the loss
     adaptive_kl: bool = False
     kl_target: float = 0.1  # adaptive controller: target of objective/kl (summed over a completion)
@@ -148,12 +151,16 @@ class RLConfig(training.TrainerSettings):
             require(getattr(self, name) >= 1, name, getattr(self, name), "must be >= 1")
         choices = {"reward": ("model", "rule", "both"), "advantage": rl.ESTIMATORS,
                    "reward_norm": ("none", "batch", "running"), "baseline": ("moving", "batch"),
-                   "loss_agg": ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum"),
-                   "kl_estimator": ("k1", "k2", "k3", "abs"), "kl_in": ("reward", "loss"),
+                   "loss_agg": AGG_MODES, "scale_rewards": rl.SCALE_REWARDS,
+                   "kl_estimator": KL_KINDS, "kl_in": ("reward", "loss"),
                    "curriculum_schedule": ("linear", "step"), "curriculum_difficulty": ("auto", "length")}
         for name, allowed in choices.items():
             require(getattr(self, name) in allowed, name, getattr(self, name), "must be one of " + ", ".join(allowed))
         require(self.num_eval_prompts >= 0, "num_eval_prompts", self.num_eval_prompts, "must be >= 0")
+        if self.grpo_scale is not None:  # the old name: fold it into scale_rewards (config.yaml records that)
+            require(self.scale_rewards == "group", "grpo_scale", self.grpo_scale,
+                    f"conflicts with scale_rewards={self.scale_rewards}; set scale_rewards only")
+            self.scale_rewards, self.grpo_scale = ("group" if self.grpo_scale else "none"), None
         if self.advantage in rl.GROUP_ESTIMATORS:
             require(self.num_samples >= 2, "num_samples", self.num_samples,
                     f"advantage={self.advantage} compares the samples of a prompt: needs num_samples >= 2")
@@ -539,7 +546,7 @@ class RLTrainer(training.Trainer):
         kl_coef = self.kl_ctl.value
         advantages, returns = rl.compute_advantages(
             c.advantage, scores, mask, n=n, kl=kl if c.kl_in == "reward" else None, kl_coef=kl_coef, values=values,
-            gamma=c.gamma, lam=c.lam, baseline=self.baseline, grpo_scale=c.grpo_scale)
+            gamma=c.gamma, lam=c.lam, baseline=self.baseline, scale_rewards=c.scale_rewards)
         if c.whiten_advantages:
             advantages = rl.whiten_advantages(advantages, mask)  # statistics over all ranks' rollouts
         timing["timing/advantages"] = time.perf_counter() - start
@@ -575,7 +582,7 @@ class RLTrainer(training.Trainer):
         logprobs, entropy = self._logprobs(self.policy_p, batch, ro["prompt_len"], return_entropy=True)
         pol = ppo_policy_loss(logprobs, ro["old_logprobs"][idx], adv, mask, clip_eps=c.clip_eps,
                               clip_eps_high=c.clip_eps_high, dual_clip=c.dual_clip, agg=c.loss_agg,
-                              backend=c.backend)
+                              loss_scale_factor=self._loss_scale_factor(), backend=c.backend)
         mean_entropy = masked_mean(entropy, mask)
         # Data parallel: token means weighted to the mean over all ranks' tokens, as one process takes it.
         # (Sequence means need nothing: ranks hold equal rows.)
@@ -594,13 +601,18 @@ class RLTrainer(training.Trainer):
         if self.value is not None:
             values = self._values(batch, ro["prompt_len"])
             vl = value_loss(values, ro["values"][idx], ro["returns"][idx], mask, clip=c.value_clip, agg=c.loss_agg,
-                            backend=c.backend)
+                            loss_scale_factor=self._loss_scale_factor(), backend=c.backend)
             loss = loss + c.vf_coef * seq_weight * vl.loss
             metrics.update({"loss/value": vl.loss.detach(), "val/clipfrac": vl.clipfrac,
                             "val/vpred": masked_mean(values.detach(), mask),
                             "val/error": masked_mean((values.detach() - ro["returns"][idx]) ** 2, mask)})
         metrics["loss/total"] = loss.detach()
         return loss, metrics
+
+    def _loss_scale_factor(self) -> float | None:
+        """seq-mean-token-sum-norm divides by the longest possible completion, a constant (Dr. GRPO), not by the
+        padded length of each minibatch."""
+        return float(self.config.max_new_tokens) if self.config.loss_agg == "seq-mean-token-sum-norm" else None
 
     def update(self, ro: dict) -> dict:
         c = self.config
