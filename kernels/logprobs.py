@@ -18,7 +18,7 @@ Rows need not be contiguous with each other: a row lives at
 
 import torch
 
-from fastrm.kernels import HAS_TRITON, INTERPRET, new_output, next_power_of_2
+from fastrm.kernels import HAS_TRITON, interpreter_settings, new_output, next_power_of_2
 
 if HAS_TRITON:
     import triton
@@ -80,8 +80,11 @@ if HAS_TRITON:
             if RETURN_ENTROPY:
                 tl.store(entropy_ptr + row, 0.0)
         else:
-            # Online log-sum-exp over z = logits / T: running max m, running sum s = sum exp(z - m),
-            # and for the entropy t = sum exp(z - m) * z, all rescaled whenever m grows.
+            # Online log-sum-exp over z = logits / T: running max m and running sum s = sum exp(z - m), rescaled
+            # whenever m grows. For the entropy, t = sum exp(z - m) * (z - m), also relative to the running max:
+            # H = log s - t / s is then a sum of two non-negative terms. (Accumulating sum exp(z - m) * z and
+            # taking lse - t/s instead cancels catastrophically for near-one-hot rows with large logits: at
+            # logits ~1e4 both terms are ~1e4 and their fp32 rounding, ~1e-3, swamps an entropy of ~1e-7.)
             m = float("-inf")
             s = 0.0
             t = 0.0
@@ -94,29 +97,37 @@ if HAS_TRITON:
                 m_new = tl.maximum(m, tl.max(z, axis=0))
                 # A block of only -inf (masked vocabulary) must not turn exp(-inf - -inf) into NaN.
                 m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-                rescale = tl.exp(m - m_safe)
+                shift = m - m_safe  # <= 0; -inf while nothing has been summed (s == 0)
+                rescale = tl.exp(shift)
                 e = tl.exp(z - m_safe)
-                s = s * rescale + tl.sum(e, axis=0)
                 if RETURN_ENTROPY:
-                    t = t * rescale + tl.sum(e * tl.where(e > 0.0, z, 0.0), axis=0)
+                    # Moving the reference from m to m_safe adds shift to every (z - m) summed so far.
+                    t = rescale * (t + tl.where(s > 0.0, shift, 0.0) * s)
+                    t += tl.sum(e * tl.where(e > 0.0, z - m_safe, 0.0), axis=0)
+                s = s * rescale + tl.sum(e, axis=0)
                 m = m_new
-            lse = m + tl.log(s)
+            log_s = tl.log(s)
+            # A label outside [0, V) (possible only while a deferred value check is still to report it) reads
+            # nothing: its log-prob is NaN, never memory past the row.
             if MULTI_LABEL:
                 k = tl.arange(0, BLOCK_K)
                 kept = label != ignore_index
-                z_label = tl.load(row_ptr + tl.where(kept, label, 0), mask=kept, other=0.0).to(tl.float32)
+                in_range = kept & (label >= 0) & (label < V)
+                z_label = tl.load(row_ptr + tl.where(in_range, label, 0), mask=in_range,
+                                  other=float("nan")).to(tl.float32)
             else:
-                z_label = tl.load(row_ptr + label).to(tl.float32)
+                z_label = tl.load(row_ptr + label, mask=(label >= 0) & (label < V), other=float("nan")).to(tl.float32)
             if HAS_SOFTCAP:
                 z_label = softcap * _tanh(z_label / softcap)
-            z_label = z_label * inv_temperature
+            # (z - m) - log s rather than z - lse: z - m is exact, so large logits lose no precision here.
+            logprob = (z_label * inv_temperature - m) - log_s
             if MULTI_LABEL:
-                tl.store(logprobs_ptr + row * n_labels + k, tl.where(kept, z_label - lse, 0.0), mask=k < n_labels)
+                tl.store(logprobs_ptr + row * n_labels + k, tl.where(kept, logprob, 0.0), mask=k < n_labels)
             else:
-                tl.store(logprobs_ptr + row, z_label - lse)
-            tl.store(lse_ptr + row, lse)
+                tl.store(logprobs_ptr + row, logprob)
+            tl.store(lse_ptr + row, m + log_s)
             if RETURN_ENTROPY:
-                tl.store(entropy_ptr + row, lse - t / s)
+                tl.store(entropy_ptr + row, log_s - t / s)
 
     @triton.jit
     def _logprob_bwd_kernel(
@@ -178,7 +189,7 @@ if HAS_TRITON:
 
 
 def _block_v(V: int) -> int:
-    return min(BLOCK_V_INTERPRET if INTERPRET else BLOCK_V_GPU, next_power_of_2(V))
+    return min(BLOCK_V_INTERPRET if interpreter_settings() else BLOCK_V_GPU, next_power_of_2(V))
 
 
 def _label_args(labels):

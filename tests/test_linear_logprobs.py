@@ -227,6 +227,26 @@ def test_only_the_needed_gradients(backend, trainable, monkeypatch):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_entropy_at_large_logit_offsets(backend):
+    # Logits ~1e4 (a bias of 1e4 on a small head), half the rows near one-hot: the entropy is non-negative
+    # and matches float64 (the log-softmax kernels accumulate relative to the running max).
+    H, V = 8, 700
+    hidden = torch.randn(6, H, device=DEVICE)
+    weight = torch.randn(V, H, device=DEVICE) * 0.3
+    bias = torch.full((V,), 1e4, device=DEVICE)
+    labels = torch.randint(0, V, (6,), device=DEVICE)
+    bias[labels[0]] += 12.0  # every row peaks at labels[0]: near one-hot, entropy ~1e-2
+    lp, ent = linear_logprobs(hidden, weight, labels, bias=bias, return_entropy=True, chunk_size=4, backend=backend)
+    # float64 on the fp32 logits the op computes (their own rounding, ulp(1e4) ~ 1e-3, is not the point here).
+    logits = torch.addmm(bias, hidden, weight.t())
+    lp64, ent64 = fastrm.gather_logprobs_reference(logits.double(), labels, return_entropy=True)
+    assert (ent >= 0).all(), ent
+    torch.testing.assert_close(ent.double(), ent64, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(lp.double(), lp64, atol=1e-5, rtol=1e-5)
+    assert ent.max() < 0.5
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_no_grad_inference(backend):
     hidden, weight, bias, labels = make_case((2, 7), 16, 100, torch.bfloat16)
     with torch.no_grad():

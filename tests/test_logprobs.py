@@ -200,6 +200,47 @@ def test_drop_in_for_verl_logprobs_and_entropy(backend):
     torch.testing.assert_close(ent, verl_entropy, atol=2e-5, rtol=2e-5)
 
 
+def large_logit_rows(n_rows, V, dtype, offset=1e4):
+    """Rows around ``offset``: half near one-hot (one logit 30 above the rest: entropy ~1e-9), half spread
+    (randn around the offset), as in TRL's entropy tests. In fp32, ulp(1e4) ~ 1e-3 dwarfs those entropies.
+    (bf16's ulp at 1e4 is 64: there the peak is 128 above, and the spread rows round to one value.)"""
+    logits = offset + torch.randn(n_rows, V, device=DEVICE)
+    hot = torch.randint(0, V, (n_rows,), device=DEVICE)
+    near_one_hot = torch.arange(n_rows, device=DEVICE) % 2 == 0
+    logits[near_one_hot, hot[near_one_hot]] += 30.0 if dtype == torch.float32 else 128.0
+    return logits.to(dtype), hot
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("offset", [1e4, -1e4])
+def test_entropy_and_logprobs_at_large_logit_offsets(backend, dtype, offset):
+    # The entropy is accumulated relative to the running max, so nothing cancels: non-negative, and within
+    # fp32 rounding of 1 (not of the logits' magnitude) of float64 on the same rounded logits. V = 3000 with
+    # the interpreter's blocks shrunk to 1024 crosses block boundaries, where the running max moves.
+    logits, labels = large_logit_rows(6, 3000, dtype, offset)
+    for temperature in (1.0, 0.9):
+        with _small_vocab_blocks(1024):
+            lp, ent = fastrm.gather_logprobs(logits, labels, temperature=temperature, return_entropy=True,
+                                             backend=backend)
+        lp64, ent64 = fastrm.gather_logprobs_reference(logits.double(), labels, temperature=temperature,
+                                                       return_entropy=True)
+        assert (ent >= 0).all(), ent
+        torch.testing.assert_close(ent.double(), ent64, atol=1e-5, rtol=1e-5)
+        assert ent[0::2].max() < 1e-5 and ent[1::2].min() > 1.0  # near one-hot rows vs spread rows
+        if temperature == 1.0:  # logits / 0.9 is itself rounded to ulp(1e4) in fp32, log-probs with it
+            torch.testing.assert_close(lp.double(), lp64, atol=1e-5, rtol=1e-5)
+
+
+def _small_vocab_blocks(block):
+    import contextlib
+    from unittest import mock
+
+    from fastrm.kernels import logprobs as logprob_kernels
+
+    return mock.patch.object(logprob_kernels, "BLOCK_V_INTERPRET", block) if kernels.INTERPRET else contextlib.nullcontext()
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_no_grad_inference(backend):
     logits, labels = make_case((2, 3), 64, torch.bfloat16)
