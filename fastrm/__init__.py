@@ -10,6 +10,7 @@ Inside other libraries: ``fastrm.integrations.trl.patch()`` (TRL's trainers on f
 
 __version__ = "0.1.0"
 
+from fastrm._checks import raise_deferred_errors
 from fastrm.kernels.gae import compute_gae_reference
 from fastrm.kernels.linear_logprobs import linear_logprobs_reference
 from fastrm.kernels.logprobs import gather_logprobs_reference
@@ -55,6 +56,7 @@ __all__ = [
     "linear_logprobs_reference",
     "pairwise_ranking_loss",
     "pairwise_ranking_loss_reference",
+    "raise_deferred_errors",
     "ranking_loss",
     "ranking_loss_reference",
     "whiten",

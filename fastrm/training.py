@@ -18,6 +18,7 @@ from typing import ClassVar
 
 import torch
 
+from fastrm import _checks
 from fastrm import checkpoint as ckpt
 from fastrm import distributed
 from fastrm.checkpoint import CHECKPOINT_PREFIX, LATEST_FILE, latest_checkpoint, load_trainer_state  # noqa: F401
@@ -404,6 +405,9 @@ def parameters_nonfinite(models) -> torch.Tensor:
     return (~torch.isfinite(largest)).float()
 
 
+INVALID_INPUT = "invalid input to an op"
+
+
 class DivergenceGuard:
     """Stops a diverging run - before the optimizer applies a non-finite update and before a checkpoint with
     non-finite parameters is written - on all ranks together, with a message naming a checkpoint that is really
@@ -440,9 +444,15 @@ class DivergenceGuard:
         if self.pending is not None:
             flags["parameters"] = self.pending
             self.pending = None
+        # Value checks the ops ran on the GPU without a sync (fastrm._checks) report here, in the same read.
+        invalid_input = _checks.deferred_failure(self.trainer.device)
+        flags[INVALID_INPUT] = invalid_input if invalid_input is not None else torch.zeros(())
         values = self._read(flags, list(grad_norms.values()))
         norms = values[len(flags):]
         bad = [name for name, v in zip(flags, values) if v]
+        if INVALID_INPUT in bad:  # the cause of whatever else is non-finite: stop with the op's own message
+            _checks.raise_deferred_errors()
+            raise ValueError("an op found invalid input on another rank; its message is in that rank's output")
         if bad:
             shown = ", ".join(f"{name} {v:.4g}" for name, v in zip(grad_norms, norms))
             self.stop(f"non-finite {', '.join(bad)} at step {self.trainer.step + 1} ({shown})",

@@ -9,6 +9,7 @@ Triton decides at *decoration* time whether a kernel is compiled or interpreted,
 tensors. ``INTERPRET`` records what was in force when the kernels were defined.
 """
 
+import contextlib
 import os
 
 try:
@@ -19,6 +20,26 @@ except ImportError:  # e.g. macOS: the torch backend still works
     HAS_TRITON = False
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+_compiled_settings = False
+
+
+def interpreter_settings() -> bool:
+    """Whether launchers pick the interpreter's block sizes: under the interpreter, unless
+    :func:`compiled_launch_settings` is in force."""
+    return INTERPRET and not _compiled_settings
+
+
+@contextlib.contextmanager
+def compiled_launch_settings():
+    """Launch with the block sizes and warps of a compiled (CUDA) run even under the interpreter, so that
+    what is launched on CPU tensors is exactly what a GPU would compile (the compile-coverage test and the
+    resource report record launches this way)."""
+    global _compiled_settings
+    saved, _compiled_settings = _compiled_settings, True
+    try:
+        yield
+    finally:
+        _compiled_settings = saved
 
 
 def next_power_of_2(n: int) -> int:
@@ -52,7 +73,7 @@ ROW_NUM_WARPS = 4
 def row_block_t(T: int, block_t: int | None = None) -> int:
     """Chunk length for a row of T positions; short rows take one chunk just big enough."""
     if block_t is None:
-        block_t = ROW_BLOCK_T_INTERPRET if INTERPRET else ROW_BLOCK_T
+        block_t = ROW_BLOCK_T_INTERPRET if interpreter_settings() else ROW_BLOCK_T
     return max(ROW_MIN_BLOCK_T, min(next_power_of_2(block_t), next_power_of_2(T)))
 
 

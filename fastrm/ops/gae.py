@@ -23,11 +23,11 @@ from fastrm._checks import (
     FLOAT_DTYPES,
     INT_DTYPES,
     check_binary_mask,
-    check_finite,
     check_same_device,
     check_same_shape,
     check_tensor,
     check_unit_interval,
+    require,
     value_checks_enabled,
 )
 from fastrm._dispatch import resolve_backend
@@ -180,13 +180,11 @@ def _check_inputs(rewards, values, mask, bootstrap_value, gamma, lam):
     lam = check_unit_interval(_OP, "lam", lam)
     check_binary_mask(_OP, "mask", mask)
     if value_checks_enabled():
-        # A float64 sum is non-finite whenever an element is, and costs far less than isfinite().all(); only
-        # when a sum fails (or merely overflowed) do the per-argument checks run, to name the culprit.
-        named = {"rewards": rewards, "values": values, "bootstrap_value": bootstrap_value}
-        named = {name: x for name, x in named.items() if x is not None}
-        if not bool(torch.stack([x.sum(dtype=torch.float64) for x in named.values()]).isfinite().all()):
-            for name, x in named.items():
-                check_finite(_OP, name, x)
+        # A float64 sum is non-finite exactly when an element is (float32/16 values cannot overflow it), and
+        # costs far less than isfinite().all(), which would build a [B, T] bool temporary.
+        for name, x in (("rewards", rewards), ("values", values), ("bootstrap_value", bootstrap_value)):
+            if x is not None:
+                require(x.detach().sum(dtype=torch.float64).isfinite(), f"{_OP}: {name} contains NaN or inf")
     return gamma, lam
 
 
@@ -237,7 +235,7 @@ def whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: fl
     Mean and (unbiased, like theirs) variance are taken over all positions where ``mask`` is 1, across the
     whole batch. With ``shift_mean=False`` the mean is added back. Unlike theirs, masked positions come back
     as 0 (what one does next with their output anyway), so garbage there never leaks out. Fewer than 2 valid
-    positions raise ValueError (with FASTRM_CHECK_VALUES=0 that check, a device sync, is skipped).
+    positions are a ValueError (on a GPU reported without a sync, see ``fastrm._checks``).
     """
     op = "whiten"
     check_tensor(op, "x", x, dtypes=FLOAT_DTYPES)
@@ -247,8 +245,9 @@ def whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: fl
     check_binary_mask(op, "mask", mask)
     m = mask != 0
     n = m.sum()
-    if value_checks_enabled() and int(n) < 2:
-        raise ValueError(f"{op}: mask must select at least 2 positions for an unbiased variance, got {int(n)}")
+    if value_checks_enabled():
+        require(n >= 2, f"{op}: mask must select at least 2 positions for an unbiased variance",
+                lambda: f", got {int(n)}")
     # Masked entries may hold anything, even NaN: replace them before any arithmetic (also keeps NaN out
     # of the gradient, which a where() after the arithmetic would not).
     xm = torch.where(m, x, 0)

@@ -25,8 +25,8 @@ import torch
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-from fastrm._checks import FLOAT_DTYPES, INT_DTYPES, check_finite, check_positive, check_same_device, check_tensor
-from fastrm._checks import value_checks_enabled
+from fastrm._checks import FLOAT_DTYPES, INT_DTYPES, check_finite, check_labels, check_positive, check_same_device
+from fastrm._checks import check_tensor, host_reads_allowed
 from fastrm._dispatch import resolve_backend
 from fastrm.kernels import new_output
 from fastrm.kernels.logprobs import logprob_bwd, logprob_fwd
@@ -79,11 +79,7 @@ def _check_inputs(hidden, weight, labels, bias, temperature, ignore_index, chunk
             raise TypeError(f"{OP}: chunk_size must be an int >= 1 or None, got {type(chunk_size).__name__}")
         if chunk_size < 1:
             raise ValueError(f"{OP}: chunk_size must be an int >= 1 or None, got {chunk_size}")
-    if value_checks_enabled():
-        bad = (labels != ignore_index) & ((labels < 0) | (labels >= V))
-        if bool(bad.any()):
-            value = labels[bad].flatten()[0].item()
-            raise ValueError(f"{OP}: labels must lie in [0, {V}) or equal ignore_index={ignore_index}, found {value}")
+    check_labels(OP, labels, V, ignore_index)
 
 
 _AUTOCAST_DEVICES = ("cuda", "cpu")
@@ -135,10 +131,10 @@ def _chunk_logits(buf, hidden_c, weight, bias):
 class _LinearLogprobs(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, labels, backend, temperature, ignore_index, return_entropy, chunk_size,
-                softcap):
+                softcap, skip_ignored):
         with _no_autocast(hidden.device):
             return _LinearLogprobs._forward(ctx, hidden, weight, bias, labels, backend, temperature, ignore_index,
-                                            return_entropy, chunk_size, softcap)
+                                            return_entropy, chunk_size, softcap, skip_ignored)
 
     @staticmethod
     @once_differentiable
@@ -148,16 +144,18 @@ class _LinearLogprobs(torch.autograd.Function):
 
     @staticmethod
     def _forward(ctx, hidden, weight, bias, labels, backend, temperature, ignore_index, return_entropy, chunk_size,
-                 softcap):
+                 softcap, skip_ignored):
         # hidden [N, H], labels [N] contiguous.
         N, V = hidden.shape[0], weight.shape[0]
         device = hidden.device
         compute_dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
         keep = labels != ignore_index
-        kept = keep.nonzero().squeeze(1)
-        n_kept = kept.numel()
-        if n_kept == N:
-            kept = None  # every token counts: chunks are plain row slices, no gathers
+        kept, n_kept = None, N  # without skipping, every row is computed (ignored ones come out as 0)
+        if skip_ignored:
+            kept = keep.nonzero().squeeze(1)  # on CUDA a host sync: the row count sizes the chunk loop
+            n_kept = kept.numel()
+            if n_kept == N:
+                kept = None  # every token counts: chunks are plain row slices, no gathers
         logprobs = new_output((N,), dtype=compute_dtype, device=device)
         lse = new_output((N,), dtype=compute_dtype, device=device)
         entropy = new_output((N,), dtype=compute_dtype, device=device) if return_entropy else None
@@ -194,7 +192,7 @@ class _LinearLogprobs(torch.autograd.Function):
     def _backward(ctx, grad_logprobs, grad_entropy):
         hidden, weight, bias, labels, kept, lse, entropy = ctx.saved_tensors
         need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
-        nones = (None,) * 7
+        nones = (None,) * 8
         if not (need_hidden or need_weight or need_bias):
             return (None, None, None) + nones
         N, H = hidden.shape
@@ -280,6 +278,7 @@ def linear_logprobs(
     chunk_size: int | None = None,
     softcap: float | None = None,
     backend: str | None = None,
+    skip_ignored: bool | None = None,
 ):
     """``log_softmax((hidden @ weight.T + bias) / temperature)[..., labels]`` without the ``[N, V]`` logits.
 
@@ -290,8 +289,8 @@ def linear_logprobs(
         labels: ``[...]`` (= ``hidden.shape[:-1]``) integer token ids in ``[0, V)``, or ``ignore_index``.
         bias: optional ``[V]`` LM head bias, same dtype as ``hidden``.
         temperature: sampling temperature the log-probs are taken at (> 0).
-        ignore_index: label value whose position gets log-prob 0, entropy 0 and no gradient; such rows
-            are skipped before the matmul and cost nothing.
+        ignore_index: label value whose position gets log-prob 0, entropy 0 and no gradient (with
+            ``skip_ignored``, such rows are dropped before the matmul and cost nothing).
         return_entropy: also return the entropy of ``softmax(logits / temperature)`` per position.
         chunk_size: tokens per chunk (int >= 1). Default: about 2**22 logits per chunk on CPU and 2**27
             on CUDA (:func:`default_chunk_size`). Peak extra memory is about ``chunk_size x V`` elements.
@@ -299,6 +298,10 @@ def linear_logprobs(
             temperature (Gemma-2/3's ``final_logit_softcapping``), forward and backward.
         backend: ``"auto"`` (Triton on CUDA, PyTorch elsewhere), ``"triton"`` or ``"torch"``; the
             matmuls always run in PyTorch, the backend picks the log-softmax/gather code per chunk.
+        skip_ignored: drop the ``ignore_index`` rows before the matmuls (prompt and padding tokens then
+            cost nothing). Finding them sizes the chunk loop, a host-device sync on CUDA, so the default
+            (None) skips on CPU and computes every row on CUDA; pass True on CUDA when the ignored rows are
+            a large share and one sync per call is acceptable (fastrm's trainers do).
 
     Returns:
         float32 log-probs ``[...]`` (float64 for float64 inputs), and the entropy if asked.
@@ -316,8 +319,11 @@ def linear_logprobs(
     flat_labels = labels.reshape(-1).contiguous()
     if chunk_size is None:
         chunk_size = default_chunk_size(V, hidden.device)
+    if skip_ignored is None:
+        skip_ignored = host_reads_allowed(hidden.device)
     out = _LinearLogprobs.apply(hidden_2d, weight, bias, flat_labels, chosen, float(temperature), ignore_index,
-                                bool(return_entropy), chunk_size, None if softcap is None else float(softcap))
+                                bool(return_entropy), chunk_size, None if softcap is None else float(softcap),
+                                bool(skip_ignored))
     if return_entropy:
         logprobs, entropy = out
         return logprobs.view(labels.shape), entropy.view(labels.shape)

@@ -10,8 +10,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from fastrm._checks import FLOAT_DTYPES, INT_DTYPES, check_finite, check_positive, check_same_device, check_tensor
-from fastrm._checks import value_checks_enabled
+from fastrm._checks import FLOAT_DTYPES, INT_DTYPES, check_finite, check_labels, check_positive, check_same_device
+from fastrm._checks import check_tensor, host_reads_allowed
 from fastrm._dispatch import resolve_backend
 from fastrm.kernels import new_output
 from fastrm.kernels.logprobs import logprob_bwd, logprob_fwd
@@ -86,12 +86,7 @@ def _check_inputs(logits, labels, temperature, ignore_index, softcap):
     check_softcap(OP, softcap)
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
         raise TypeError(f"{OP}: ignore_index must be an int, got {type(ignore_index).__name__}")
-    V = logits.shape[-1]
-    if value_checks_enabled():
-        bad = (labels != ignore_index) & ((labels < 0) | (labels >= V))
-        if bool(bad.any()):
-            value = labels[bad].flatten()[0].item()
-            raise ValueError(f"{OP}: labels must lie in [0, {V}) or equal ignore_index={ignore_index}, found {value}")
+    check_labels(OP, labels, logits.shape[-1], ignore_index)
 
 
 class _GatherLogprobsTriton(torch.autograd.Function):
@@ -168,19 +163,34 @@ def torch_block_fwd(block, labels, temperature, ignore_index, return_entropy, so
     compute_dtype = torch.float64 if block.dtype == torch.float64 else torch.float32
     z = _scaled_block(block, compute_dtype, temperature, softcap)
     keep, row_keep = _label_keep(labels, ignore_index)
-    block_lse = torch.logsumexp(z, dim=-1)
     multi_label = labels.dim() == 2
-    index = torch.where(keep, labels, 0).long()
-    if multi_label:
-        logprobs = torch.where(keep, z.gather(-1, index) - block_lse.unsqueeze(-1), 0.0)
-    else:
-        logprobs = torch.where(keep, z.gather(-1, index.unsqueeze(-1)).squeeze(-1) - block_lse, 0.0)
-    lse = torch.where(row_keep, block_lse, 0.0)
+    # A label outside [0, V) (only possible when a deferred check has yet to report it) reads nothing and
+    # gives NaN: a GPU must not index out of bounds.
+    in_range = keep & (labels >= 0) & (labels < z.shape[-1])
+    index = torch.where(in_range, labels, 0).long()
+    picked = z.gather(-1, index) if multi_label else z.gather(-1, index.unsqueeze(-1)).squeeze(-1)
+
+    def per_label(row_values):  # a [R] quantity against labels [R] or [R, K]
+        return row_values.unsqueeze(-1) if multi_label else row_values
+
     entropy = None
     if return_entropy:
-        logp = z - block_lse.unsqueeze(-1)
+        # Relative to the row max: log p = (z - max) - log s stays precise for large logits, where
+        # z - lse would lose ulp(lse) (1e-3 at logits ~1e4) and swamp a near-one-hot row's entropy.
+        z_max = z.amax(dim=-1)
+        z_ref = torch.where(torch.isfinite(z_max), z_max, 0.0)  # an all -inf row stays -inf, not NaN
+        logp = z - z_ref.unsqueeze(-1)
+        log_s = torch.logsumexp(logp, dim=-1)
+        block_lse = z_ref + log_s
+        block_logprobs = (picked - per_label(z_ref)) - per_label(log_s)
+        logp -= log_s.unsqueeze(-1)
         p = logp.exp()
         entropy = torch.where(row_keep, -(p * torch.where(p > 0, logp, 0.0)).sum(-1), 0.0)
+    else:
+        block_lse = torch.logsumexp(z, dim=-1)
+        block_logprobs = picked - per_label(block_lse)
+    logprobs = torch.where(keep, torch.where(in_range, block_logprobs, float("nan")), 0.0)
+    lse = torch.where(row_keep, block_lse, 0.0)
     return logprobs, lse, entropy
 
 
@@ -213,15 +223,22 @@ def torch_block_bwd(block, labels, lse, entropy, grad_logprobs, grad_entropy, te
     if labels.dim() == 1:
         g_lp = g_lp.unsqueeze(-1)
     g.mul_(-g_lp.sum(-1, keepdim=True))
-    index = torch.where(keep, labels, 0).long()
-    g.scatter_add_(-1, index if labels.dim() == 2 else index.unsqueeze(-1), g_lp)  # the onehot terms
+    in_range = keep & (labels >= 0) & (labels < g.shape[-1])  # (see torch_block_fwd)
+    if labels.dim() == 1:
+        in_range = in_range.unsqueeze(-1)
+    index = torch.where(in_range, labels.view(in_range.shape), 0).long()
+    g.scatter_add_(-1, index, torch.where(in_range, g_lp, 0.0))  # the onehot terms
     if use_entropy:
         g.sub_(entropy_term)
     if cap_slope is not None:
         g.mul_(cap_slope)
-    ignored = (~row_keep).nonzero().squeeze(-1)
-    if ignored.numel():
-        g.index_fill_(0, ignored, 0.0)  # a fill, not a multiply: garbage there may be NaN
+    # Rows with no kept label get zeros by a fill, not a multiply: garbage there may be NaN.
+    if host_reads_allowed(g.device):
+        ignored = (~row_keep).nonzero().squeeze(-1)  # free on CPU, and then only those rows are touched
+        if ignored.numel():
+            g.index_fill_(0, ignored, 0.0)
+    else:
+        g.masked_fill_((~row_keep).unsqueeze(-1), 0.0)  # no data-dependent shape: no sync, traceable
     if not direct:
         out.copy_(g)
     return out

@@ -40,6 +40,7 @@ from fastrm._checks import (
     check_same_device,
     check_same_shape,
     check_tensor,
+    require,
     value_checks_enabled,
 )
 from fastrm._dispatch import resolve_backend
@@ -155,27 +156,20 @@ def _check_tensors(op: str, tensors: dict, mask):
 
 
 def _check_values(op: str, tensors: dict, mask):
-    """Value checks (one device sync, plus check_binary_mask's for a non-bool mask; skipped with
-    FASTRM_CHECK_VALUES=0). With a mask: it is 0/1 and selects at least one position, and every tensor is
-    finite where mask is 1 (masked positions may hold anything). Without one: every tensor is finite."""
+    """Value checks (no sync on a GPU, see fastrm._checks; skipped with FASTRM_CHECK_VALUES=0). With a mask:
+    it is 0/1 and selects at least one position, and every tensor is finite where mask is 1 (masked
+    positions may hold anything). Without one: every tensor is finite."""
     if not value_checks_enabled():
         return
     if mask is None:
-        flags = [x.detach().isfinite().all() for x in tensors.values()]
-        for (name, x), ok in zip(tensors.items(), torch.stack(flags).tolist()):
-            if not ok:
-                check_finite(op, name, x)
+        for name, x in tensors.items():
+            check_finite(op, name, x.detach())
         return
     check_binary_mask(op, "mask", mask)
     valid = mask if mask.dtype == torch.bool else mask != 0
-    flags = [torch.where(valid, x.detach(), 0).isfinite().all() for x in tensors.values()]
-    flags.append(valid.any())
-    flags = torch.stack(flags).tolist()  # the one sync
-    if not flags[-1]:
-        raise ValueError(f"{op}: mask has no valid position (all zeros); the loss would be a mean over nothing")
-    for (name, x), ok in zip(tensors.items(), flags):
-        if not ok:
-            check_finite(op, name, x.detach()[valid], hint=" at a position where mask is 1")
+    require(valid.any(), f"{op}: mask has no valid position (all zeros); the loss would be a mean over nothing")
+    for name, x in tensors.items():
+        check_finite(op, name, torch.where(valid, x.detach(), 0), hint=" at a position where mask is 1")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -24,6 +24,7 @@ from fastrm._checks import (
     check_same_device,
     check_same_shape,
     check_tensor,
+    require,
     value_checks_enabled,
 )
 from fastrm._dispatch import resolve_backend
@@ -251,11 +252,9 @@ class _RankingLoss(torch.autograd.Function):
     def forward(ctx, rewards, ranks, impl, write_grads):
         sums = _ranking_sums_triton if impl == "triton" else _ranking_sums_torch
         loss_sum, pairs, correct, grad = sums(rewards, ranks, write_grads)
-        if value_checks_enabled() and int(pairs) == 0:  # reads a value: a device sync
-            raise ValueError(
-                "ranking_loss: ranks has no valid pair (no prompt has two present responses, rank >= 0, "
-                "with different ranks); the loss would be a mean over nothing"
-            )
+        if value_checks_enabled():
+            require(pairs > 0, "ranking_loss: ranks has no valid pair (no prompt has two present responses, "
+                               "rank >= 0, with different ranks); the loss would be a mean over nothing")
         # With value checks off an empty batch gives loss 0 and zero grads rather than NaN.
         n_pairs = pairs.clamp_min(1)
         loss = loss_sum / n_pairs.to(loss_sum.dtype)
@@ -314,7 +313,8 @@ def ranking_loss(
     check_same_device(op, {"rewards": rewards, "ranks": ranks})
     if value_checks_enabled():
         # Only present responses must be finite: a missing one's reward is never used.
-        check_finite(op, "rewards", rewards.detach()[ranks >= 0], hint=" at a response whose rank is >= 0")
+        check_finite(op, "rewards", torch.where(ranks >= 0, rewards.detach(), 0),
+                     hint=" at a response whose rank is >= 0")
 
     impl = resolve_backend(backend, rewards.device, op, rewards.dtype, "rewards")
     write_grads = torch.is_grad_enabled() and rewards.requires_grad
