@@ -295,5 +295,6 @@ def token_logprobs(model, batch: dict, *, temperature: float = 1.0, return_entro
     backbone = getattr(model, model.base_model_prefix)
     hidden = backbone(**inputs).last_hidden_state
     head = model.get_output_embeddings()
+    # Prompt and padding rows are skipped before the LM head: worth the one host sync that sizes the chunks.
     return fastrm.linear_logprobs(hidden[:, :-1], head.weight, labels, bias=head.bias, temperature=temperature,
-                                  return_entropy=return_entropy, backend=backend)
+                                  return_entropy=return_entropy, backend=backend, skip_ignored=True)
