@@ -41,7 +41,10 @@ if HAS_TRITON:
         return a1 * a2, b2 + a2 * b1
 
 
-    @triton.jit
+    # T and the row strides (= T for contiguous inputs) are not specialised on divisibility: the chunk's
+    # offsets descend, so nothing is vectorised either way, and a second variant would only cost a compile
+    # whenever the padded length changes (tests/test_kernel_compile.py checks there is one).
+    @triton.jit(do_not_specialize=["T", "stride_rb", "stride_vb", "stride_mb"])
     def _gae_fwd_kernel(
         r_ptr, v_ptr, m_ptr, boot_ptr, adv_ptr, ret_ptr,
         T,

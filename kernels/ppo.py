@@ -98,7 +98,8 @@ if HAS_TRITON:
         old = tl.load(old_row + t * stride_ot, mask=valid, other=0.0).to(tl.float32)
         return t, in_row, valid, logp, old
 
-    @triton.jit
+    # B only places one store per row: specialising it on divisibility would only add variants.
+    @triton.jit(do_not_specialize=["B"])
     def _ppo_policy_fwd_kernel(
         logp_ptr, old_ptr, adv_ptr, mask_ptr,
         grad_ptr,  # fp32 [B, T] contiguous: d loss_t / d logprobs_t, 0 where masked; dummy unless WRITE_GRADS
@@ -178,7 +179,7 @@ if HAS_TRITON:
         tl.store(stats_ptr + 4 * B + row, tl.sum(acc_kl, axis=0))
         tl.store(stats_ptr + 5 * B + row, tl.sum(acc_ratio, axis=0))
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["B"])
     def _value_loss_fwd_kernel(
         v_ptr, old_ptr, ret_ptr, mask_ptr,
         grad_ptr,  # fp32 [B, T] contiguous: d loss_t / d values_t, 0 where masked; dummy unless WRITE_GRADS
