@@ -23,7 +23,7 @@ Nothing here checks user input or touches autograd (see fastrm/ops/gae.py).
 
 import torch
 
-from fastrm.kernels import HAS_TRITON, mask_as_bytes, new_output, row_block_t, row_num_warps
+from fastrm.kernels import HAS_TRITON, kernel_op, mask_as_bytes, new_output, row_block_t, row_num_warps
 
 if HAS_TRITON:  # without triton (e.g. macOS) the reference below and the PyTorch path still work
     import triton
@@ -165,7 +165,13 @@ if HAS_TRITON:
 
 
 
-def gae_fwd(rewards, values, mask, bootstrap_value, gamma: float, lam: float, block_t: int | None = None):
+def _gae_fwd_fake(rewards, values, mask, bootstrap_value, gamma, lam, block_t=None):
+    return rewards.new_empty(rewards.shape, dtype=torch.float32), rewards.new_empty(rewards.shape, dtype=torch.float32)
+
+
+@kernel_op("gae_fwd", _gae_fwd_fake)
+def gae_fwd(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, bootstrap_value: torch.Tensor | None,
+            gamma: float, lam: float, block_t: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Launch the forward kernel. Inputs [B, T] with any strides; returns float32 (advantages, returns)."""
     B, T = rewards.shape
     adv = new_output((B, T), dtype=torch.float32, device=rewards.device)
@@ -184,8 +190,17 @@ def gae_fwd(rewards, values, mask, bootstrap_value, gamma: float, lam: float, bl
     return adv, ret
 
 
-def gae_bwd(grad_adv, grad_ret, mask, gamma: float, lam: float, *, rewards_dtype, values_dtype,
-            bootstrap_dtype=None, block_t: int | None = None):
+def _gae_bwd_fake(grad_adv, grad_ret, mask, gamma, lam, *, rewards_dtype, values_dtype, bootstrap_dtype=None,
+                  block_t=None):
+    B, T = mask.shape
+    return (mask.new_empty((B, T), dtype=rewards_dtype), mask.new_empty((B, T), dtype=values_dtype),
+            mask.new_empty((B,), dtype=bootstrap_dtype) if bootstrap_dtype is not None else None)
+
+
+@kernel_op("gae_bwd", _gae_bwd_fake)
+def gae_bwd(grad_adv: torch.Tensor, grad_ret: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float, *,
+            rewards_dtype: torch.dtype, values_dtype: torch.dtype, bootstrap_dtype: torch.dtype | None = None,
+            block_t: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Launch the backward kernel; returns (d rewards, d values, d bootstrap or None) in the input dtypes."""
     B, T = mask.shape
     device = mask.device

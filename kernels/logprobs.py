@@ -18,7 +18,7 @@ Rows need not be contiguous with each other: a row lives at
 
 import torch
 
-from fastrm.kernels import HAS_TRITON, interpreter_settings, new_output, next_power_of_2
+from fastrm.kernels import HAS_TRITON, interpreter_settings, kernel_op, new_output, next_power_of_2
 
 if HAS_TRITON:
     import triton
@@ -200,7 +200,17 @@ def _label_args(labels):
     return K, True, next_power_of_2(K)
 
 
-def logprob_fwd(logits, layout, labels, temperature, ignore_index, return_entropy, softcap=None):
+def _logprob_fwd_fake(logits, layout, labels, temperature, ignore_index, return_entropy, softcap=None):
+    n_rows = layout[0]
+    return (logits.new_empty(tuple(labels.shape), dtype=torch.float32),
+            logits.new_empty(n_rows, dtype=torch.float32) if return_entropy else None,
+            logits.new_empty(n_rows, dtype=torch.float32))
+
+
+@kernel_op("logprob_fwd", _logprob_fwd_fake)
+def logprob_fwd(logits: torch.Tensor, layout: list[int], labels: torch.Tensor, temperature: float, ignore_index: int,
+                return_entropy: bool,
+                softcap: float | None = None) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
     """Launch the forward kernel. ``layout = (n_rows, n_inner, stride_outer, stride_inner)`` of the
     leading dims; ``labels`` is a contiguous ``[n_rows]`` (or ``[n_rows, K]``) int tensor; ``softcap``
     None or > 0. Returns float32 ``(logprobs [n_rows] (or [n_rows, K]), entropy [n_rows] or None,
@@ -221,8 +231,16 @@ def logprob_fwd(logits, layout, labels, temperature, ignore_index, return_entrop
     return logprobs, (entropy if return_entropy else None), lse
 
 
-def logprob_bwd(logits, layout, labels, lse, entropy, grad_logprobs, grad_entropy, temperature, ignore_index,
-                grad_logits, grad_layout, softcap=None):
+def _logprob_bwd_fake(logits, layout, labels, lse, entropy, grad_logprobs, grad_entropy, temperature, ignore_index,
+                      grad_logits, grad_layout, softcap=None):
+    return None
+
+
+@kernel_op("logprob_bwd", _logprob_bwd_fake, mutates_args=("grad_logits",))
+def logprob_bwd(logits: torch.Tensor, layout: list[int], labels: torch.Tensor, lse: torch.Tensor,
+                entropy: torch.Tensor | None, grad_logprobs: torch.Tensor, grad_entropy: torch.Tensor | None,
+                temperature: float, ignore_index: int, grad_logits: torch.Tensor, grad_layout: list[int],
+                softcap: float | None = None) -> None:
     """Launch the backward kernel, writing d logits into ``grad_logits`` laid out as ``grad_layout``
     (which may be ``logits`` itself with its own layout, for the in-place option). ``grad_logprobs``
     is contiguous and shaped like ``labels``."""
@@ -240,7 +258,6 @@ def logprob_bwd(logits, layout, labels, lse, entropy, grad_logprobs, grad_entrop
         HAS_GRAD_ENTROPY=has_grad_entropy, HAS_SOFTCAP=softcap is not None, MULTI_LABEL=multi_label,
         BLOCK_K=block_k, BLOCK_V=_block_v(V), num_warps=NUM_WARPS,
     )
-    return grad_logits
 
 
 def gather_logprobs_reference(logits, labels, temperature=1.0, ignore_index=-100, return_entropy=False,

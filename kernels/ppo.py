@@ -59,7 +59,7 @@ from __future__ import annotations
 
 import torch
 
-from fastrm.kernels import HAS_TRITON, mask_as_bytes, new_output, row_block_t, row_num_warps
+from fastrm.kernels import HAS_TRITON, kernel_op, mask_as_bytes, new_output, row_block_t, row_num_warps
 
 if HAS_TRITON:
     import triton
@@ -310,8 +310,18 @@ if HAS_TRITON:
 
 
 
-def ppo_policy_fwd(logprobs, old_logprobs, advantages, mask, *, clip_eps: float, clip_eps_high: float,
-                   dual_clip: float | None, write_grads: bool, seq_ratio: bool = False, block_t: int | None = None):
+def _stats_and_grad_fake(n_stats):
+    def fake(x, *args, write_grads, **kwargs):
+        B, T = x.shape
+        return x.new_empty((n_stats, B), dtype=torch.float32), (
+            x.new_empty((B, T), dtype=torch.float32) if write_grads else None)
+    return fake
+
+
+@kernel_op("ppo_policy_fwd", _stats_and_grad_fake(len(POLICY_STATS)))
+def ppo_policy_fwd(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, *,
+                   clip_eps: float, clip_eps_high: float, dual_clip: float | None, write_grads: bool,
+                   seq_ratio: bool = False, block_t: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Launch ``_ppo_policy_fwd_kernel`` on [B, T] inputs with any strides (``seq_ratio``: GSPO's sequence ratio).
 
     Returns ``(stats, grad)``: fp32 [6, B] per-row sums in the order of ``POLICY_STATS`` (the counts are
@@ -342,8 +352,10 @@ def ppo_policy_fwd(logprobs, old_logprobs, advantages, mask, *, clip_eps: float,
     return stats, grad
 
 
-def value_loss_fwd(values, old_values, returns, mask, *, clip: float | None, write_grads: bool,
-                   block_t: int | None = None):
+@kernel_op("value_loss_fwd", _stats_and_grad_fake(len(VALUE_STATS)))
+def value_loss_fwd(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor, *,
+                   clip: float | None, write_grads: bool,
+                   block_t: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Launch ``_value_loss_fwd_kernel`` on [B, T] inputs with any strides.
 
     Returns ``(stats, grad)``: fp32 [3, B] per-row sums in the order of ``VALUE_STATS`` and the fp32
@@ -375,7 +387,10 @@ def _kl_grid(B: int, T: int, block: int):
     return (B, triton.cdiv(T, block))
 
 
-def kl_penalty_fwd(logprobs, ref_logprobs, kind: str, block_t: int | None = None):
+@kernel_op("kl_penalty_fwd", lambda logprobs, ref_logprobs, kind, block_t=None: logprobs.new_empty(
+    logprobs.shape, dtype=torch.float32))
+def kl_penalty_fwd(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, kind: str,
+                   block_t: int | None = None) -> torch.Tensor:
     """Launch ``_kl_fwd_kernel``; returns the fp32 [B, T] per-token penalty (a "+" kind: its base kind's)."""
     kind = KL_STRAIGHT_THROUGH.get(kind, kind)
     B, T = logprobs.shape
@@ -393,8 +408,15 @@ def kl_penalty_fwd(logprobs, ref_logprobs, kind: str, block_t: int | None = None
     return out
 
 
-def kl_penalty_bwd(grad_out, logprobs, ref_logprobs, kind: str, *, need_logprobs: bool, need_ref: bool,
-                   block_t: int | None = None):
+def _kl_penalty_bwd_fake(grad_out, logprobs, ref_logprobs, kind, *, need_logprobs, need_ref, block_t=None):
+    return (torch.empty_like(logprobs, memory_format=torch.contiguous_format) if need_logprobs else None,
+            torch.empty_like(ref_logprobs, memory_format=torch.contiguous_format) if need_ref else None)
+
+
+@kernel_op("kl_penalty_bwd", _kl_penalty_bwd_fake)
+def kl_penalty_bwd(grad_out: torch.Tensor, logprobs: torch.Tensor, ref_logprobs: torch.Tensor, kind: str, *,
+                   need_logprobs: bool, need_ref: bool,
+                   block_t: int | None = None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """Launch ``_kl_bwd_kernel``; returns (d logprobs, d ref_logprobs), each in its input's dtype or None."""
     straight_through = kind in KL_STRAIGHT_THROUGH
     kind = KL_STRAIGHT_THROUGH.get(kind, kind)

@@ -26,7 +26,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from fastrm.kernels import HAS_TRITON, new_output, next_power_of_2
+from fastrm.kernels import HAS_TRITON, kernel_op, new_output, next_power_of_2
 
 if HAS_TRITON:
     import triton
@@ -193,6 +193,17 @@ if HAS_TRITON:
             tl.store(grad_ptr + row * K + offs_k, grad, mask=mask_k)
 
 
+def _pairwise_ranking_fwd_fake(chosen, rejected, margin, margin_value, center_coef, *, per_element, write_grads,
+                               write_margin_grad):
+    n = chosen.numel()
+    size = n if per_element else -(-n // PAIRWISE_BLOCK)
+    grad = (lambda: chosen.new_empty(n, dtype=torch.float32)) if write_grads else (lambda: None)
+    return (chosen.new_empty(size, dtype=torch.float32), chosen.new_empty(size, dtype=torch.float32), grad(), grad(),
+            chosen.new_empty(n, dtype=torch.float32) if write_grads and write_margin_grad and margin is not None
+            else None)
+
+
+@kernel_op("pairwise_ranking_fwd", _pairwise_ranking_fwd_fake)
 def pairwise_ranking_fwd(
     chosen: torch.Tensor,
     rejected: torch.Tensor,
@@ -203,7 +214,7 @@ def pairwise_ranking_fwd(
     per_element: bool,
     write_grads: bool,
     write_margin_grad: bool,
-):
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """Launch ``_pairwise_fwd_kernel`` on 1-D (possibly strided) ``chosen`` / ``rejected`` / ``margin``.
 
     Returns ``(loss, correct, grad_chosen, grad_rejected, grad_margin)``: ``loss`` is fp32 [N] terms
@@ -253,7 +264,16 @@ def pairwise_ranking_fwd(
     return loss, correct, grad_chosen, grad_rejected, grad_margin
 
 
-def ranking_fwd(rewards: torch.Tensor, ranks: torch.Tensor, *, write_grads: bool):
+def _ranking_fwd_fake(rewards, ranks, *, write_grads):
+    batch = rewards.shape[0]
+    return (rewards.new_empty(batch, dtype=torch.float32), rewards.new_empty(batch, dtype=torch.float32),
+            rewards.new_empty(batch, dtype=torch.float32),
+            rewards.new_empty(rewards.shape, dtype=torch.float32) if write_grads else None)
+
+
+@kernel_op("ranking_fwd", _ranking_fwd_fake)
+def ranking_fwd(rewards: torch.Tensor, ranks: torch.Tensor, *,
+                write_grads: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Launch ``_ranking_fwd_kernel`` on [B, K] (possibly strided) ``rewards`` / ``ranks``.
 
     Returns per-row ``(loss_sum, pairs, correct)`` (fp32 [B] each; the counts are whole numbers) and the fp32 [B, K]

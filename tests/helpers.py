@@ -16,7 +16,13 @@ BACKENDS = ["torch", pytest.param("triton", marks=pytest.mark.skipif(
     not kernels.HAS_TRITON or (DEVICE == "cpu" and not kernels.INTERPRET),
     reason="triton kernels need CUDA or TRITON_INTERPRET=1"))]
 
-requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+_skip_without_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def requires_cuda(test):
+    """A GPU test: marked ``cuda`` (``pytest -m cuda`` runs them all; the GPU suite does) and skipped
+    where there is no CUDA GPU."""
+    return pytest.mark.cuda(_skip_without_cuda(test))
 
 
 # Tolerances against a float64 reference, by input dtype.

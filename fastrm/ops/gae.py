@@ -69,7 +69,9 @@ def _discounted_reverse_cumsum(x: torch.Tensor, f: float) -> torch.Tensor:
     n = math.ceil(T / L)
     if n * L != T:
         x = nn.functional.pad(x, (0, n * L - T))  # zeros at the end add nothing
-    powers_t, tail = _chunk_powers(float(f), L, x.dtype, x.device)
+    # (torch.compile traces the function itself: a cache of tensors is not something it can keep)
+    chunk_powers = _chunk_powers.__wrapped__ if torch.compiler.is_compiling() else _chunk_powers
+    powers_t, tail = chunk_powers(float(f), L, x.dtype, x.device)
     y = x.reshape(N, n, L) @ powers_t  # within-chunk sums
     if n > 1:
         starts = _discounted_reverse_cumsum(y[:, :, 0], f**L)  # full y at each chunk's first position

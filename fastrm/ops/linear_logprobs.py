@@ -301,7 +301,8 @@ def linear_logprobs(
         skip_ignored: drop the ``ignore_index`` rows before the matmuls (prompt and padding tokens then
             cost nothing). Finding them sizes the chunk loop, a host-device sync on CUDA, so the default
             (None) skips on CPU and computes every row on CUDA; pass True on CUDA when the ignored rows are
-            a large share and one sync per call is acceptable (fastrm's trainers do).
+            a large share and one sync per call is acceptable (fastrm's trainers do). Inside
+            ``torch.compile`` every row is computed.
 
     Returns:
         float32 log-probs ``[...]`` (float64 for float64 inputs), and the entropy if asked.
@@ -319,7 +320,7 @@ def linear_logprobs(
     flat_labels = labels.reshape(-1).contiguous()
     if chunk_size is None:
         chunk_size = default_chunk_size(V, hidden.device)
-    if skip_ignored is None:
+    if skip_ignored is None or torch.compiler.is_compiling():  # torch.compile cannot trace a data-dependent size
         skip_ignored = host_reads_allowed(hidden.device)
     out = _LinearLogprobs.apply(hidden_2d, weight, bias, flat_labels, chosen, float(temperature), ignore_index,
                                 bool(return_entropy), chunk_size, None if softcap is None else float(softcap),

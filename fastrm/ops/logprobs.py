@@ -151,7 +151,7 @@ def _label_keep(labels, ignore_index):
 
 def _rows3(x, layout):
     n_rows, n_inner, stride_outer, stride_inner = layout
-    return x.as_strided((n_rows // n_inner, n_inner, x.shape[-1]), (stride_outer, stride_inner, 1), x.storage_offset())
+    return x.as_strided((n_rows // n_inner, n_inner, x.shape[-1]), (stride_outer, stride_inner, 1))  # same offset
 
 
 def torch_block_fwd(block, labels, temperature, ignore_index, return_entropy, softcap=None):
@@ -319,7 +319,8 @@ def gather_logprobs(
             ignore_index also gets entropy 0 and no gradient at all.
         return_entropy: also return the entropy of ``softmax(logits / temperature)`` per position.
         inplace_backward: write d logits into the logits buffer during backward (saves one
-            ``[..., V]`` allocation). Only safe when nothing else reads ``logits`` afterwards.
+            ``[..., V]`` allocation). Only safe when nothing else reads ``logits`` afterwards. Ignored
+            inside ``torch.compile``, where the gradient gets its own buffer.
         softcap: None, or a cap > 0: each logit x becomes ``softcap * tanh(x / softcap)`` before the
             temperature (Gemma-2/3's ``final_logit_softcapping``), forward and backward.
         backend: ``"auto"`` (Triton on CUDA, PyTorch elsewhere), ``"triton"`` or ``"torch"``;
@@ -340,6 +341,8 @@ def gather_logprobs(
     multi_label = is_multi_label(logits, labels)
     flat_labels = (labels.reshape(layout[0], labels.shape[-1]) if multi_label else labels.reshape(-1)).contiguous()
     softcap = None if softcap is None else float(softcap)
+    # Under torch.compile the backward's kernel is a custom op that may not write into a tensor it also reads.
+    inplace_backward = inplace_backward and not torch.compiler.is_compiling()
     fn = _GatherLogprobsTriton if chosen == "triton" else _GatherLogprobsTorch
     out = fn.apply(logits, flat_labels, layout, float(temperature), ignore_index, return_entropy, inplace_backward,
                    softcap)
