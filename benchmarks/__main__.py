@@ -4,6 +4,8 @@
     python -m benchmarks gae logprobs               # two ops, the default sweep for this device
     python -m benchmarks logprobs --tokens 2048 --vocab 32000 --modes fwd,fwd+bwd
     python -m benchmarks readme                     # rewrite benchmarks/README.md's tables from results/*.json
+    python -m benchmarks --gpu-suite                # = fastrm bench --gpu-suite: tests, selfcheck, every op, e2e
+    python -m benchmarks resources                  # static per-kernel resource report (no GPU needed)
 
 OPs: logprobs, gae, pairwise, ranking and every other bench_<OP>.py here (default: all; --list names them).
 Options after the ops go to every chosen op's
@@ -30,6 +32,17 @@ SCRIPTS = {op: f"benchmarks.bench_{op}" for op in [o for o in FIRST if o in _fou
 
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if "--gpu-suite" in argv:
+        from benchmarks import gpu_suite
+
+        return gpu_suite.main([a for a in argv if a != "--gpu-suite"])
+    if argv[:1] == ["resources"]:
+        import os
+
+        os.environ.setdefault("TRITON_INTERPRET", "1")  # launches are recorded through the interpreter
+        from benchmarks import kernel_resources
+
+        return kernel_resources.main(argv[1:])
     ops = []
     while argv and not argv[0].startswith("-"):
         ops.append(argv.pop(0))

@@ -140,6 +140,16 @@ def kernel_functions() -> dict[str, object]:
     return found
 
 
+def kernel_parameters(kernel: str) -> list[str]:
+    """Parameter names of a kernel given as "module:name" or its bare name."""
+    import inspect
+
+    for name, fn in kernel_functions().items():
+        if kernel in (name, name.split(":")[1]):
+            return list(inspect.signature(fn.fn).parameters)
+    raise KeyError(kernel)
+
+
 # ---------------------------------------------------------------------------------------------------
 # The workload: every op, every option that reaches a kernel
 # ---------------------------------------------------------------------------------------------------
