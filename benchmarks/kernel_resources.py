@@ -176,11 +176,12 @@ def per_kernel_table(rows: list[dict]) -> str:
     """One line per kernel and target: the worst variant's registers, spills, smem, occupancy."""
     groups = defaultdict(list)
     for row in rows:
-        groups[(row["kernel"], row["target"])].append(row)
+        groups[(row["kernel"], int(row["target"].split("_")[1]))].append(row)
     lines = ["| kernel | target | variants | registers max (min) | spill bytes | stack bytes | shared bytes max "
              "| warps | est. occupancy min (max), limited by | bytes / element |",
              "|---|---|---|---|---|---|---|---|---|---|"]
-    for (kernel, target), rs in sorted(groups.items()):
+    for (kernel, arch), rs in sorted(groups.items()):
+        target = f"sm_{arch}"
         good = [r for r in rs if not r.get("error")]
         if not good:
             lines.append(f"| {kernel} | {target} | {len(rs)} | compile failed | | | | | | |")
@@ -199,19 +200,32 @@ def per_kernel_table(rows: list[dict]) -> str:
 
 
 def render_markdown(report: dict) -> str:
+    """The per-kernel table with where it comes from, and the training run's variant count."""
     env = report["environment"]
     run = report["training_run"]
     variants = ", ".join(f"{k} {v}" for k, v in run["variants_per_kernel"].items())
     lines = [
-        "### Kernel resources (static, no GPU)", "",
         f"Triton {env['triton']}, torch {env['torch']}, ptxas bundled with Triton; commit {env['git_commit']}, "
         f"{env['date']}; {report['config']['set']} set of variants; compiled in {report['compile_s']:.0f} s on "
         f"{env['cpu_cores']} cores. Command: `{report['config']['command']}`.", "",
         per_kernel_table(report["variants"]), "",
+        f"File: `results/kernels/kernel_resources.json` (every variant: Triton's description, the op calls that "
+        f"launch it, registers, spills, stack, shared memory, warps, occupancy, bytes per element).", "",
         f"Compiled variants a training run triggers ({run['steps']} PPO + reward-model steps, padded lengths "
         f"{run['padded_lengths']}, sm_90): **{run['total_variants']}** in all -- {variants}.", "",
     ]
     return "\n".join(lines)
+
+
+BEGIN, END = "<!-- kernels:begin -->", "<!-- kernels:end -->"
+
+
+def update_readme(report: dict, readme: Path = common.README) -> Path:
+    """Put :func:`render_markdown` between the kernels markers of benchmarks/README.md."""
+    text = readme.read_text()
+    start, end = text.index(BEGIN) + len(BEGIN), text.index(END)
+    readme.write_text(text[:start] + "\n" + render_markdown(report) + text[end:])
+    return readme
 
 
 def main(argv=None) -> int:
@@ -244,6 +258,8 @@ def main(argv=None) -> int:
     (args.out / "kernel_resources.json").write_text(json.dumps(report, indent=1))
     (args.out / "kernel_resources.md").write_text(text)
     print("wrote", args.out / "kernel_resources.json", "and .md")
+    if args.out.resolve() == (common.RESULTS_DIR / "kernels").resolve():
+        print("wrote", update_readme(report))
     found = kc.problems(result)
     for line in found:
         print(line)

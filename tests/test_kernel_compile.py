@@ -118,3 +118,18 @@ def test_runtime_values_do_not_cause_recompiles():
     assert len(variants["_gae_fwd_kernel"]) == 1
     for kernel, seen in variants.items():
         assert len(seen) <= 2, f"{kernel}: {len(seen)} compiled variants over row lengths {lengths}"
+
+
+def test_readme_kernel_table_matches_the_committed_report():
+    # benchmarks/README.md shows exactly what results/kernels/kernel_resources.json holds, and that report is
+    # clean: every kernel, no spill, no compile error.
+    import json
+
+    from benchmarks import kernel_resources as kr
+
+    report = json.loads((ROOT / "benchmarks" / "results" / "kernels" / "kernel_resources.json").read_text())
+    text = (ROOT / "benchmarks" / "README.md").read_text()
+    assert text[text.index(kr.BEGIN) + len(kr.BEGIN):text.index(kr.END)] == "\n" + kr.render_markdown(report)
+    assert not kc.problems(report)
+    assert {row["kernel"] for row in report["variants"]} == {name.split(":")[1] for name in kc.kernel_functions()}
+    assert {"sm_80", "sm_90"} <= set(report["config"]["targets"])
