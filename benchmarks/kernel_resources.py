@@ -209,8 +209,8 @@ def render_markdown(report: dict) -> str:
         f"{env['date']}; {report['config']['set']} set of variants; compiled in {report['compile_s']:.0f} s on "
         f"{env['cpu_cores']} cores. Command: `{report['config']['command']}`.", "",
         per_kernel_table(report["variants"]), "",
-        f"File: `results/kernels/kernel_resources.json` (every variant: Triton's description, the op calls that "
-        f"launch it, registers, spills, stack, shared memory, warps, occupancy, bytes per element).", "",
+        "File: `results/kernels/kernel_resources.json` (every variant: Triton's description, the op calls that "
+        "launch it, registers, spills, stack, shared memory, warps, occupancy, bytes per element).", "",
         f"Compiled variants a training run triggers ({run['steps']} PPO + reward-model steps, padded lengths "
         f"{run['padded_lengths']}, sm_90): **{run['total_variants']}** in all -- {variants}.", "",
     ]

@@ -102,6 +102,34 @@ def test_custom_ops_are_registered_with_fake_implementations():
         assert d_r.dtype == torch.bfloat16 and d_v.dtype == torch.float16 and d_boot.numel() == 0
 
 
+@pytest.mark.parametrize("backend", BACKENDS[1:])  # the triton entry, with its skip mark
+def test_differentiable_kernel_ops_carry_their_autograd(backend):
+    # torch.ops.fastrm.{gae_fwd, kl_penalty_fwd, logprob_fwd} are differentiable on their own (autograd
+    # registered with torch.library, the ops' own backward kernels): same gradients as the public ops.
+    def grads(fn, *inputs):
+        leaves = [x.detach().clone().requires_grad_(True) for x in inputs]
+        outs = fn(*leaves)
+        weights = [torch.randn_like(o, generator=torch.Generator(o.device).manual_seed(i)) for i, o in enumerate(outs)]
+        return torch.autograd.grad(outs, leaves, weights)
+
+    r, v = torch.randn(3, 11, device=DEVICE), torch.randn(3, 11, device=DEVICE)
+    mask = torch.rand(3, 11, device=DEVICE) > 0.3
+    got = grads(lambda r, v: torch.ops.fastrm.gae_fwd(r, v, mask, None, 0.9, 0.8), r, v)
+    want = grads(lambda r, v: fastrm.compute_gae(r, v, mask, gamma=0.9, lam=0.8, backend="torch"), r, v)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5)
+    lp, ref = torch.randn(3, 11, device=DEVICE), torch.randn(3, 11, device=DEVICE)
+    got = grads(lambda a, b: (torch.ops.fastrm.kl_penalty_fwd(a, b, "k3"),), lp, ref)
+    want = grads(lambda a, b: (fastrm.kl_penalty(a, b, "k3", backend="torch"),), lp, ref)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5)
+    logits, labels = torch.randn(5, 13, device=DEVICE), torch.randint(0, 13, (5,), device=DEVICE)
+    got = grads(lambda x: torch.ops.fastrm.logprob_fwd(x, [5, 5, 0, 13], labels, 0.7, -100, True)[:2], logits)
+    want = grads(lambda x: fastrm.gather_logprobs(x, labels, temperature=0.7, return_entropy=True, backend="torch"),
+                 logits)
+    torch.testing.assert_close(got[0], want[0], atol=1e-5, rtol=1e-5)
+
+
 def test_value_checks_under_compile_are_device_asserts():
     # Traced, a check cannot raise from Python: it becomes torch._assert_async, which on CPU still raises.
     torch._dynamo.reset()

@@ -130,13 +130,19 @@ def _compute_gae_torch(rewards, values, mask, gamma, lam, bootstrap_value=None):
 
 
 class _GAEFunction(torch.autograd.Function):
+    """Arguments as the ``fastrm::gae_fwd`` custom op's, whose autograd is this Function's (registered below),
+    so ``torch.ops.fastrm.gae_fwd`` is differentiable on its own too."""
+
     @staticmethod
-    def forward(ctx, rewards, values, mask, bootstrap_value, gamma, lam):
-        adv, ret = gae_fwd(rewards, values, mask, bootstrap_value, gamma, lam)
+    def forward(rewards, values, mask, bootstrap_value, gamma, lam, block_t=None):
+        return gae_fwd(rewards, values, mask, bootstrap_value, gamma, lam, block_t)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        rewards, values, mask, bootstrap_value, gamma, lam = inputs[:6]
         ctx.save_for_backward(mask)
         ctx.gamma, ctx.lam = gamma, lam
         ctx.dtypes = (rewards.dtype, values.dtype, None if bootstrap_value is None else bootstrap_value.dtype)
-        return adv, ret
 
     @staticmethod
     def backward(ctx, grad_adv, grad_ret):
@@ -147,14 +153,11 @@ class _GAEFunction(torch.autograd.Function):
             grad_adv, grad_ret, mask, ctx.gamma, ctx.lam,
             rewards_dtype=r_dtype, values_dtype=v_dtype, bootstrap_dtype=b_dtype if needs_boot else None,
         )
-        return (
-            d_r if ctx.needs_input_grad[0] else None,
-            d_v if ctx.needs_input_grad[1] else None,
-            None,
-            d_boot,
-            None,
-            None,
-        )
+        grads = (d_r if ctx.needs_input_grad[0] else None, d_v if ctx.needs_input_grad[1] else None, None, d_boot)
+        return grads + (None,) * (len(ctx.needs_input_grad) - len(grads))
+
+
+torch.library.register_autograd("fastrm::gae_fwd", _GAEFunction.backward, setup_context=_GAEFunction.setup_context)
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -117,6 +117,25 @@ class _GatherLogprobsTriton(torch.autograd.Function):
         return grad_logits, None, None, None, None, None, None, None
 
 
+def _logprob_fwd_setup_context(ctx, inputs, output):
+    """Autograd of the ``fastrm::logprob_fwd`` custom op on its own: the backward above, never in place."""
+    logits, layout, labels, temperature, ignore_index, return_entropy = inputs[:6]
+    _, entropy, lse = output
+    ctx.save_for_backward(logits, labels, lse, entropy if return_entropy else lse)
+    ctx.layout, ctx.temperature, ctx.ignore_index = layout, temperature, ignore_index
+    ctx.softcap = inputs[6] if len(inputs) > 6 else None
+    ctx.return_entropy, ctx.inplace_backward = return_entropy, False
+    ctx.mark_non_differentiable(lse)
+
+
+def _logprob_fwd_backward(ctx, grad_logprobs, grad_entropy, grad_lse):
+    grad_logits = _GatherLogprobsTriton.backward(ctx, grad_logprobs, grad_entropy)[0]
+    return (grad_logits,) + (None,) * (len(ctx.needs_input_grad) - 1)
+
+
+torch.library.register_autograd("fastrm::logprob_fwd", _logprob_fwd_backward, setup_context=_logprob_fwd_setup_context)
+
+
 def _flat_grad(grad, shape, device):
     """An upstream gradient as a contiguous float32 tensor of ``shape`` (zeros when autograd gave None)."""
     if grad is None:

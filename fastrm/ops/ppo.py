@@ -463,23 +463,35 @@ def value_loss(
 
 
 class _KLPenaltyTriton(torch.autograd.Function):
+    """Arguments as the ``fastrm::kl_penalty_fwd`` custom op's, whose autograd is this Function's (registered
+    below), so ``torch.ops.fastrm.kl_penalty_fwd`` is differentiable on its own too."""
+
     @staticmethod
-    def forward(ctx, logprobs, ref_logprobs, kind):
+    def forward(logprobs, ref_logprobs, kind, block_t=None):
+        return ppo_kernels.kl_penalty_fwd(logprobs, ref_logprobs, kind, block_t)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        logprobs, ref_logprobs, kind = inputs[:3]
         ctx.save_for_backward(logprobs, ref_logprobs)
         ctx.kind = kind
-        return ppo_kernels.kl_penalty_fwd(logprobs, ref_logprobs, kind)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out):
         logprobs, ref_logprobs = ctx.saved_tensors
         need_logp, need_ref = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        nones = (None,) * (len(ctx.needs_input_grad) - 2)
         if not (need_logp or need_ref):
-            return None, None, None
+            return (None, None) + nones
         g_logp, g_ref = ppo_kernels.kl_penalty_bwd(
             grad_out, logprobs, ref_logprobs, ctx.kind, need_logprobs=need_logp, need_ref=need_ref
         )
-        return g_logp, g_ref, None
+        return (g_logp, g_ref) + nones
+
+
+torch.library.register_autograd("fastrm::kl_penalty_fwd", _KLPenaltyTriton.backward,
+                                setup_context=_KLPenaltyTriton.setup_context)
 
 
 def _kl_penalty_torch(logprobs, ref_logprobs, kind):
