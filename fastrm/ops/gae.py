@@ -23,6 +23,7 @@ from fastrm._checks import (
     FLOAT_DTYPES,
     INT_DTYPES,
     check_binary_mask,
+    check_finite,
     check_same_device,
     check_same_shape,
     check_tensor,
@@ -184,12 +185,11 @@ def _check_inputs(rewards, values, mask, bootstrap_value, gamma, lam):
     gamma = check_unit_interval(_OP, "gamma", gamma)
     lam = check_unit_interval(_OP, "lam", lam)
     check_binary_mask(_OP, "mask", mask)
-    if value_checks_enabled():
-        # A float64 sum is non-finite exactly when an element is (float32/16 values cannot overflow it), and
-        # costs far less than isfinite().all(), which would build a [B, T] bool temporary.
-        for name, x in (("rewards", rewards), ("values", values), ("bootstrap_value", bootstrap_value)):
-            if x is not None:
-                require(x.detach().sum(dtype=torch.float64).isfinite(), f"{_OP}: {name} contains NaN or inf")
+    # A float64 sum is non-finite exactly when an element is (float32/16 values cannot overflow it), and costs
+    # far less than isfinite().all(), which would build a [B, T] bool temporary.
+    for name, x in (("rewards", rewards), ("values", values), ("bootstrap_value", bootstrap_value)):
+        if x is not None:
+            check_finite(_OP, name, x.detach().sum(dtype=torch.float64))
     return gamma, lam
 
 
