@@ -188,7 +188,8 @@ def check_binary_mask(op: str, name: str, mask: torch.Tensor):
 
 
 def check_finite(op: str, name: str, x: torch.Tensor, hint: str = ""):
-    if _FINITE_CHECKS_DEFERRED.get():
+    # (torch.compile cannot read a ContextVar: traced, the check stays, as a device assert)
+    if not torch.compiler.is_compiling() and _FINITE_CHECKS_DEFERRED.get():
         return
     if value_checks_enabled():
         require(torch.isfinite(x).all(), f"{op}: {name} contains NaN or inf{hint}")
