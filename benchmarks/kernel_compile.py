@@ -172,12 +172,13 @@ def op_axes() -> dict[str, dict[str, tuple]]:
     rows = {"T": (SHORT_T, LONG_T), "mask": ("bool", "int64", "float")}
     return {
         "gather_logprobs": {"V": (SHORT_V, LONG_V), "strided": (False, True), "return_entropy": (False, True),
-                            "inplace_backward": (False, True), "grad": (False, True)},
-        "linear_logprobs": {"return_entropy": (False, True), "bias": (False, True), "skip_ignored": (False, True),
+                            "inplace_backward": (False, True), "softcap": (None, 30.0), "labels": ("one", "K=5"),
                             "grad": (False, True)},
+        "linear_logprobs": {"return_entropy": (False, True), "bias": (False, True), "skip_ignored": (False, True),
+                            "softcap": (None, 30.0), "grad": (False, True)},
         "compute_gae": {**rows, "bootstrap_value": (False, True), "grad": (False, True)},
         "ppo_policy_loss": {**rows, "grad": (False, True), "dual_clip": (None, 3.0), "agg": ppo.AGG_MODES,
-                            "strided": (False, True)},
+                            "ratio_level": ppo.RATIO_LEVELS, "strided": (False, True)},
         "value_loss": {**rows, "grad": (False, True), "clip": (None, 0.2), "agg": ppo.AGG_MODES},
         "kl_penalty": {"T": rows["T"], "kind": ppo.KL_KINDS, "grad": ("none", "ref_logprobs", "logprobs", "both")},
         "pairwise_ranking_loss": {"N": (37, 3000), "margin": (None, 0.5, "tensor"), "center_coef": (0.0, 0.01),
@@ -189,7 +190,7 @@ def op_axes() -> dict[str, dict[str, tuple]]:
 # Keyword options of the ops that never change what is launched (runtime floats, the backend, how work is
 # split on the host, metrics computed in torch).
 NOT_KERNEL_OPTIONS = {"temperature", "ignore_index", "backend", "chunk_size", "gamma", "lam", "clip_eps",
-                      "clip_eps_high", "return_accuracy"}
+                      "clip_eps_high", "return_accuracy", "loss_scale_factor"}
 
 
 def workload_calls(full: bool = False) -> list[tuple[str, str, dict, str]]:
@@ -243,7 +244,9 @@ def call_op(op: str, dtype: str, options: dict, gen: torch.Generator, **runtime)
         base = rand(2, 3, V)
         x = base * 1.0 if want_grad else base  # a non-leaf, as a model's logits are (in-place backward needs it)
         x = x[:, :-1] if o.pop("strided") else x
-        labels = torch.randint(0, V, x.shape[:-1], generator=gen)
+        candidates = o.pop("labels")
+        shape = x.shape[:-1] + ((int(candidates[2:]),) if candidates != "one" else ())
+        labels = torch.randint(0, V, shape, generator=gen)
         labels[0, 0] = -100
         backward(fastrm.gather_logprobs(x, labels, backend="triton", **{"temperature": 0.7, **o, **runtime}), [base])
     elif op == "linear_logprobs":

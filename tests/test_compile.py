@@ -41,7 +41,9 @@ def every_op(leaves, data, backend):
     out = {}
     lp, ent = fastrm.gather_logprobs(leaves["logits"] * 1.0, data["labels"], temperature=0.8, return_entropy=True,
                                      backend=backend)
-    out["gather_logprobs"] = (lp * 1.5).sum() + ent.mean()
+    candidates = torch.stack([data["labels"].clamp_min(0), data["labels"].flip(-1).clamp_min(0)], dim=-1)
+    lp_k = fastrm.gather_logprobs(leaves["logits"] * 1.0, candidates, softcap=30.0, backend=backend)
+    out["gather_logprobs"] = (lp * 1.5).sum() + ent.mean() + lp_k.mean()
     lp, ent = fastrm.linear_logprobs(leaves["hidden"], leaves["weight"], data["labels"], bias=leaves["bias"],
                                      return_entropy=True, chunk_size=16, backend=backend)
     out["linear_logprobs"] = lp.sum() - ent.sum()
@@ -51,11 +53,13 @@ def every_op(leaves, data, backend):
     out["whiten"] = (fastrm.whiten(leaves["rewards"], data["mask"]) ** 2).sum()
     policy = fastrm.ppo_policy_loss(leaves["logprobs"], data["old"], data["adv"], data["mask"], dual_clip=3.0,
                                     agg="seq-mean-token-mean", backend=backend)
-    out["ppo_policy_loss"] = policy.loss + 0 * policy.clipfrac
+    gspo = fastrm.ppo_policy_loss(leaves["logprobs"], data["old"], data["adv"], data["mask"], ratio_level="sequence",
+                                  backend=backend)
+    out["ppo_policy_loss"] = policy.loss + 0 * policy.clipfrac + gspo.loss
     out["value_loss"] = fastrm.value_loss(leaves["values"], data["old"], data["adv"], data["mask"], clip=0.2,
                                           backend=backend).loss
     out["kl_penalty"] = sum(fastrm.kl_penalty(leaves["logprobs"], data["ref"], kind, backend=backend).mean()
-                            for kind in ("k1", "k3"))
+                            for kind in ("k1", "k3", "k3+"))
     out["pairwise_ranking_loss"] = fastrm.pairwise_ranking_loss(leaves["chosen"], leaves["rejected"], margin=0.1,
                                                                 center_coef=0.01, backend=backend)
     out["ranking_loss"] = fastrm.ranking_loss(leaves["scores"], data["ranks"], backend=backend)

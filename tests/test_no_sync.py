@@ -94,7 +94,9 @@ def op_calls(device, backend, dtype=torch.float32):
 
     def logprobs():
         lp, ent = fastrm.gather_logprobs(leaf(B, T, V), labels, return_entropy=True, backend=backend)
-        return lp.sum() + ent.sum()
+        candidates = torch.randint(0, V, (B, T, 3), device=device)  # K candidate labels, Gemma's softcap
+        lp_k = fastrm.gather_logprobs(leaf(B, T, V), candidates, softcap=30.0, backend=backend)
+        return lp.sum() + ent.sum() + lp_k.sum()
 
     def linear():
         lp, ent = fastrm.linear_logprobs(leaf(B, T, H), leaf(V, H), labels, bias=leaf(V), return_entropy=True,
@@ -112,14 +114,16 @@ def op_calls(device, backend, dtype=torch.float32):
     def policy():
         out = fastrm.ppo_policy_loss(leaf(B, T), leaf(B, T, scale=0.1), leaf(B, T), mask_long, dual_clip=3.0,
                                      agg="seq-mean-token-mean", backend=backend)
-        return out.loss + out.clipfrac  # metrics are computed too, without being read
+        gspo = fastrm.ppo_policy_loss(leaf(B, T), leaf(B, T, scale=0.1), leaf(B, T), mask, ratio_level="sequence",
+                                      agg="seq-mean-token-sum-norm", backend=backend)
+        return out.loss + out.clipfrac + gspo.loss  # metrics are computed too, without being read
 
     def value():
         return fastrm.value_loss(leaf(B, T), leaf(B, T), leaf(B, T), mask, clip=0.2, backend=backend).loss
 
     def kl():
         return sum(fastrm.kl_penalty(leaf(B, T), leaf(B, T), kind, backend=backend).sum()
-                   for kind in ("k1", "abs", "k2", "k3"))
+                   for kind in ("k1", "abs", "k2", "k3", "k3+"))
 
     def pairwise():
         loss, acc = fastrm.pairwise_ranking_loss(leaf(33), leaf(33), margin=leaf(33), center_coef=0.01,

@@ -98,7 +98,6 @@ class _GatherLogprobsTriton(torch.autograd.Function):
         ctx.save_for_backward(logits, labels, lse, entropy if return_entropy else lse)
         ctx.layout, ctx.temperature, ctx.ignore_index, ctx.softcap = layout, temperature, ignore_index, softcap
         ctx.return_entropy, ctx.inplace_backward = return_entropy, inplace_backward
-        ctx.mark_non_differentiable(lse)
         return (logprobs, entropy) if return_entropy else logprobs
 
     @staticmethod
