@@ -866,6 +866,14 @@ def collate_padded(seqs: list[list[int]], pad_id: int, pad_to_multiple_of: int |
     return {"input_ids": _pad(seqs, pad_id, length), "attention_mask": _attention_mask(seqs, length)}
 
 
+def collate_packed(seqs: list[list[int]]) -> dict:
+    """Padding-free: token sequences in one row, as :func:`collate_preference_packed` lays them out (``input_ids``,
+    ``position_ids`` restarting at 0, ``cu_seq_lens``, ``seq_ends``, ``max_length``)."""
+    if not seqs:
+        raise ValueError("collate_packed: got no sequences")
+    return _pack(seqs)
+
+
 def collate_preference_padded(examples: Sequence[dict], pad_id: int, pad_to_multiple_of: int | None = None) -> dict:
     """``{"input_ids": [2B, L], "attention_mask": [2B, L], "margin"?: [B] float32}``, right-padded with
     ``pad_id``; rows ``0..B-1`` are the chosen sequences and rows ``B..2B-1`` the rejected ones."""
@@ -993,6 +1001,7 @@ __all__ = [
     "SequenceTemplate",
     "TokenizeReport",
     "collate_padded",
+    "collate_packed",
     "collate_preference_packed",
     "collate_preference_padded",
     "collate_ranking_packed",
