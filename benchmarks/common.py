@@ -727,7 +727,7 @@ class Run:
 
 ROW_FIELDS = {"dtype", "provider", "mode", "status", "median_ms", "p20_ms", "p80_ms", "n_samples", "samples_ms",
               "peak_mb", "bytes", "gbs", "pct_copy_bw", "err_out", "err_grad", "tol", "note", "speedup",
-              "mem_ratio", "cpu_ms"}
+              "mem_ratio", "cpu_ms", "paired_ratio"}  # paired_ratio: median time ratio to the baseline, interleaved
 
 
 def exit_code(rows: list[dict]) -> int:
