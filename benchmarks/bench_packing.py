@@ -2,7 +2,8 @@
 
     python benchmarks/bench_packing.py --quick                  # CPU: tiny Llama, 64 pairs / 64 examples
     python benchmarks/bench_packing.py --task reward --lengths longtail --rounds 20
-    python benchmarks/bench_packing.py --full                   # CUDA: a wider Llama, 1024-token sequences
+    python benchmarks/bench_packing.py --full                   # CUDA: a wider Llama, 512-token sequences
+    python benchmarks/bench_packing.py --families               # which transformers families pack, and why not
 
 The same tiny Llama (fastrm's ``tiny`` shape by default: hidden 64, 2 layers, 4 heads), the same sequences, five
 ways to run them:
@@ -27,7 +28,8 @@ uniform in [L/8, L/2] and 5 % in [3.75 L, 4 L] (most short, a few near 500 for L
 ``--batch`` pairs (2 x batch sequences), an SFT batch ``--batch`` examples with the loss on the second half.
 
 Every provider's scores (per-sequence log-prob sums for SFT) and its gradients with respect to every parameter
-must agree with the padded forward in float64 before it is timed. On a shared CPU, wall-clock times drift
+must agree with the padded forward in float64 before it is timed. Weights are float32; ``--dtype bfloat16`` (the
+CUDA default) runs every provider under bf16 autocast, as the trainers do on CUDA. On a shared CPU, wall-clock times drift
 with other processes' load, so the providers of a size are timed **interleaved**: ``--rounds`` rounds, each
 provider once per round in a shuffled order; each round gives one paired ratio to ``padded`` and the JSON
 keeps every sample, the median paired ratio (``paired_ratio``) and the load. Peak memory: the harness's one-call
@@ -58,7 +60,7 @@ LENGTHS = ("short", "long", "longtail")
 QUICK = {"task": ["reward", "sft"], "lengths": list(LENGTHS), "batch": [64]}
 FULL = {"task": ["reward", "sft"], "lengths": list(LENGTHS), "batch": [64]}
 MODEL = {"quick": {"hidden": 64, "layers": 2, "heads": 4, "long": 128},
-         "full": {"hidden": 1024, "layers": 8, "heads": 16, "long": 1024}}
+         "full": {"hidden": 512, "layers": 4, "heads": 8, "long": 512}}
 VOCAB, PAD, EOS = 64, 0, 2
 PADDED = "padded"
 
@@ -175,12 +177,14 @@ class Bench:
     """One size: the model, its batches in every layout, and the providers."""
 
     def __init__(self, size: dict, shape: dict, device: str, max_mask_tokens: int, run: common.Run):
+        self.autocast = run.dtype if run.dtype != torch.float32 else None  # bf16 / fp16: autocast, as training
         task, n = size["task"], size["batch"] * (2 if size["task"] == "reward" else 1)
         self.lengths = sequence_lengths(size["lengths"], n, shape["long"], seed=0)
         examples = make_examples(task, self.lengths, seed=1)
         self.model = build_model(task, shape, device)
         self.plain = copy.deepcopy(self.model)  # keeps plain SDPA for the [S, S]-mask providers
-        exact, why = packing.verify_packing(self.model, "reward" if task == "reward" else "causal_lm")
+        exact, why = packing.verify_packing(self.model, "reward" if task == "reward" else "causal_lm",
+                                            autocast_dtype=self.autocast)
         if not exact:
             raise RuntimeError(f"packing is not exact for the benchmark model: {why}")
         to = lambda batch: {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}  # noqa: E731
@@ -203,7 +207,7 @@ class Bench:
             self.providers.append(self._provider("packed-sdpa-mask", self.plain, sdpa_mask, packed))
         else:
             run.note(f"packed-sdpa-mask skipped where the packed row has more than {max_mask_tokens} tokens "
-                     f"(--max-mask-tokens): its [S, S] attention would need ~{4 * tokens**2 / 2**30:.0f} GiB per head")
+                     f"(--max-mask-tokens): its [S, S] attention scores alone are 4 S^2 bytes per head and layer")
         collator = _trl_collator() if task == "sft" else None
         if collator is not None and tokens <= max_mask_tokens:
             trl_batch = to(collator([{"input_ids": e["input_ids"], "labels": e["labels"]} for e in examples]))
@@ -211,14 +215,16 @@ class Bench:
             self.providers.append(self._provider("trl-padding-free", self.plain, packed_sft_sdpa_mask, trl_batch))
         elif task == "sft" and collator is None:
             run.note("trl-padding-free skipped: TRL is not installed (pip install trl)")
-        self.reference = Step(copy.deepcopy(self.plain).double(), padded_reference(task))
+        self.reference = Step(copy.deepcopy(self.plain), padded_reference(task))
         self.reference_batch = padded
 
     def _provider(self, name, model, fn, batch) -> Provider:
         step = Step(model, fn)
 
         def run(*params):
-            return torch.func.functional_call(step, {f"model.{k}": p for k, p in zip(self.names, params)}, (batch,))
+            with torch.autocast(params[0].device.type, dtype=self.autocast, enabled=self.autocast is not None):
+                return torch.func.functional_call(step, {f"model.{k}": p for k, p in zip(self.names, params)},
+                                                  (batch,))
 
         return Provider(name, run, modes=("fwd+bwd",))
 
@@ -231,8 +237,27 @@ class Bench:
 
         gen = torch.Generator().manual_seed(2)
         weights = torch.randn(len(self.lengths), generator=gen).to(params[0].device)
-        return common.autograd_case(size, reference, params, grad_inputs=tuple(range(len(params))),
-                                    grad_outputs=(weights,), extra=self.extra)
+        grad_inputs = tuple(range(len(params)))
+        if params[0].device.type == "cpu":
+            self.reference.double()
+            return common.autograd_case(size, reference, params, grad_inputs=grad_inputs, grad_outputs=(weights,),
+                                        extra=self.extra)
+        # On a GPU the float64 padded forward of a long-tailed batch (math attention, [N, heads, T, T] scores)
+        # does not fit: the truth is the float32 padded forward there (bf16 runs are judged at bf16 tolerance).
+        truth = {}
+
+        def check(outs, grads):
+            if not truth:
+                leaves = [p.detach().clone().requires_grad_(True) for p in params]
+                out = reference(*leaves)
+                truth["out"], truth["grad"] = [out.detach()], list(torch.autograd.grad(out, leaves, weights))
+            err = {"out": common.relative_error(zip(outs, truth["out"]))}
+            if grads is not None:
+                err["grad"] = common.relative_error(zip(grads, truth["grad"]))
+            return err
+
+        return Case(size=size, inputs=params, grad_inputs=grad_inputs, grad_outputs=(weights,), check=check,
+                    extra=self.extra)
 
 
 class InterleavedRun(common.Run):
@@ -291,6 +316,81 @@ class InterleavedRun(common.Run):
         return super().finish()
 
 
+# Tiny random-init configs of transformers families (every family's own config class); vocab, special ids and
+# one label are added in families_report.
+_DECODER = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4}
+_GQA = {**_DECODER, "num_key_value_heads": 2}
+FAMILIES = {
+    "llama": _GQA,
+    "mistral": {**_GQA, "sliding_window": 8},
+    "qwen2": _GQA,
+    "qwen3": {**_GQA, "head_dim": 8},
+    "gemma": {**_GQA, "head_dim": 8},
+    "gemma2": {**_GQA, "head_dim": 8, "sliding_window": 8},  # eager, soft-capped
+    "gemma3_text": {**_GQA, "head_dim": 8, "sliding_window": 8},
+    "phi": _DECODER,
+    "phi3": _GQA,
+    "gpt2": {"n_embd": 32, "n_layer": 2, "n_head": 4},  # learned absolute positions
+    "gpt_neox": _DECODER,
+    "gptj": {"n_embd": 32, "n_layer": 2, "n_head": 4, "rotary_dim": 4},
+    "opt": {"hidden_size": 32, "ffn_dim": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+            "word_embed_proj_dim": 32},
+    "olmo2": _GQA,
+    "starcoder2": {**_GQA, "sliding_window": 8},
+    "stablelm": _GQA,
+    "falcon": {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4},
+    "bloom": {"hidden_size": 32, "n_layer": 2, "n_head": 4},  # ALiBi
+    "mpt": {"d_model": 32, "n_layers": 2, "n_heads": 4},  # ALiBi
+    "bert": _DECODER,
+    "roberta": {**_DECODER, "pad_token_id": 1, "bos_token_id": 0},
+    "distilbert": {"dim": 32, "hidden_dim": 64, "n_layers": 2, "n_heads": 4},
+    "deberta-v2": _DECODER,
+    "electra": {**_DECODER, "embedding_size": 32},
+}
+
+
+def family_config(family: str):
+    """A tiny random-init config of one of FAMILIES, with vocab 128 and pad / BOS / EOS ids 0 / 1 / 2."""
+    from transformers import AutoConfig
+
+    return AutoConfig.for_model(family, **{"vocab_size": 128, "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2,
+                                           "num_labels": 1, **FAMILIES[family]})
+
+
+def families_report(out_dir: Path, save: bool) -> int:
+    """``fastrm.packing.verify_packing`` on a tiny random-init model of every family in FAMILIES: the reward
+    head (sequence classification) and, where the family has one, the causal LM (SFT / RL policy)."""
+    import transformers
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    lines = ["| family | attention | reward model (`train-rm`) | causal LM (`sft`, `ppo`) |", "|---|---|---|---|"]
+    for family in FAMILIES:
+        config = family_config(family)
+        cells = []
+        for kind, auto in (("reward", AutoModelForSequenceClassification), ("causal_lm", AutoModelForCausalLM)):
+            torch.manual_seed(0)
+            try:
+                model = auto.from_config(config)
+            except ValueError:
+                cells.append("(no such head)")
+                continue
+            impl = model.config._attn_implementation
+            exact, why = packing.verify_packing(model, kind)
+            cells.append(("**packed** " if exact else "bucketed: ") + why.replace("|", "/"))
+        lines.append(f"| {family} | {impl} | {cells[0]} | {cells[1]} |")
+    text = (f"### Which transformers families pack (transformers {transformers.__version__}, torch {torch.__version__})"
+            "\n\nTiny random-init models, probed by `fastrm.packing.verify_packing` as the trainers do at load time "
+            "(`python benchmarks/bench_packing.py --families`). *packed*: one padding-free row with attention per "
+            "sequence, proven equal to the padded forward; *bucketed*: length-bucketed padded micro-batches "
+            "(exact for every model).\n\n" + "\n".join(lines) + "\n")
+    print(text)
+    if save:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "packing_families.md").write_text(text)
+        print("wrote", out_dir / "packing_families.md")
+    return 0
+
+
 def main(argv=None) -> int:
     parser = common.base_parser(__doc__)
     parser.add_argument("--task", type=common._str_list, default=None, help="comma-separated: reward, sft")
@@ -301,8 +401,12 @@ def main(argv=None) -> int:
     parser.add_argument("--rounds", type=int, default=10, help="interleaved timing rounds per size")
     parser.add_argument("--max-mask-tokens", type=int, default=8192,
                         help="run packed-sdpa-mask only for packed rows up to this many tokens")
+    parser.add_argument("--families", action="store_true",
+                        help="instead of timing: probe a tiny model of every family in FAMILIES, write packing_families.md")
     parser.set_defaults(modes=["fwd+bwd"])
     args = parser.parse_args(argv)
+    if args.families:
+        return families_report(args.out, not args.no_save)
     run = InterleavedRun("packing", "padded vs packed vs bucketed training step", args, baseline=PADDED,
                          plot_x="tokens", plot_panel="task", default_dtype="float32")
     shape = dict(MODEL["full" if args.full else "quick"])
