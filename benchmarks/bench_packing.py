@@ -32,8 +32,9 @@ must agree with the padded forward in float64 before it is timed. Weights are fl
 CUDA default) runs every provider under bf16 autocast, as the trainers do on CUDA. On a shared CPU, wall-clock times drift
 with other processes' load, so the providers of a size are timed **interleaved**: ``--rounds`` rounds, each
 provider once per round in a shuffled order; each round gives one paired ratio to ``padded`` and the JSON
-keeps every sample, the median paired ratio (``paired_ratio``) and the load. Peak memory: the harness's one-call
-RSS high-water mark (CPU) or allocator peak (CUDA).
+keeps every sample, the median paired ratio (``paired_ratio``) and the load; ``--threads 1 --clock cpu`` times
+each step by the process's CPU time instead of the wall clock, which other processes' load leaves out. Peak
+memory: the harness's one-call RSS high-water mark (CPU) or allocator peak (CUDA).
 """
 
 from __future__ import annotations
@@ -285,17 +286,18 @@ class InterleavedRun(common.Run):
         rng = random.Random(0)
         for name in calls:  # warm-up
             calls[name]()
+        clock = time.process_time if self.args.clock == "cpu" else time.perf_counter
         for _ in range(self.args.rounds):
             order = list(calls)
             rng.shuffle(order)
             for name in order:
                 if torch.cuda.is_available():
                     torch.cuda.synchronize()
-                start = time.perf_counter()
+                start = clock()
                 calls[name]()
                 if torch.cuda.is_available():
                     torch.cuda.synchronize()
-                samples[name].append((time.perf_counter() - start) * 1e3)
+                samples[name].append((clock() - start) * 1e3)
         base = samples.get(PADDED)
         by_name = {p.name: p for p in providers}
         for name, call in calls.items():
@@ -399,6 +401,9 @@ def main(argv=None) -> int:
     for key in ("hidden", "layers", "heads", "long"):
         parser.add_argument(f"--{key}", type=int, default=None, help=f"model / length shape (default: the sweep's {key})")
     parser.add_argument("--rounds", type=int, default=10, help="interleaved timing rounds per size")
+    parser.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                        help="cpu: time each step by this process's CPU time (with --threads 1 on a CPU shared with "
+                             "other work: their load then does not enter the figures)")
     parser.add_argument("--max-mask-tokens", type=int, default=8192,
                         help="run packed-sdpa-mask only for packed rows up to this many tokens")
     parser.add_argument("--families", action="store_true",
@@ -409,6 +414,11 @@ def main(argv=None) -> int:
         return families_report(args.out, not args.no_save)
     run = InterleavedRun("packing", "padded vs packed vs bucketed training step", args, baseline=PADDED,
                          plot_x="tokens", plot_panel="task", default_dtype="float32")
+    if args.clock == "cpu":
+        if torch.cuda.is_available() or torch.get_num_threads() != 1:
+            parser.error("--clock cpu measures one CPU thread: use it with --threads 1 and no GPU")
+        run.note("times are this process's CPU time (1 torch thread, time.process_time): the load of other processes "
+                 "does not enter them")
     shape = dict(MODEL["full" if args.full else "quick"])
     shape.update({k: getattr(args, k) for k in shape if getattr(args, k) is not None})
     run.note(f"model: Llama, hidden {shape['hidden']}, {shape['layers']} layers, {shape['heads']} heads, vocab {VOCAB}; "

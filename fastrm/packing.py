@@ -9,7 +9,8 @@ A batch of N sequences of lengths ``l_i`` runs in one of three ways (``Packing.m
     attention is, per call: **flash-attn varlen** when the model runs transformers' ``flash_attention_2``;
     else on CUDA in bf16/fp16 **torch's varlen_attn** (``torch.nn.attention.varlen``, torch >= 2.9); else
     the model's own SDPA / eager attention **per length bucket**: the sequences of one bucket gathered into a
-    small padded ``[n, L]`` block (``L`` its longest), which on a CPU measures as fast as anything else.
+    small padded ``[n, L]`` block (``L`` its longest), so the attention costs what each sequence alone costs
+    plus a little padding (benchmarks/bench_packing.py measures it).
     Exact only for models whose attention goes through transformers' attention interface and whose
     every other layer works token by token: decided per model at load time by :func:`choose_packing`.
 ``bucketed``
@@ -28,11 +29,14 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import logging
+import math
 import sys
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+
+from fastrm.data import IGNORE_INDEX
 
 log = logging.getLogger("fastrm")
 
@@ -45,7 +49,6 @@ PREFIX = "fastrm_varlen_"  # transformers attention implementations registered h
 WRAPPABLE = ("sdpa", "eager")
 FLASH = ("flash_attention_2", "flash_attention_3")
 PLAN_KWARG = "fastrm_varlen"  # the keyword that carries a VarlenPlan down to every attention call
-IGNORE_INDEX = -100
 
 # A bucket boundary is worth it when it saves more than this: for whole-model buckets, padded tokens (the
 # cost of one more forward and backward); for attention buckets, attention scores (one more SDPA call).
@@ -75,6 +78,8 @@ def length_buckets(lengths, overhead: float, power: int = 1) -> list[list[int]]:
     if not lengths:
         return []
     order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    if math.isinf(overhead):
+        return [order]
     sorted_lengths = [lengths[i] for i in order]
     starts = [0] + [k for k in range(1, len(order)) if sorted_lengths[k] != sorted_lengths[k - 1]]
     if len(starts) > MAX_BUCKET_CANDIDATES:
@@ -473,7 +478,7 @@ def packed_forward(backbone: nn.Module, batch: dict, **extra) -> torch.Tensor:
         max_length = int(batch.get("max_length") or (cu[1:] - cu[:-1]).max())
         inputs.update(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=max_length, max_length_k=max_length)
     elif isinstance(impl, str) and impl.startswith(PREFIX):
-        inputs[PLAN_KWARG] = batch.get("varlen_plan") or VarlenPlan.from_batch(batch)
+        inputs[PLAN_KWARG] = VarlenPlan.from_batch(batch)
     else:
         raise PackingUnsupported(f"{type(backbone).__name__} runs attention {impl!r}: a packed row needs "
                                  "fastrm.packing.enable_varlen(model) (the trainers do it through choose_packing)")
