@@ -412,7 +412,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.families:
         return families_report(args.out, not args.no_save)
-    run = InterleavedRun("packing", "padded vs packed vs bucketed training step", args, baseline=PADDED,
+    run = InterleavedRun("packing", "training step", args, baseline=PADDED,
                          plot_x="tokens", plot_panel="task", default_dtype="float32")
     if args.clock == "cpu":
         if torch.cuda.is_available() or torch.get_num_threads() != 1:

@@ -224,6 +224,18 @@ def test_reward_scores_packed_and_bucketed_equal_the_padded_forward():
     assert len(packing.bucket(padded, overhead=0)["buckets"]) > 2
 
 
+def test_kway_batches_packed_and_padded_score_the_same_including_missing_responses():
+    model = _llama("reward")
+    packing.enable_varlen(model)
+    seqs = _sequences([6, 13, 9, 21, 4])
+    examples = [{"response_ids": seqs[:3], "ranks": [0, 2, 1]}, {"response_ids": seqs[3:], "ranks": [1, 0]}]
+    packed = fdata.collate_ranking_packed(examples)
+    padded = fdata.collate_ranking_padded(examples, PAD)
+    assert torch.equal(packed["ranks"], padded["ranks"]) and packed["cu_seq_lens"].numel() == 7  # 2 x 3, one dummy
+    with torch.no_grad():
+        torch.testing.assert_close(reward_scores(model, packed), reward_scores(model, padded), atol=1e-6, rtol=1e-5)
+
+
 def test_packed_scores_read_the_token_the_hugging_face_head_reads():
     """With pad == EOS (tokenizers without a pad token) the HF head reads the token before the final EOS."""
     model = _llama("reward")
