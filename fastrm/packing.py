@@ -468,10 +468,11 @@ def _packed_call():
         _SKIP_MASKS.reset(token)
 
 
-def packed_forward(backbone: nn.Module, batch: dict, **extra) -> torch.Tensor:
-    """Last hidden states ``[1, S, H]`` of a packed row (``input_ids``, ``position_ids``, ``cu_seq_lens``),
-    every sequence attending within itself only. The backbone must have :func:`enable_varlen`."""
-    impl = getattr(backbone.config, "_attn_implementation", None)
+def packed_forward(module: nn.Module, batch: dict, **extra):
+    """``module``'s output on a packed row (``input_ids``, ``position_ids``, ``cu_seq_lens``), every sequence
+    attending within itself only: a backbone's ``last_hidden_state`` ``[1, S, H]``, a model's ``logits``. The model
+    must have :func:`enable_varlen`."""
+    impl = getattr(module.config, "_attn_implementation", None)
     inputs = {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"], "use_cache": False, **extra}
     if impl in FLASH:
         cu = batch["cu_seq_lens"].to(torch.int32)
@@ -480,10 +481,10 @@ def packed_forward(backbone: nn.Module, batch: dict, **extra) -> torch.Tensor:
     elif isinstance(impl, str) and impl.startswith(PREFIX):
         inputs[PLAN_KWARG] = VarlenPlan.from_batch(batch)
     else:
-        raise PackingUnsupported(f"{type(backbone).__name__} runs attention {impl!r}: a packed row needs "
+        raise PackingUnsupported(f"{type(module).__name__} runs attention {impl!r}: a packed row needs "
                                  "fastrm.packing.enable_varlen(model) (the trainers do it through choose_packing)")
     with _packed_call():
-        return backbone(**inputs).last_hidden_state
+        return module(**inputs)
 
 
 @contextlib.contextmanager

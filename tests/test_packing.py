@@ -453,7 +453,7 @@ def test_rl_rollout_forwards_are_the_same_packed_bucketed_and_padded(tmp_path):
         with torch.no_grad():
             results[mode] = (trainer._logprobs(trainer.policy_p, batch, prompt_len)[mask],
                              trainer._values(batch, prompt_len)[mask],
-                             trainer.model_scores(gen))
+                             trainer.model_scores([{"prompt": p} for p in prompts for _ in range(2)], gen, [""] * 6))
     for mode in ("packed", "bucketed"):
         for got, want in zip(results[mode], results["padded"]):
             torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)

@@ -428,34 +428,31 @@ class RLTrainer(training.Trainer):
         return {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids,
                 "labels": labels}
 
-    def _forward(self, model: fdist.Parallel, fn, batch: dict, decision: packing.Packing, per_token: bool, **kwargs):
-        """``fn(model, batch)`` on the rollout ``batch`` laid out as ``decision`` says (one packed row, or length
-        buckets: completions of different lengths pay for no padding); per-token outputs come back in the
-        padded layout of ``batch``."""
+    def _forward(self, model: fdist.Parallel, fn, batch: dict, decision: packing.Packing, **kwargs):
+        """``fn(model, batch)``, per-token outputs, on the rollout ``batch`` laid out as ``decision`` says (one
+        packed row, or length buckets: completions of different lengths pay for no padding); the outputs come
+        back in the padded layout of ``batch``."""
         if decision.mode == "packed":
             packed = packing.pack(batch)
             out = model(fn, packed, **kwargs)
-            if per_token:
-                out = tuple(packing.unpack(o, packed) for o in out) if isinstance(out, tuple) \
-                    else packing.unpack(out, packed)
-            return out
-        if decision.mode == "bucketed" or not per_token:  # padded scoring: one right-padded bucket
-            batch = packing.bucket(batch, overhead=None if decision.mode == "bucketed" else float("inf"))
+            return tuple(packing.unpack(o, packed) for o in out) if isinstance(out, tuple) \
+                else packing.unpack(out, packed)
+        if decision.mode == "bucketed":
+            batch = packing.bucket(batch)
         return model(fn, batch, **kwargs)
 
     def _logprobs(self, model: fdist.Parallel, batch, prompt_len, return_entropy=False):
         """``[B, C]`` log-probs of the completion tokens (and entropies)."""
         with self._autocast():
-            out = self._forward(model, token_logprobs, batch, self.policy_packing, True,
-                                temperature=self.config.temperature, return_entropy=return_entropy,
-                                backend=self.config.backend)
+            out = self._forward(model, token_logprobs, batch, self.policy_packing, temperature=self.config.temperature,
+                                return_entropy=return_entropy, backend=self.config.backend)
         if return_entropy:
             return out[0][:, prompt_len - 1:], out[1][:, prompt_len - 1:]
         return out[:, prompt_len - 1:]
 
     def _values(self, batch, prompt_len):
         with self._autocast():
-            return self._forward(self.value_p, _call, batch, self.value_packing, True)[:, prompt_len - 1:-1].float()
+            return self._forward(self.value_p, _call, batch, self.value_packing)[:, prompt_len - 1:-1].float()
 
     @torch.no_grad()
     def model_scores(self, rows: list[dict], gen: dict, completions: list[str]) -> torch.Tensor:
