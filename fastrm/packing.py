@@ -58,6 +58,7 @@ MAX_BUCKET_CANDIDATES = 256  # distinct lengths considered as bucket boundaries 
 
 _SKIP_MASKS = contextvars.ContextVar("fastrm_skip_masks", default=False)
 _VARLEN_CALLS = contextvars.ContextVar("fastrm_varlen_calls", default=None)
+_ATTENTION_BUCKET_OVERHEAD = contextvars.ContextVar("fastrm_attention_bucket_overhead", default=None)
 
 
 class PackingUnsupported(RuntimeError):
@@ -241,6 +242,7 @@ class VarlenPlan:
     cu_seq_lens: torch.Tensor
     lengths: list[int]
     max_length: int
+    bucket_overhead: float = ATTENTION_BUCKET_OVERHEAD
     _buckets: list | None = field(default=None, repr=False)
     _inverse: torch.Tensor | None = field(default=None, repr=False)
     _masks: dict = field(default_factory=dict, repr=False)
@@ -249,7 +251,8 @@ class VarlenPlan:
     def from_batch(cls, batch: dict) -> VarlenPlan:
         cu = batch["cu_seq_lens"]
         lengths = (cu[1:] - cu[:-1]).tolist()  # one host read per packed forward, shared by every layer
-        return cls(cu.to(torch.int32), lengths, max(lengths))
+        overhead = _ATTENTION_BUCKET_OVERHEAD.get()
+        return cls(cu.to(torch.int32), lengths, max(lengths), ATTENTION_BUCKET_OVERHEAD if overhead is None else overhead)
 
     def buckets(self) -> tuple[list, torch.Tensor | None]:
         """``[(gather [n, L], valid, real [n, L])]`` per bucket and the permutation back to the row's order; for
@@ -263,7 +266,7 @@ class VarlenPlan:
             starts = self.cu_seq_lens[:-1].long()
             lengths = torch.tensor(self.lengths, device=device)
             self._buckets, order = [], []
-            for group in length_buckets(self.lengths, ATTENTION_BUCKET_OVERHEAD, power=2):
+            for group in length_buckets(self.lengths, self.bucket_overhead, power=2):
                 rows = torch.tensor(group, device=device)
                 n = lengths[rows]
                 steps = torch.arange(int(max(self.lengths[i] for i in group)), device=device)
@@ -634,6 +637,8 @@ def _probe(model, kind: str, special_ids, autocast_dtype) -> tuple[float, float,
     model.eval()  # no dropout: both ways must compute the same function
     autocast = (torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None
                 else contextlib.nullcontext())
+    # every length its own attention bucket: the probe runs the gather / scatter of long-tailed batches too
+    overhead = _ATTENTION_BUCKET_OVERHEAD.set(0)
     try:
         with torch.enable_grad(), autocast, count_varlen_calls() as calls:
             want = _probe_outputs(model, kind, batch, False, weights)
@@ -641,6 +646,7 @@ def _probe(model, kind: str, special_ids, autocast_dtype) -> tuple[float, float,
             got = _probe_outputs(model, kind, batch, True, weights)
     finally:
         model.train(was_training)
+        _ATTENTION_BUCKET_OVERHEAD.reset(overhead)
     if base_attention(model) not in FLASH and not calls:
         raise PackingUnsupported("its attention layers never received the packed row's sequence boundaries (they do "
                                  "not go through transformers' attention interface)")

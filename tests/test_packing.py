@@ -88,31 +88,37 @@ def _reference_attention(q, k, v, lengths, causal, window, scaling, softcap=None
     return torch.cat(outs)
 
 
-def _packed_plan(lengths):
+def _packed_plan(lengths, bucket_overhead=packing.ATTENTION_BUCKET_OVERHEAD):
     cu = torch.zeros(len(lengths) + 1, dtype=torch.int32)
     cu[1:] = torch.tensor(lengths).cumsum(0)
-    return packing.VarlenPlan.from_batch({"cu_seq_lens": cu})
+    plan = packing.VarlenPlan.from_batch({"cu_seq_lens": cu})
+    plan.bucket_overhead = bucket_overhead
+    return plan
 
 
+@pytest.mark.parametrize("overhead", [0, packing.ATTENTION_BUCKET_OVERHEAD], ids=["per-length", "default"])
 @pytest.mark.parametrize("base,causal,window,kv_heads,lengths", [
-    ("sdpa", True, None, 4, [5, 17, 3, 17, 11]),      # several buckets
+    ("sdpa", True, None, 4, [5, 17, 3, 17, 11]),
     ("sdpa", True, None, 2, [9, 9, 9]),               # equal lengths (the row viewed as [n, L]), GQA
     ("sdpa", True, 4, 4, [12, 3, 20]),                # sliding window
     ("sdpa", False, None, 4, [6, 14, 1, 9]),          # bidirectional (encoders): keys masked per row
     ("eager", True, None, 2, [7, 2, 15, 15]),         # the model file's eager function, additive masks
     ("eager", True, 5, 4, [11, 4, 16]),
 ])
-def test_varlen_attention_equals_each_sequence_alone(base, causal, window, kv_heads, lengths):
+def test_varlen_attention_equals_each_sequence_alone(base, causal, window, kv_heads, lengths, overhead):
+    """Overhead 0 puts every length in its own bucket (the gather / scatter path); the default one bucket here."""
     heads, d, S = 4, 8, sum(lengths)
     q = torch.randn(1, heads, S, d, requires_grad=True)
     k = torch.randn(1, kv_heads, S, d, requires_grad=True)
     v = torch.randn(1, kv_heads, S, d, requires_grad=True)
     attention = packing._make_attention(base)
-    kwargs = {packing.PLAN_KWARG: _packed_plan(lengths), "scaling": d ** -0.5, "dropout": 0.0}
+    plan = _packed_plan(lengths, overhead)
+    kwargs = {packing.PLAN_KWARG: plan, "scaling": d ** -0.5, "dropout": 0.0}
     if window is not None:
         kwargs["sliding_window"] = window
     out, _ = attention(Attention(heads, kv_heads, causal), q, k, v, None, **kwargs)
     assert out.shape == (1, S, heads, d)
+    assert len(plan.buckets()[0]) == (len(set(lengths)) if overhead == 0 else 1)
     want = _reference_attention(q[0].transpose(0, 1), k[0].transpose(0, 1), v[0].transpose(0, 1), lengths, causal,
                                 window, d ** -0.5)
     torch.testing.assert_close(out[0].double(), want, atol=1e-5, rtol=1e-5)
