@@ -693,7 +693,7 @@ def choose_packing(model, setting: str, kind: str, *, special_ids=(), autocast_d
     """The load-time decision for one model (``setting``: auto | true | bucketed | false), logged in one line.
 
     auto: packed rows where :func:`verify_packing` proves them exact, else length-bucketed padded batches (exact
-    for every model). true: packed rows, and an error naming the reason where they are not exact."""
+    for every model). true: packed rows, and a ``ConfigError`` naming the reason where they are not exact."""
     setting = normalize_setting(setting)
     if setting not in SETTINGS:
         raise ValueError(f"setting packed={setting!r}: must be one of {', '.join(SETTINGS)}")
@@ -709,8 +709,10 @@ def choose_packing(model, setting: str, kind: str, *, special_ids=(), autocast_d
             half = autocast_dtype is not None or next(model.parameters()).dtype in (torch.float16, torch.bfloat16)
             decision = Packing("packed", why, attention_path(model, device, half))
         elif setting == "true":
-            raise PackingUnsupported(f"setting packed=true: packing is not exact for {label}: {why}. Use packed=auto "
-                                     "(length-bucketed batches where packing is not exact) or packed=bucketed")
+            from fastrm.config import ConfigError
+
+            raise ConfigError(f"setting packed=true: packing is not exact for {label}: {why}. Use packed=auto "
+                              "(length-bucketed batches where packing is not exact) or packed=bucketed")
         else:
             decision = Packing("bucketed", f"packing is not exact for {type(model).__name__}: {why}")
     log.info("packing (%s): %s", label, decision.describe())

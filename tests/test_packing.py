@@ -384,7 +384,7 @@ def test_choose_packing_auto_falls_back_true_refuses_and_one_line_is_logged(capl
     assert decision.mode == "bucketed" and "not exact for BertForSequenceClassification" in decision.reason
     assert [r.getMessage() for r in caplog.records if r.getMessage().startswith("packing")] == [
         f"packing (reward model BertForSequenceClassification): {decision.describe()}"]
-    with pytest.raises(packing.PackingUnsupported, match="packed=true: packing is not exact for .*score"):
+    with pytest.raises(ConfigError, match="setting packed=true: packing is not exact for .*score"):
         packing.choose_packing(bert, "true", "reward")
     assert packing.choose_packing(bert, "false", "reward").mode == "padded"
     assert packing.choose_packing(bert, "bucketed", "reward").mode == "bucketed"
