@@ -156,12 +156,9 @@ def _trl_collator():
     except ImportError:
         return None
     try:
-        return DataCollatorForLanguageModeling(pad_token_id=PAD, padding_free=True, return_position_ids=True)
+        return DataCollatorForLanguageModeling(pad_token_id=PAD, padding_free=True)
     except TypeError:
-        try:
-            return DataCollatorForLanguageModeling(pad_token_id=PAD, padding_free=True)
-        except TypeError:
-            return None
+        return None
 
 
 def make_examples(task: str, lengths: list[int], seed: int) -> list[dict]:
