@@ -727,7 +727,7 @@ class Run:
 
 ROW_FIELDS = {"dtype", "provider", "mode", "status", "median_ms", "p20_ms", "p80_ms", "n_samples", "samples_ms",
               "peak_mb", "bytes", "gbs", "pct_copy_bw", "err_out", "err_grad", "tol", "note", "speedup",
-              "mem_ratio", "cpu_ms"}
+              "mem_ratio", "cpu_ms", "paired_ratio"}  # paired_ratio: median time ratio to the baseline, interleaved
 
 
 def exit_code(rows: list[dict]) -> int:
@@ -848,7 +848,7 @@ def plot_results(result: dict, out_dir: Path) -> list[Path]:
     markers = {p: "osD^vP*X"[i % 8] for i, p in enumerate(providers)}
     paths = []
     for metric, label, fname in (("median_ms", "median time (ms)", "time"), ("peak_mb", "peak memory (MiB)", "memory")):
-        fig, axes = plt.subplots(len(panels), len(modes), figsize=(4.2 * len(modes), 3.4 * len(panels)),
+        fig, axes = plt.subplots(len(panels), len(modes), figsize=(max(6.4, 4.2 * len(modes)), 3.4 * len(panels)),
                                  squeeze=False)
         for i, panel in enumerate(panels):
             for j, mode in enumerate(modes):

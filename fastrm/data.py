@@ -866,6 +866,14 @@ def collate_padded(seqs: list[list[int]], pad_id: int, pad_to_multiple_of: int |
     return {"input_ids": _pad(seqs, pad_id, length), "attention_mask": _attention_mask(seqs, length)}
 
 
+def collate_packed(seqs: list[list[int]]) -> dict:
+    """Padding-free: token sequences in one row, as :func:`collate_preference_packed` lays them out (``input_ids``,
+    ``position_ids`` restarting at 0, ``cu_seq_lens``, ``seq_ends``, ``max_length``)."""
+    if not seqs:
+        raise ValueError("collate_packed: got no sequences")
+    return _pack(seqs)
+
+
 def collate_preference_padded(examples: Sequence[dict], pad_id: int, pad_to_multiple_of: int | None = None) -> dict:
     """``{"input_ids": [2B, L], "attention_mask": [2B, L], "margin"?: [B] float32}``, right-padded with
     ``pad_id``; rows ``0..B-1`` are the chosen sequences and rows ``B..2B-1`` the rejected ones."""
@@ -893,25 +901,38 @@ def collate_preference_packed(examples: Sequence[dict]) -> dict:
     return batch
 
 
+def _ranking_sequences(examples: Sequence[dict], dummy_id: int | None, name: str):
+    """The ``B*K`` sequences of a K-way batch (row ``b*K + k`` = response k of example b; a missing response is
+    a 1-token dummy) and the ``[B, K]`` ranks (-1 where missing)."""
+    _check_examples(examples, name)
+    k = max(len(e["response_ids"]) for e in examples)
+    seqs, ranks = [], torch.full((len(examples), k), -1, dtype=torch.long)
+    for b, e in enumerate(examples):
+        if len(e["response_ids"]) != len(e["ranks"]):
+            raise ValueError(f"{name}: example {b} has {len(e['response_ids'])} responses but {len(e['ranks'])} ranks")
+        dummy = [e["response_ids"][0][0] if dummy_id is None else dummy_id]
+        seqs.extend(e["response_ids"])
+        seqs.extend([dummy] * (k - len(e["response_ids"])))
+        ranks[b, :len(e["ranks"])] = torch.as_tensor(e["ranks"], dtype=torch.long)
+    return seqs, ranks
+
+
 def collate_ranking_padded(examples: Sequence[dict], pad_id: int, dummy_id: int | None = None,
                            pad_to_multiple_of: int | None = None) -> dict:
     """``{"input_ids": [B*K, L], "attention_mask": [B*K, L], "ranks": [B, K] long}``; row ``b*K + k``
     is response k of example b. K is the largest response count in the batch; a missing response
     gets rank -1 and a 1-token dummy sequence (``dummy_id``, default: the example's first token,
     i.e. BOS) with attention on that token, so no row is fully masked."""
-    _check_examples(examples, "collate_ranking_padded")
-    k = max(len(e["response_ids"]) for e in examples)
-    seqs, ranks = [], torch.full((len(examples), k), -1, dtype=torch.long)
-    for b, e in enumerate(examples):
-        if len(e["response_ids"]) != len(e["ranks"]):
-            raise ValueError(f"collate_ranking_padded: example {b} has {len(e['response_ids'])} responses but "
-                             f"{len(e['ranks'])} ranks")
-        dummy = [e["response_ids"][0][0] if dummy_id is None else dummy_id]
-        seqs.extend(e["response_ids"])
-        seqs.extend([dummy] * (k - len(e["response_ids"])))
-        ranks[b, :len(e["ranks"])] = torch.as_tensor(e["ranks"], dtype=torch.long)
+    seqs, ranks = _ranking_sequences(examples, dummy_id, "collate_ranking_padded")
     length = _round_up(max(len(s) for s in seqs), pad_to_multiple_of)
     return {"input_ids": _pad(seqs, pad_id, length), "attention_mask": _attention_mask(seqs, length), "ranks": ranks}
+
+
+def collate_ranking_packed(examples: Sequence[dict], dummy_id: int | None = None) -> dict:
+    """Padding-free K-way batch: the ``B*K`` sequences of :func:`collate_ranking_padded` (same order, same
+    1-token dummies) in one row, as :func:`collate_preference_packed` lays them out, and ``"ranks": [B, K]``."""
+    seqs, ranks = _ranking_sequences(examples, dummy_id, "collate_ranking_packed")
+    return {**_pack(seqs), "ranks": ranks}
 
 
 def collate_sft_padded(examples: Sequence[dict], pad_id: int, pad_to_multiple_of: int | None = None) -> dict:
@@ -980,8 +1001,10 @@ __all__ = [
     "SequenceTemplate",
     "TokenizeReport",
     "collate_padded",
+    "collate_packed",
     "collate_preference_packed",
     "collate_preference_padded",
+    "collate_ranking_packed",
     "collate_ranking_padded",
     "collate_sft_packed",
     "collate_sft_padded",

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
+from fastrm import packing
 from fastrm.config import ConfigError, require, setting
 
 log = logging.getLogger("fastrm")
@@ -227,49 +228,59 @@ def _finish(model, config: ModelConfig, device: torch.device):
     return model
 
 
-# Families whose packed batches are not exact, found by tests/test_families.py: OPT builds its causal mask without
-# the position ids, so attention crosses the packed sequences. (A stopgap: the load-time probe replaces this list.)
-PACKING_INEXACT = {"opt": "OPT's attention mask ignores position ids, so packed sequences would attend to each other"}
+def base_model(model):
+    """The transformer backbone of a Hugging Face model with a head (``model.model``, ``model.bert``, ...)."""
+    return getattr(model, model.base_model_prefix)
 
 
-def packing_fallback_reason(model) -> str | None:
-    """Why padding-free (packed) batches would not be exact for ``model``; None when they can be used. Packing needs a
-    decoder (causal attention that position ids restarting at 0 split into blocks) and, for a reward model, a
-    last-token ``score`` head (an encoder's pooler reads ``[CLS]`` over bidirectional attention)."""
-    model_type = getattr(model.config, "model_type", "")
-    if model_type in PACKING_INEXACT:
-        return PACKING_INEXACT[model_type]
-    if model.get_output_embeddings() is None and not isinstance(getattr(model, "score", None), torch.nn.Linear):
-        return (f"{type(model).__name__} has no last-token score head (an encoder's pooler / classifier needs "
-                "its own padded sequence)")
-    return None
+def forward(module, batch: dict):
+    """``module``'s output on a padded batch (``attention_mask``, optional ``position_ids``) or a packed row
+    (``cu_seq_lens``: attention per sequence, :func:`fastrm.packing.packed_forward`)."""
+    if "cu_seq_lens" in batch:
+        return packing.packed_forward(module, batch)
+    inputs = {"input_ids": batch["input_ids"], "use_cache": False}
+    inputs.update({k: batch[k] for k in ("attention_mask", "position_ids") if k in batch})
+    return module(**inputs)
 
 
-def resolve_packing(requested: bool, model, what: str) -> bool:
-    """``requested`` unless packing is not exact for ``model`` (see :func:`packing_fallback_reason`): then padded
-    batches, with one log line saying why."""
-    reason = packing_fallback_reason(model) if requested else None
-    if reason:
-        log.info("%s: padded batches instead of packed ones: %s", what, reason)
-    return requested and reason is None
+def backbone_hidden(backbone, batch: dict) -> torch.Tensor:
+    """Last hidden states: ``[B, T, H]`` of a padded batch, ``[1, S, H]`` of a packed row (see :func:`forward`)."""
+    return forward(backbone, batch).last_hidden_state
+
+
+def _score_positions(model, batch: dict) -> torch.Tensor:
+    """Where the head reads each packed sequence: as the Hugging Face forward does on a padded batch, the
+    rightmost token that is not the pad token (its first token if all are), else the last token."""
+    pad = packing.first_id(packing.text_config(model).pad_token_id)
+    if pad is None:
+        return batch["seq_ends"]
+    cu = batch["cu_seq_lens"].long()
+    lengths = cu[1:] - cu[:-1]
+    ids = batch["input_ids"][0]
+    sequence = torch.repeat_interleave(torch.arange(len(lengths), device=ids.device), lengths)
+    positions = torch.where(ids != pad, torch.arange(ids.numel(), device=ids.device), cu[:-1][sequence])
+    return positions.new_full((len(lengths),), -1).scatter_reduce(0, sequence, positions, "amax")
 
 
 def reward_scores(model, batch: dict) -> torch.Tensor:
     """Scalar reward per sequence, float32 ``[N]``.
 
     Padded batches (``attention_mask``) go through the model's own forward, whatever its head (a decoder's
-    last non-pad token, an encoder's ``[CLS]`` pooler, ...): the score is the Hugging Face model's. Packed
-    batches (``position_ids`` + ``seq_ends``, one row, no padding; only for models where
-    :func:`packing_fallback_reason` finds none) run the backbone once over all sequences — the attention is
-    block-diagonal because positions restart at 0 — and apply the head to each sequence's last token, so no
-    FLOP is spent on padding.
-    """
-    if "seq_ends" in batch:
-        backbone = getattr(model, model.base_model_prefix)
-        hidden = backbone(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
-                          use_cache=False).last_hidden_state
-        last = hidden[0, batch["seq_ends"]]
-        return model.score(last).squeeze(-1).float()
+    last non-pad token, an encoder's ``[CLS]`` pooler, ...): the score is the Hugging Face model's. Packed rows (``cu_seq_lens``,
+    from :func:`fastrm.data.collate_preference_packed` or :func:`fastrm.packing.pack`) run the backbone once
+    with attention per sequence and apply the last-token ``score`` head where the padded forward reads it:
+    no FLOP on padding. Bucketed batches (:func:`fastrm.packing.bucket`) run one padded forward per bucket.
+    A model must pass :func:`fastrm.packing.choose_packing` before it takes packed rows."""
+    if "buckets" in batch:
+        return packing.per_bucket(lambda sub: reward_scores(model, sub), batch, per_token=False)
+    if "cu_seq_lens" in batch:
+        head = getattr(model, "score", None)
+        if not isinstance(head, torch.nn.Linear):
+            raise packing.PackingUnsupported(
+                f"{type(model).__name__} has no last-token `score` head (its head reads another token, e.g. a "
+                "pooled first token): packed rows cannot be scored")
+        hidden = backbone_hidden(base_model(model), batch)
+        return head(hidden[0, _score_positions(model, batch)]).squeeze(-1).float()
     extra = {"use_cache": False} if getattr(model.config, "use_cache", None) is not None else {}
     out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **extra)
     return out.logits.squeeze(-1).float()
@@ -279,21 +290,23 @@ def token_logprobs(model, batch: dict, *, temperature: float = 1.0, return_entro
                    backend: str | None = None):
     """Log-prob of each next token ``labels[t + 1]`` given the prefix, float32 ``[B, T-1]`` (0 where the
     label is -100), straight from the last hidden states through the LM head with
-    ``fastrm.linear_logprobs``: the ``[B, T, V]`` logits never exist. Works on padded
-    (``attention_mask``) and packed (``position_ids``) batches. A model whose logits are not its head's
-    output (``fastrm_logits_from_head`` false, see :func:`logits_are_head_output`: soft-capped Gemma-2, ...)
-    gets them from its own forward and ``fastrm.gather_logprobs``."""
+    ``fastrm.linear_logprobs``: the ``[B, T, V]`` logits never exist. Padded batches (``attention_mask``),
+    packed rows (``cu_seq_lens``: ``[1, S-1]``, every sequence's first label -100) and bucketed batches
+    (:func:`fastrm.packing.bucket`: the padded layout, one forward per bucket). A model whose logits are not its
+    head's output (``fastrm_logits_from_head`` false, see :func:`logits_are_head_output`: soft-capped Gemma-2,
+    ...) gets them from its own forward and ``fastrm.gather_logprobs``."""
     import fastrm
 
-    inputs = {"input_ids": batch["input_ids"], "use_cache": False}
-    inputs.update({k: batch[k] for k in ("attention_mask", "position_ids") if k in batch})
+    if "buckets" in batch:
+        return packing.per_bucket(lambda sub: token_logprobs(model, sub, temperature=temperature,
+                                                             return_entropy=return_entropy, backend=backend),
+                                  batch, per_token=True)
     labels = batch["labels"][:, 1:]
     if not getattr(model, "fastrm_logits_from_head", True):
-        logits = model(**inputs).logits
+        logits = forward(model, batch).logits
         return fastrm.gather_logprobs(logits[:, :-1], labels, temperature=temperature, return_entropy=return_entropy,
                                       backend=backend)
-    backbone = getattr(model, model.base_model_prefix)
-    hidden = backbone(**inputs).last_hidden_state
+    hidden = backbone_hidden(base_model(model), batch)
     head = model.get_output_embeddings()
     # Prompt and padding rows are skipped before the LM head: worth the one host sync that sizes the chunks.
     return fastrm.linear_logprobs(hidden[:, :-1], head.weight, labels, bias=head.bias, temperature=temperature,

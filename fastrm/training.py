@@ -20,7 +20,7 @@ import torch
 
 from fastrm import _checks
 from fastrm import checkpoint as ckpt
-from fastrm import distributed
+from fastrm import distributed, packing
 from fastrm.checkpoint import CHECKPOINT_PREFIX, LATEST_FILE, latest_checkpoint, load_trainer_state  # noqa: F401
 from fastrm.config import setting
 from fastrm.models import TINY, ModelConfig
@@ -77,6 +77,7 @@ class TrainerSettings:
                                       "a DatasetDict")
     overwrite_output_dir: bool = setting(False, "start a new run in an output_dir that holds an earlier run's "
                                                 "checkpoints: delete them, its latest, metrics and logs first")
+    packed: str = setting("auto", packing.SETTING_HELP)
 
     # Settings a resumed run may not change: they fix the model, the data or its order, or what the saved state
     # holds ("model": every model.* but FREE_ON_RESUME). Every other setting may change and applies on resume.
@@ -114,6 +115,8 @@ class TrainerSettings:
                 "must be auto, bf16 or no")
         require(self.backend in ("auto", "triton", "torch"), "backend", self.backend, "must be auto, triton or torch")
         distributed.validate_setting(self.distributed, self.optimizer)
+        self.packed = packing.normalize_setting(self.packed)
+        require(self.packed in packing.SETTINGS, "packed", self.packed, "must be " + ", ".join(packing.SETTINGS))
 
 
 @dataclass
@@ -140,7 +143,6 @@ class SupervisedSettings(TrainerSettings):
     max_length: int = setting(1024, "tokens per sequence (special tokens included): longer examples are truncated "
                                     "(the prompt from the left) or dropped (truncation=drop), counted in the log")
     truncation: str = "truncate"  # truncate | drop
-    packed: bool = True  # padding-free batches
     grad_accum_steps: int = 1
 
     FIXED_ON_RESUME: ClassVar[tuple[str, ...]] = TrainerSettings.FIXED_ON_RESUME + (
@@ -209,6 +211,21 @@ def log_tokenized(split: str, report, max_length: int):
 
 def use_bf16_autocast(mixed_precision: str, device: torch.device) -> bool:
     return mixed_precision == "bf16" or (mixed_precision == "auto" and device.type == "cuda")
+
+
+def choose_packing(trainer, model, kind: str, name: str) -> packing.Packing:
+    """The ``packed`` setting decided for one of the trainer's models (:func:`fastrm.packing.choose_packing`), at
+    load time: before data-parallel wrapping, and probed under the autocast that training will use."""
+    bf16 = use_bf16_autocast(trainer.config.mixed_precision, trainer.device)
+    return packing.choose_packing(model, trainer.config.packed, kind, name=name,
+                                  special_ids=getattr(trainer.tokenizer, "all_special_ids", ()),
+                                  autocast_dtype=torch.bfloat16 if bf16 else None)
+
+
+def to_device(batch: dict, device: torch.device, decision: packing.Packing) -> dict:
+    """A collated batch on ``device``, with its length buckets when ``decision`` says so."""
+    batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+    return packing.bucket(batch) if decision.mode == "bucketed" else batch
 
 
 def autocast(enabled: bool, device: torch.device):

@@ -127,7 +127,7 @@ class Family:
     tokenizer: Callable[[], object]
     config: Callable[[int, dict], object]  # (embedding rows, special token ids) -> a transformers config
     positions: str  # rotary | learned | absolute+offset | ...
-    packs: bool  # fastrm packs its reward / SFT batches (exact); else padded batches, with the reason logged
+    packs: bool  # packed=auto packs its reward / SFT batches (the probe proves them exact); else length buckets
     attention: str  # what attn_implementation=auto picks on a CPU
     note: str = ""
 
@@ -151,7 +151,7 @@ FAMILIES = [
     Family("opt", False, opt_tokenizer, lambda rows, ids: T.OPTConfig(
         vocab_size=rows, hidden_size=32, ffn_dim=64, num_hidden_layers=2, num_attention_heads=4,
         word_embed_proj_dim=32, max_position_embeddings=128, **ids),
-        "learned absolute (offset 2)", False, "sdpa", "attention mask ignores position ids: not packable"),
+        "learned absolute (offset 2)", True, "sdpa", "its own mask ignores position ids: fastrm's varlen attention"),
     Family("gemma2", False, gemma_tokenizer, lambda rows, ids: T.Gemma2Config(
         vocab_size=rows, num_key_value_heads=2, head_dim=8, max_position_embeddings=128, sliding_window=6,
         **SIZES, **ids),

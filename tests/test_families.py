@@ -14,6 +14,7 @@ import torch
 from families import BY_NAME, DECODERS, ENCODERS, FAMILIES, build_checkpoint, build_checkpoints
 
 from fastrm import data as fdata
+from fastrm import packing
 from fastrm.config import ConfigError, load_config
 from fastrm.generation import decode_completions, generate
 from fastrm.models import reward_scores, token_logprobs
@@ -55,14 +56,15 @@ def checkpoints(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def reward_models(checkpoints, tmp_path_factory):
-    """``get(name, packed)``: a reward trainer of that family after training, trained once per module."""
+    """``get(name, packed)``: a reward trainer of that family after training (``packed=auto``, or ``false``: one
+    padded batch), trained once per module."""
     trained = {}
 
     def get(name, packed=True):
         if (name, packed) not in trained:
             out = tmp_path_factory.mktemp(f"rm-{name}-{packed}")
             config = load_config(RewardConfig, None, COMMON + [
-                f"model.name_or_path={checkpoints[name]}", f"output_dir={out}", f"packed={str(packed).lower()}",
+                f"model.name_or_path={checkpoints[name]}", f"output_dir={out}", f"packed={'auto' if packed else 'false'}",
                 "num_train_pairs=16", "num_eval_pairs=6", "lr=1e-3"])
             trained[name, packed] = RewardTrainer(config).setup().train()
         return trained[name, packed]
@@ -94,8 +96,9 @@ def first_last(tokenizer, ids):
 def test_reward_model_scores_as_the_reloaded_auto_model(reward_models, name, packed):
     family = BY_NAME[name]
     trainer = reward_models(name, packed)
-    assert trainer.packed == (packed and family.packs)  # packing only where exact; else padded, logged
-    assert trainer.model.config._attn_implementation == family.attention
+    # packed rows only where the probe proves them exact; else length buckets (logged); packed=false: padded
+    assert trainer.packing.mode == ("padded" if not packed else "packed" if family.packs else "bucketed")
+    assert packing.base_attention(trainer.model) == family.attention  # packed: fastrm's varlen over it
     assert type(trainer.model).__name__.endswith("ForSequenceClassification")
     rows = [json.loads(line) for line in (trainer.out_dir / "metrics.jsonl").read_text().splitlines()]
     assert all(math.isfinite(r["loss"]) for r in rows if "loss" in r) and any("loss" in r for r in rows)
@@ -130,8 +133,8 @@ def test_sft_logprobs_are_the_reloaded_models(checkpoints, tmp_path, name):
     trainer = SFTTrainer(load_config(SFTConfig, None, COMMON + [
         f"model.name_or_path={checkpoints[name]}", f"output_dir={tmp_path}", "num_train_examples=16",
         "num_eval_examples=4", "eval_generate=0", "lr=1e-3"])).setup().train()
-    assert trainer.packed == family.packs
-    assert trainer.model.config._attn_implementation == family.attention
+    assert trainer.packing.mode == ("packed" if family.packs else "bucketed")
+    assert packing.base_attention(trainer.model) == family.attention  # packed: fastrm's varlen over it
     assert trainer.model.fastrm_logits_from_head == (name != "gemma2")  # Gemma-2 soft-caps its logits
     eos = trainer.tokenizer.eos_token_id
     assert all(e["input_ids"][-1] == eos for e in trainer.eval_examples)  # SFT learns to stop, in every family
@@ -147,7 +150,7 @@ def test_sft_logprobs_are_the_reloaded_models(checkpoints, tmp_path, name):
             logp = torch.log_softmax(model(input_ids=ids).logits[0, :-1].double(), -1)
             labels = torch.tensor(e["labels"][1:])
             ref = torch.where(labels != -100, logp.gather(-1, labels.clamp_min(0)[:, None])[:, 0], 0.0)
-            if trainer.packed:  # one row: this example's tokens, after the earlier ones
+            if trainer.packing.mode == "packed":  # one row: this example's tokens, after the earlier ones
                 start = sum(len(x["input_ids"]) for x in examples[:i])
                 mine = ours[0, start:start + len(ids[0]) - 1]
             else:
@@ -231,12 +234,12 @@ def test_sft_on_an_encoder_says_why(checkpoints, tmp_path, name, match):
             "num_eval_examples=2"])).setup()
 
 
-def test_packing_is_refused_where_it_would_be_wrong(checkpoints):
-    """OPT builds its attention mask without the position ids: forced packing changes its scores, which is why
-    fastrm pads OPT batches (if transformers fixes this, the guard's list can shrink)."""
+def test_packing_without_fastrm_attention_is_wrong_for_opt_and_the_probe_packs_it_exactly(checkpoints):
+    """OPT builds its attention mask without the position ids: a packed row through its own forward (what
+    transformers' padding-free collators give on SDPA) attends across sequences and changes the scores. fastrm's
+    varlen attention does not rely on the model's mask: the probe finds OPT exact, and its packed scores are the
+    padded ones."""
     from transformers import AutoModelForSequenceClassification
-
-    from fastrm.models import packing_fallback_reason
 
     rows = [{"prompt": f"{a}+{b}=", "chosen": str(a + b), "rejected": str(a + b + 1)} for a, b in [(1, 2), (3, 4)]]
     for name in ("opt", "gpt2"):
@@ -244,8 +247,13 @@ def test_packing_is_refused_where_it_would_be_wrong(checkpoints):
         model = AutoModelForSequenceClassification.from_pretrained(checkpoints[name], num_labels=1).eval()
         model.config.pad_token_id = tokenizer.pad_token_id
         examples, _ = fdata.tokenize_preference(rows, tokenizer)
+        packed_batch = fdata.collate_preference_packed(examples)
         with torch.no_grad():
-            packed = reward_scores(model, fdata.collate_preference_packed(examples))
             padded = reward_scores(model, fdata.collate_preference_padded(examples, tokenizer.pad_token_id))
-        wrong = not torch.allclose(packed, padded, atol=1e-5, rtol=1e-5)
-        assert wrong == (name == "opt") == (packing_fallback_reason(model) is not None)
+            hidden = model.base_model(input_ids=packed_batch["input_ids"], position_ids=packed_batch["position_ids"],
+                                      use_cache=False)
+            own_packing = model.score(hidden.last_hidden_state[0, packed_batch["seq_ends"]]).squeeze(-1)
+        assert torch.allclose(own_packing, padded, atol=1e-5, rtol=1e-5) == (name != "opt")
+        assert packing.verify_packing(model, "reward")[0]
+        with torch.no_grad():
+            torch.testing.assert_close(reward_scores(model, packed_batch), padded, atol=1e-5, rtol=1e-5)

@@ -283,16 +283,15 @@ def test_learned_reward_model_path(tmp_path):
                          "reward_model_weight=2.0", "rule_weight=0.0")
     prompts = [{"prompt": "12+3="}, {"prompt": "4+4="}]
     ro = trainer.rollout(prompts)
-    # the same scores from the saved model, loaded with the Auto class, one unpadded row at a time, read at the
-    # last token (a random tiny policy may sample <pad>, where the HF head would read an earlier token)
+    # the same scores from the saved model, loaded with the Auto class, one unpadded row at a time (its head reads
+    # the last token that is not <pad>, which a random tiny policy may sample: packed rows read the same token)
     loaded = AutoModelForSequenceClassification.from_pretrained(tmp_path / "rm", num_labels=1).eval()
     expected = []
     for i in range(4):
         prompt_ids = tokenizer(ro["prompts"][i])["input_ids"]
         completion = ro["batch"]["input_ids"][i, ro["prompt_len"]:][ro["mask"][i].bool()].tolist()
         with torch.no_grad():
-            hidden = loaded.model(input_ids=torch.tensor([prompt_ids + completion])).last_hidden_state
-            expected.append(loaded.score(hidden[0, -1]).item())
+            expected.append(loaded(input_ids=torch.tensor([prompt_ids + completion])).logits.item())
     assert float(ro["stats"]["reward/model"]) == pytest.approx(sum(expected) / 4, abs=1e-5)
     assert float(ro["stats"]["objective/scores"]) == pytest.approx(2.0 * sum(expected) / 4, abs=1e-5)
     # a critic built on the reward model starts from its head

@@ -1,7 +1,7 @@
 """Reward-model training: pairwise (Bradley-Terry) or K-way (InstructGPT) ranking on preference data.
 
-One step, top to bottom: take ``grad_accum_steps`` batches; score chosen and rejected (packed into one
-padding-free row by default, or padded); ``pairwise_ranking_loss`` (or ``ranking_loss`` for K-way data);
+One step, top to bottom: take ``grad_accum_steps`` batches; score chosen and rejected (``packed=auto``: one
+padding-free row where that is exact for the model, else length-bucketed padded micro-batches); ``pairwise_ranking_loss`` (or ``ranking_loss`` for K-way data);
 stop on a non-finite loss; backward; clip; optimizer and schedule step; log; evaluate; checkpoint.
 """
 
@@ -18,7 +18,7 @@ import fastrm
 from fastrm import data as fdata
 from fastrm import distributed, training
 from fastrm.config import parse_cli, require, setting
-from fastrm.models import load_reward_model, resolve_packing, reward_scores
+from fastrm.models import load_reward_model, reward_scores
 
 log = logging.getLogger("fastrm")
 
@@ -69,12 +69,12 @@ class RewardTrainer(training.Trainer):
         if not self.train_examples:
             raise ValueError("no training examples left after tokenization (all dropped?)")
         self.model = load_reward_model(c.model, self.tokenizer, self.device)
-        self.packed = self.kind == "pairwise" and resolve_packing(c.packed, self.model, "train-rm")
+        self.packing = training.choose_packing(self, self.model, "reward", "reward model")
         training.prepare_optimization(self)
         n_params = sum(p.numel() for p in self.model.parameters())
-        log.info("reward model: %s, %.2fM parameters, %d train / %d eval %s examples, packed=%s, device=%s",
+        log.info("reward model: %s, %.2fM parameters, %d train / %d eval %s examples, %s batches, device=%s",
                  type(self.model).__name__, n_params / 1e6, len(self.train_examples), len(self.eval_examples),
-                 self.kind, self.packed, self.device)
+                 self.kind, self.packing.mode, self.device)
         return self
 
     def _load_rows(self):
@@ -105,14 +105,14 @@ class RewardTrainer(training.Trainer):
     # ---- one step ---------------------------------------------------------------------------------------------
 
     def collate(self, examples):
-        pad = self.tokenizer.pad_token_id
+        pad, packed = self.tokenizer.pad_token_id, self.packing.mode == "packed"
         if self.kind == "ranking":
-            batch = fdata.collate_ranking_padded(examples, pad)
-        elif self.packed:
+            batch = fdata.collate_ranking_packed(examples) if packed else fdata.collate_ranking_padded(examples, pad)
+        elif packed:
             batch = fdata.collate_preference_packed(examples)
         else:
             batch = fdata.collate_preference_padded(examples, pad)
-        return {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+        return training.to_device(batch, self.device, self.packing)
 
     def compute_loss(self, batch):
         """Loss and detached metrics of one batch."""

@@ -41,16 +41,16 @@ from tqdm.auto import tqdm
 
 from fastrm import data as fdata
 from fastrm import distributed as fdist
-from fastrm import rewards, rl, training
+from fastrm import packing, rewards, rl, training
 from fastrm._checks import deferred_finite_checks
 from fastrm.config import ConfigError, require, setting
 from fastrm.generation import decode_completions, generate
 from fastrm.models import (
     TINY,
     ModelConfig,
+    backbone_hidden,
     load_causal_lm,
     load_reward_model,
-    resolve_packing,
     reward_scores,
     token_logprobs,
 )
@@ -224,10 +224,10 @@ class TokenValueModel(nn.Module):
         self.backbone, self.head = backbone, head
 
     def forward(self, batch: dict) -> torch.Tensor:
-        inputs = {"input_ids": batch["input_ids"], "use_cache": False}
-        inputs.update({k: batch[k] for k in ("attention_mask", "position_ids") if k in batch})
-        hidden = self.backbone(**inputs).last_hidden_state
-        return self.head(hidden).squeeze(-1).float()
+        """``[B, T]`` values of a padded or bucketed batch, ``[1, S]`` of a packed row."""
+        if "buckets" in batch:
+            return packing.per_bucket(self.forward, batch, per_token=True)
+        return self.head(backbone_hidden(self.backbone, batch)).squeeze(-1).float()
 
 
 def _call(model, *args):
@@ -262,10 +262,13 @@ class RLTrainer(training.Trainer):
         self.train_rows, self.eval_rows = self._load_prompts()
         # Policy, and the frozen reference: a copy of the initial policy (or the same checkpoint in 8 bits).
         self.policy = load_causal_lm(c.model, self.tokenizer, self.device)
+        self.policy_packing = training.choose_packing(self, self.policy, "causal_lm", "policy")
         if c.ref_8bit:
             self.ref = load_causal_lm(replace(c.model, load_in_8bit=True), self.tokenizer, self.device)
+            if self.policy_packing.mode == "packed":  # the policy's architecture, proven by its probe
+                packing.enable_varlen(self.ref)
         else:
-            self.ref = copy.deepcopy(self.policy)
+            self.ref = copy.deepcopy(self.policy)  # with the policy's attention
         self.ref.requires_grad_(False).eval()
         self.reward_model = self.reward_tokenizer = None
         if c.reward in ("model", "both"):
@@ -277,7 +280,7 @@ class RLTrainer(training.Trainer):
             # match, else prompt and completion are re-tokenized from text by the reward model's tokenizer.
             self.reward_template = fdata.sequence_template(self.reward_tokenizer, reward=True)
             self.reward_same_tokens = self.reward_tokenizer.get_vocab() == self.tokenizer.get_vocab()
-            self.reward_packed = resolve_packing(True, self.reward_model, "reward model scoring")
+            self.reward_packing = training.choose_packing(self, self.reward_model, "reward", "reward model")
         self.rules = self._load_rules()
         self.value = self._build_value_model()
         # Resumed weights go into the whole models, before FSDP shards them (see training.prepare_optimization).
@@ -389,9 +392,10 @@ class RLTrainer(training.Trainer):
         if kind == "none":
             return None
         if kind == "policy":
-            backbone = copy.deepcopy(getattr(self.policy, self.policy.base_model_prefix))
+            backbone = copy.deepcopy(getattr(self.policy, self.policy.base_model_prefix))  # with its attention
             head = nn.Linear(self.policy.get_output_embeddings().in_features, 1, device=self.device)
             nn.init.zeros_(head.weight), nn.init.zeros_(head.bias)
+            self.value_packing = self.policy_packing
         else:  # the reward model's backbone and head, loaded afresh in full precision (TRL's default critic)
             path = c.reward_model_path if kind == "reward" else kind
             rm_tokenizer = fdata.load_tokenizer("auto", path)
@@ -402,6 +406,7 @@ class RLTrainer(training.Trainer):
             if not isinstance(getattr(rm, "score", None), nn.Linear):
                 raise ConfigError(f"setting value_model={c.value_model!r}: {type(rm).__name__} has no per-token "
                                   "'score' head to read values at every position; use value_model=policy")
+            self.value_packing = training.choose_packing(self, rm, "backbone", "critic")
             backbone, head = getattr(rm, rm.base_model_prefix), rm.score
         value = TokenValueModel(backbone, head).to(self.device)
         value.requires_grad_(True)
@@ -423,27 +428,41 @@ class RLTrainer(training.Trainer):
         return {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids,
                 "labels": labels}
 
+    def _forward(self, model: fdist.Parallel, fn, batch: dict, decision: packing.Packing, **kwargs):
+        """``fn(model, batch)``, per-token outputs, on the rollout ``batch`` laid out as ``decision`` says (one
+        packed row, or length buckets: completions of different lengths pay for no padding); the outputs come
+        back in the padded layout of ``batch``."""
+        if decision.mode == "packed":
+            packed = packing.pack(batch)
+            out = model(fn, packed, **kwargs)
+            return tuple(packing.unpack(o, packed) for o in out) if isinstance(out, tuple) \
+                else packing.unpack(out, packed)
+        if decision.mode == "bucketed":
+            batch = packing.bucket(batch)
+        return model(fn, batch, **kwargs)
+
     def _logprobs(self, model: fdist.Parallel, batch, prompt_len, return_entropy=False):
         """``[B, C]`` log-probs of the completion tokens (and entropies)."""
         with self._autocast():
-            out = model(token_logprobs, batch, temperature=self.config.temperature, return_entropy=return_entropy,
-                        backend=self.config.backend)
+            out = self._forward(model, token_logprobs, batch, self.policy_packing, temperature=self.config.temperature,
+                                return_entropy=return_entropy, backend=self.config.backend)
         if return_entropy:
             return out[0][:, prompt_len - 1:], out[1][:, prompt_len - 1:]
         return out[:, prompt_len - 1:]
 
     def _values(self, batch, prompt_len):
         with self._autocast():
-            return self.value_p(_call, batch)[:, prompt_len - 1:-1].float()
+            return self._forward(self.value_p, _call, batch, self.value_packing)[:, prompt_len - 1:-1].float()
 
     @torch.no_grad()
     def model_scores(self, rows: list[dict], gen: dict, completions: list[str]) -> torch.Tensor:
-        """``[B]`` float32: the learned reward model's score of each prompt + completion (one packed row where
-        packing is exact for it, else a padded batch); ``rows[i]`` is the prompt row completion i answers."""
+        """``[B]`` float32: the learned reward model's score of each prompt + completion (one packed row, length
+        buckets or one padded batch, as decided for the reward model); ``rows[i]`` is the prompt row completion i
+        answers."""
         seqs = self._reward_inputs([r["prompt"] for r in rows], gen, completions)
-        batch = fdata._pack(seqs) if self.reward_packed else \
+        batch = fdata.collate_packed(seqs) if self.reward_packing.mode == "packed" else \
             fdata.collate_padded(seqs, self.reward_tokenizer.pad_token_id)
-        batch = {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+        batch = training.to_device(batch, self.device, self.reward_packing)
         with self._autocast():
             return self.reward_p(reward_scores, batch).float()
 

@@ -1,6 +1,7 @@
 """Supervised fine-tuning (the seed's pre-training step before RL): next-token loss on completions only.
 
-One step, top to bottom: take ``grad_accum_steps`` batches (packed, padding-free, by default); per-token
+One step, top to bottom: take ``grad_accum_steps`` batches (padding-free rows where exact for the model, else
+length-bucketed padded micro-batches: ``packed=auto``); per-token
 log-probs straight from the hidden states with ``fastrm.linear_logprobs`` (no ``[B, T, V]`` logits);
 loss = mean negative log-prob over completion tokens; stop on a non-finite loss; backward; clip;
 optimizer and schedule step; log; evaluate (loss, and the task's ground-truth accuracy of greedy
@@ -19,7 +20,7 @@ import torch
 from fastrm import data as fdata
 from fastrm import distributed, training
 from fastrm.config import parse_cli, require, setting
-from fastrm.models import load_causal_lm, resolve_packing, token_logprobs
+from fastrm.models import load_causal_lm, token_logprobs
 
 log = logging.getLogger("fastrm")
 
@@ -63,11 +64,11 @@ class SFTTrainer(training.Trainer):
         if not self.train_examples:
             raise ValueError("no training examples left after tokenization (all dropped?)")
         self.model = load_causal_lm(c.model, self.tokenizer, self.device)
-        self.packed = resolve_packing(c.packed, self.model, "sft")
+        self.packing = training.choose_packing(self, self.model, "causal_lm", "policy")
         training.prepare_optimization(self)
-        log.info("policy: %s, %.2fM parameters, %d train / %d eval examples, packed=%s, device=%s",
+        log.info("policy: %s, %.2fM parameters, %d train / %d eval examples, %s batches, device=%s",
                  type(self.model).__name__, sum(p.numel() for p in self.model.parameters()) / 1e6,
-                 len(self.train_examples), len(self.eval_examples), self.packed, self.device)
+                 len(self.train_examples), len(self.eval_examples), self.packing.mode, self.device)
         return self
 
     def _load_rows(self):
@@ -90,11 +91,11 @@ class SFTTrainer(training.Trainer):
         return examples
 
     def collate(self, examples):
-        if self.packed:
+        if self.packing.mode == "packed":
             batch = fdata.collate_sft_packed(examples)
         else:
             batch = fdata.collate_sft_padded(examples, self.tokenizer.pad_token_id)
-        return {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+        return training.to_device(batch, self.device, self.packing)
 
     def compute_loss(self, batch):
         with training.autocast(self.autocast, self.device):
