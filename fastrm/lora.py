@@ -81,9 +81,9 @@ def validate_with(settings: LoraSettings, model_name_or_path: str, distributed: 
                 "LoRA adapts a pretrained checkpoint's frozen weights; model.name_or_path=tiny is built from random "
                 "weights that no saved adapter could be reloaded onto. Set model.name_or_path to a checkpoint, or "
                 "lora.r=0")
-        require(distributed != "fsdp", "lora.r", settings.r,
-                "LoRA with distributed=fsdp is not supported: use distributed=ddp (the frozen weights are not "
-                "trained, so replicating them costs no gradients or optimizer state) or lora.r=0")
+    require(settings.quantize == "none" or distributed != "fsdp", "lora.quantize", settings.quantize,
+            "quantized (bitsandbytes) weights cannot be sharded by FSDP; use distributed=ddp: the frozen weights are "
+            "replicated, but only the adapters have gradients and optimizer states")
 
 
 # ---- loading -----------------------------------------------------------------------------------------------------------
@@ -282,6 +282,12 @@ def trained_names(module: nn.Module) -> list[str]:
     return [name for name, param in module.named_parameters() if param.requires_grad]
 
 
+def saved_names(model) -> list[str] | None:
+    """The state-dict entries a checkpoint of ``model`` holds: a peft model's adapters and fully trained heads (what
+    its ``save_pretrained`` writes), or None for all of a plain model's."""
+    return trained_names(model) if is_peft(model) else None
+
+
 def load_trained_state(module: nn.Module, state: dict, what: str):
     """Load the trained parameters ``state`` (a LoRA critic's adapters and head) into ``module``; every trained
     parameter must be there and nothing else."""
@@ -310,13 +316,15 @@ def load_adapter_weights(model, folder: Path):
 
 
 def memory_bytes(*modules) -> int:
-    """Bytes of the parameters and buffers of ``modules``, each storage counted once (shared weights, tied
-    embeddings): what they hold in memory together."""
+    """Bytes of the parameters and buffers of ``modules`` on this process (an FSDP rank: its shards), each storage
+    counted once (shared weights, tied embeddings): what they hold in memory together."""
     seen, total = set(), 0
     for module in modules:
         if module is None:
             continue
         for tensor in [*module.parameters(), *module.buffers()]:
+            if hasattr(tensor, "to_local"):  # an FSDP DTensor: this rank's shard
+                tensor = tensor.to_local()
             storage = tensor.untyped_storage()
             key = (storage.data_ptr(), tensor.device)
             if key not in seen:

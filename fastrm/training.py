@@ -738,7 +738,8 @@ def save_distributed(trainer, parallel: distributed.Parallel, state: dict) -> Pa
     from fastrm.config import config_to_dict
 
     trainer.guard.check_parameters()
-    weights = distributed.full_model_state(parallel.model) if parallel.is_fsdp else None
+    weights = distributed.full_model_state(parallel.model, lora.saved_names(parallel.model)) \
+        if parallel.is_fsdp else None
     state = {"format": ckpt.STATE_FORMAT, "run_id": trainer.run_id, "step": trainer.step,
              "world_size": distributed.world_size(), "config": config_to_dict(trainer.config), **state}
     path = distributed.run_on_main(_write_checkpoint, trainer, parallel.model, state, weights)
@@ -760,7 +761,8 @@ def save_final(parallel: distributed.Parallel, tokenizer, out_dir: Path) -> Path
     """Write the trained model and its tokenizer to ``out_dir/final``: an ordinary Hugging Face folder that
     ``from_pretrained`` loads (no trainer state), replacing the one of an earlier run. Written to a temporary
     folder first and renamed into place; every rank takes part (FSDP shards are gathered), rank 0 writes."""
-    weights = distributed.full_model_state(parallel.model) if parallel.is_fsdp else None
+    weights = distributed.full_model_state(parallel.model, lora.saved_names(parallel.model)) \
+        if parallel.is_fsdp else None
     final = Path(out_dir) / FINAL_DIR
     if distributed.is_main():
         tmp = Path(out_dir) / f"{ckpt.TMP_PREFIX}{FINAL_DIR}-{os.getpid()}"

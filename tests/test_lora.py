@@ -229,3 +229,93 @@ def test_lora_resume_is_bitwise(checkpoints, tmp_path, make):
             torch.testing.assert_close(b[key], a[key], atol=0, rtol=0, msg=key)
     checkpoint = tmp_path / "b" / "checkpoint-1"
     assert (checkpoint / "adapter_model.safetensors").is_file() and not (checkpoint / "model.safetensors").exists()
+
+
+# ---- quantized base weights (QLoRA) --------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("quantize", ["4bit", "8bit"])
+def test_quantized_base_is_refused_on_cpu_naming_the_setting(checkpoints, tmp_path, quantize):
+    with pytest.raises(ConfigError, match=f"setting lora.quantize='{quantize}': quantized .* need a CUDA device"):
+        SFTTrainer(load_config(SFTConfig, None, COMMON + [
+            f"model.name_or_path={checkpoints['llama']}", f"output_dir={tmp_path}", f"lora.quantize={quantize}",
+            "num_train_examples=4", "num_eval_examples=2"])).setup()
+
+
+def test_qlora_plumbing_runs_with_the_cuda_check_lifted(checkpoints, reward_runs, tmp_path, monkeypatch):
+    """What lora.quantize=4bit does on CUDA, run here on bitsandbytes' CPU kernels: NF4 base weights, adapters on
+    them, the reference by disabling them, the critic over the same quantized tensors, an adapter saved."""
+    import bitsandbytes as bnb
+
+    monkeypatch.setattr(lora, "check_quantization_device", lambda quantize, device: None)
+    trainer = RLTrainer(load_config(RLConfig, None, RL + [
+        f"output_dir={tmp_path}", f"model.name_or_path={checkpoints['llama']}", "reward=rule", "advantage=gae",
+        "lora.quantize=4bit", "max_steps=1"]), reward_fn=answer_length).setup()
+    quantized = [m for m in trainer.policy.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert quantized and all(m.weight.dtype == torch.uint8 for m in quantized)
+    policy = {p.data_ptr() for p in trainer.policy.parameters() if not p.requires_grad}
+    assert all(p.data_ptr() in policy for p in trainer.value.parameters() if not p.requires_grad)
+    before = snapshot(trainer.policy)
+    trainer.train()
+    assert_only_trained_changed(before, trainer.policy)
+    assert (trainer.final_model / "adapter_model.safetensors").is_file()
+    # an adapter folder cannot be merged into quantized weights: the message says to export it first
+    with pytest.raises(ConfigError, match="fastrm export"):
+        RLTrainer(load_config(RLConfig, None, RL + [
+            f"output_dir={tmp_path / 'again'}", f"model.name_or_path={trainer.final_model}", "reward=rule",
+            "advantage=rloo", "lora.quantize=4bit"]), reward_fn=answer_length).setup()
+
+
+@pytest.mark.parametrize("overrides,match", [
+    (["lora.r=4", "model.name_or_path=tiny"], "setting lora.r=4: LoRA adapts a pretrained checkpoint"),
+    (["lora.quantize=4bit"], r"setting lora.quantize='4bit': needs lora.r > 0"),
+    (["lora.r=4", "lora.quantize=4bit", "distributed=fsdp"], "setting lora.quantize='4bit': .* cannot be sharded"),
+    (["lora.r=4", "ref_8bit=true"], "setting ref_8bit=True: with lora.r > 0 the reference is the policy"),
+    (["lora.r=4", "lora.target_modules=[]"], "setting lora.target_modules=\\[\\]"),
+    (["lora.r=4", "lora.dropout=1.5"], "setting lora.dropout=1.5"),
+])
+def test_bad_lora_settings_name_the_setting(checkpoints, overrides, match):
+    args = ["reward=rule", f"model.name_or_path={checkpoints['llama']}", *overrides]
+    with pytest.raises(ConfigError, match=match):
+        load_config(RLConfig, None, args)
+
+
+def test_target_modules_that_match_nothing_name_the_setting(checkpoints, tmp_path):
+    with pytest.raises(ConfigError, match="setting lora.target_modules=\\['nonexistent_proj'\\]"):
+        SFTTrainer(load_config(SFTConfig, None, COMMON + [
+            f"model.name_or_path={checkpoints['llama']}", f"output_dir={tmp_path}", "lora.target_modules=[nonexistent_proj]",
+            "num_train_examples=4", "num_eval_examples=2"])).setup()
+
+
+def test_export_refuses_a_folder_without_an_adapter(checkpoints, tmp_path, capsys):
+    assert run_command(["export", str(checkpoints["llama"]), str(tmp_path / "out")]) == 2
+    assert "holds no LoRA adapter (adapter_config.json)" in capsys.readouterr().err
+
+
+# ---- torchrun: DDP and FSDP ----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_ppo_update_with_lora_on_two_ranks_equals_one_process(checkpoints, tmp_path, mode):
+    """One PPO update of a saved rollout (LoRA policy, LoRA critic, the reference by disabling the adapters), each of
+    2 gloo ranks holding half its rows: adapters and critic end where one process updating on all rows ends."""
+    from safetensors.torch import load_file
+    from test_distributed import TESTS, assert_same_params, save_rollout, torchrun
+
+    from fastrm.checkpoint import load_trainer_state
+
+    args = [a for a in RL if not a.startswith("lora.")] + [
+        f"model.name_or_path={checkpoints['llama']}", "advantage=gae", "reward=rule",
+        "reward_fn=rl_update_worker:answer_length", "ppo_epochs=2", "optimizer=adamw", "mixed_precision=no",
+        "kl_in=loss", "kl_coef=0.1", "seed=3", "lora.r=4", "lora.dropout=0"]  # no dropout: ranks draw apart
+    one = RLTrainer(load_config(RLConfig, None, args + [f"output_dir={tmp_path / 'one'}"]),
+                    reward_fn=answer_length).setup()
+    ro = one.rollout(one.train_rows[:2])  # 4 rows: 2 per rank
+    save_rollout(ro, tmp_path / "rollout.pt")
+    one.update(ro)
+
+    torchrun(str(TESTS / "rl_update_worker.py"), [str(tmp_path / "rollout.pt"), *args, f"distributed={mode}",
+                                                   f"output_dir={tmp_path / 'two'}"])
+    checkpoint = tmp_path / "two" / "checkpoint-1"
+    ours = {k: v.detach() for k, v in peft.get_peft_model_state_dict(one.policy).items()}
+    assert_same_params(load_file(str(checkpoint / "adapter_model.safetensors")), ours)
+    assert_same_params(load_trainer_state(checkpoint)["value_model"],
+                       {k: v.detach() for k, v in one.value.named_parameters() if v.requires_grad})

@@ -411,8 +411,10 @@ class RLTrainer(training.Trainer):
         if kind == "policy":
             policy = lora.unwrap(self.policy)
             backbone = getattr(policy, policy.base_model_prefix)
-            # LoRA: the policy's layers again, sharing its frozen tensors; the adapters are copies, trained apart
-            backbone = lora.shared_copy(backbone) if c.lora.enabled else copy.deepcopy(backbone)
+            # LoRA: the policy's layers again, sharing its frozen tensors; the adapters are copies, trained apart.
+            # (FSDP shards each model on its own: there the critic gets a copy, sharded like the policy.)
+            shared = c.lora.enabled and self.mode != "fsdp"
+            backbone = lora.shared_copy(backbone) if shared else copy.deepcopy(backbone)
             head = nn.Linear(policy.get_output_embeddings().in_features, 1, device=self.device)
             nn.init.zeros_(head.weight), nn.init.zeros_(head.bias)
         else:  # the reward model's backbone and head, loaded afresh in full precision (TRL's default critic)
