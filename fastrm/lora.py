@@ -86,7 +86,7 @@ def validate_with(settings: LoraSettings, model_name_or_path: str, distributed: 
             "replicated, but only the adapters have gradients and optimizer states")
 
 
-# ---- loading -----------------------------------------------------------------------------------------------------------
+# ---- loading ---------------------------------------------------------------------------------------------------------
 
 def adapter_config(name_or_path: str) -> dict | None:
     """The ``adapter_config.json`` of a peft adapter folder; None for anything else (a model folder, a hub name)."""
@@ -121,9 +121,9 @@ def from_pretrained(auto_class, name_or_path: str, **kwargs):
         fresh = sorted({key.rsplit(".", 1)[0] for key in info.get("missing_keys", ())})
         return model, fresh
     if "quantization_config" in kwargs:
-        raise ConfigError(f"{name_or_path} is a LoRA adapter: merging it into quantized (lora.quantize) weights would "
-                          f"round the merge. Merge it first in full precision (fastrm export {name_or_path} "
-                          f"<folder>) and point at that folder")
+        raise ConfigError(f"{name_or_path} is a LoRA adapter, to be merged into its base, which this run loads in 8 or "
+                          f"4 bits (bitsandbytes), where the merge would be rounded. Merge it in full precision first "
+                          f"(fastrm export {name_or_path} <folder>) and point at that folder")
     require_peft(f"{name_or_path} (a LoRA adapter folder)")
     from peft import PeftModel
 
@@ -167,7 +167,7 @@ def prepare_quantized(model, gradient_checkpointing: bool):
     return prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
 
 
-# ---- adapters ----------------------------------------------------------------------------------------------------------
+# ---- adapters --------------------------------------------------------------------------------------------------------
 
 def _linear_classes() -> tuple:
     from transformers.pytorch_utils import Conv1D

@@ -12,7 +12,7 @@ import json
 import pytest
 import torch
 from families import build_checkpoints
-from test_families import scores_one_by_one
+from test_families import one_thread, scores_one_by_one  # noqa: F401 (one_thread: an autouse fixture)
 from test_rl import answer_length
 
 from fastrm import lora
@@ -30,14 +30,6 @@ COMMON = ["tensorboard=false", "progress=false", "device=cpu", "log_steps=1", "b
 RL = ["tensorboard=false", "progress=false", "device=cpu", "backend=torch", "batch_size=2", "num_samples=2",
       "max_new_tokens=4", "num_train_prompts=8", "num_eval_prompts=0", "ppo_epochs=1", "lr=1e-2", "temperature=2.0",
       "lora.r=4", "save_steps=1000"]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -86,7 +78,8 @@ def test_reward_lora_saves_an_adapter_that_peft_and_the_merged_export_score_alik
     trainer, before = reward_runs(name)
     assert lora.is_peft(trainer.model) and trainer.packed == (name == "llama")
     assert_only_trained_changed(before, trainer.model)
-    trained_heads = {n.split(".modules_to_save")[0] for n in lora.trained_names(trainer.model) if "modules_to_save" in n}
+    trained_heads = {n.split(".modules_to_save")[0] for n in lora.trained_names(trainer.model)
+                     if "modules_to_save" in n}
     assert trained_heads == {f"base_model.model.{h}" for h in heads}  # the new head, whole; no adapters in it
     final = trainer.final_model
     assert (final / "adapter_model.safetensors").is_file() and not (final / "model.safetensors").exists()
@@ -229,6 +222,36 @@ def test_lora_resume_is_bitwise(checkpoints, tmp_path, make):
             torch.testing.assert_close(b[key], a[key], atol=0, rtol=0, msg=key)
     checkpoint = tmp_path / "b" / "checkpoint-1"
     assert (checkpoint / "adapter_model.safetensors").is_file() and not (checkpoint / "model.safetensors").exists()
+    with pytest.raises(ConfigError, match="cannot change within a run .*lora.r 4 -> 8"):
+        make(checkpoints, tmp_path / "b", "max_steps=3", "resume=true", "lora.r=8")
+
+
+def test_gradient_checkpointing_gives_the_adapters_the_same_gradients(checkpoints):
+    """Frozen weights, checkpointed blocks: the adapters still get their gradients (the inputs of the checkpointed
+    blocks require grad), equal to those without checkpointing."""
+    from fastrm.data import load_tokenizer
+    from fastrm.models import ModelConfig, load_causal_lm
+
+    tokenizer = load_tokenizer("auto", str(checkpoints["llama"]))
+    settings = load_config(SFTConfig, None, [f"model.name_or_path={checkpoints['llama']}", "lora.r=4",
+                                             "lora.dropout=0"]).lora
+    ids = torch.randint(3, 200, (2, 12), generator=torch.Generator().manual_seed(0))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+    grads = []
+    for checkpointing in (False, True):
+        torch.manual_seed(0)  # the same adapter initialisation
+        model = load_causal_lm(ModelConfig(name_or_path=str(checkpoints["llama"]),
+                                           gradient_checkpointing=checkpointing), tokenizer, torch.device("cpu"))
+        model = lora.add_adapters(model, settings, "causal")
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                torch.nn.init.normal_(p, std=0.1)  # B = 0 would leave A without gradient
+        model.train()
+        token_logprobs(model, batch).sum().backward()
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.requires_grad})
+    assert all(g is not None and g.abs().sum() > 0 for g in grads[1].values())
+    for name, grad in grads[0].items():
+        torch.testing.assert_close(grads[1][name], grad, atol=1e-6, rtol=1e-5, msg=name)
 
 
 # ---- quantized base weights (QLoRA) --------------------------------------------------------------------------------
@@ -282,7 +305,8 @@ def test_bad_lora_settings_name_the_setting(checkpoints, overrides, match):
 def test_target_modules_that_match_nothing_name_the_setting(checkpoints, tmp_path):
     with pytest.raises(ConfigError, match="setting lora.target_modules=\\['nonexistent_proj'\\]"):
         SFTTrainer(load_config(SFTConfig, None, COMMON + [
-            f"model.name_or_path={checkpoints['llama']}", f"output_dir={tmp_path}", "lora.target_modules=[nonexistent_proj]",
+            f"model.name_or_path={checkpoints['llama']}", f"output_dir={tmp_path}",
+            "lora.target_modules=[nonexistent_proj]",
             "num_train_examples=4", "num_eval_examples=2"])).setup()
 
 
