@@ -10,6 +10,8 @@ COMMANDS = {
     "sft": ("fastrm.trainers.sft:main", "supervised fine-tuning (no arguments: the embedded arithmetic task)"),
     "train-rm": ("fastrm.trainers.reward:main", "train a reward model (no arguments: the embedded task, on CPU)"),
     "ppo": ("fastrm.trainers.rl:main", "RL fine-tuning: PPO / REINFORCE / RLOO / GRPO against a reward model and/or a rule"),
+    "export": ("fastrm.export:main", "merge a LoRA adapter (output_dir/final of a lora.r > 0 run) into its base: a "
+                                     "plain checkpoint folder"),
     "demo": ("fastrm.demo:main", "SFT -> reward model -> RL on the embedded arithmetic task, on CPU, in about a minute"),
     "selfcheck": ("fastrm.selfcheck:main", "check every op against float64 on this machine, then a quick benchmark"),
     "bench": ("fastrm.cli:bench", "run the benchmarks in the repository's benchmarks/ (fastrm bench --help)"),

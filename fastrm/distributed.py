@@ -352,10 +352,11 @@ def _full(value):
     return value.detach().cpu() if isinstance(value, torch.Tensor) else value
 
 
-def full_model_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The model's state dict with every tensor whole and on rank 0's CPU (all ranks must call it under FSDP;
-    the values are None on the others)."""
-    return {name: _full(value) for name, value in model.state_dict().items()}
+def full_model_state(model: nn.Module, names=None) -> dict[str, torch.Tensor]:
+    """The model's state dict (its entries ``names`` only, when given) with every tensor whole and on rank 0's CPU
+    (all ranks must call it under FSDP; the values are None on the others)."""
+    keep = None if names is None else set(names)
+    return {name: _full(value) for name, value in model.state_dict().items() if keep is None or name in keep}
 
 
 def _param_names(model: nn.Module, optimizer) -> list[str]:

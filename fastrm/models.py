@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from fastrm import packing
+from fastrm import lora, packing
 from fastrm.config import ConfigError, require, setting
 
 log = logging.getLogger("fastrm")
@@ -55,7 +55,7 @@ def model_class(name_or_path: str, auto_class, tiny_class):
         return tiny_class
     from transformers import AutoConfig
 
-    config = AutoConfig.from_pretrained(name_or_path)
+    config = AutoConfig.from_pretrained(lora.base_of(name_or_path))  # an adapter folder: its base's class
     try:
         return auto_class._model_mapping[type(config)]
     except KeyError:
@@ -114,7 +114,9 @@ def tiny_config(config: ModelConfig, tokenizer, attn_implementation: str, **extr
     )
 
 
-def _quantization(config: ModelConfig, device: torch.device):
+def _quantization(config: ModelConfig, device: torch.device, quantize: str = "none"):
+    if quantize != "none":
+        return lora.quantization_kwargs(quantize, device)
     if not config.load_in_8bit:
         return {}
     if device.type != "cuda":
@@ -124,22 +126,26 @@ def _quantization(config: ModelConfig, device: torch.device):
     return {"quantization_config": BitsAndBytesConfig(load_in_8bit=True), "device_map": {"": device.index or 0}}
 
 
-def load_reward_model(config: ModelConfig, tokenizer, device: torch.device):
-    """A sequence-classification model with one label (the scalar reward), whatever its head."""
+def load_reward_model(config: ModelConfig, tokenizer, device: torch.device, quantize: str = "none"):
+    """A sequence-classification model with one label (the scalar reward), whatever its head. ``quantize``: frozen
+    8bit / 4bit weights for LoRA (:mod:`fastrm.lora`). The names of the modules the checkpoint did not hold (the new
+    head) are kept in ``model.fastrm_new_modules``: LoRA trains them fully."""
     from transformers import AutoModelForSequenceClassification, LlamaForSequenceClassification
 
     cls = model_class(config.name_or_path, AutoModelForSequenceClassification, LlamaForSequenceClassification)
     attn = pick_attn_implementation(config.attn_implementation, device, cls)
     if config.name_or_path == TINY:
-        model = LlamaForSequenceClassification(tiny_config(config, tokenizer, attn, num_labels=1))
+        model, fresh = LlamaForSequenceClassification(tiny_config(config, tokenizer, attn, num_labels=1)), []
     else:
-        model = AutoModelForSequenceClassification.from_pretrained(
-            config.name_or_path, num_labels=1, attn_implementation=attn, **_quantization(config, device))
+        model, fresh = lora.from_pretrained(AutoModelForSequenceClassification, config.name_or_path, num_labels=1,
+                                            attn_implementation=attn, **_quantization(config, device, quantize))
+    model.fastrm_new_modules = fresh
     _match_tokenizer(model, tokenizer, config)
-    return _finish(model, config, device)
+    return _finish(model, config, device, quantize)
 
 
-def load_causal_lm(config: ModelConfig, tokenizer, device: torch.device):
+def load_causal_lm(config: ModelConfig, tokenizer, device: torch.device, quantize: str = "none"):
+    """A causal language model (a policy); ``quantize``: frozen 8bit / 4bit weights for LoRA (:mod:`fastrm.lora`)."""
     from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
     cls = model_class(config.name_or_path, AutoModelForCausalLM, LlamaForCausalLM)
@@ -147,10 +153,10 @@ def load_causal_lm(config: ModelConfig, tokenizer, device: torch.device):
     if config.name_or_path == TINY:
         model = LlamaForCausalLM(tiny_config(config, tokenizer, attn))
     else:
-        model = AutoModelForCausalLM.from_pretrained(config.name_or_path, attn_implementation=attn,
-                                                     **_quantization(config, device))
+        model, _ = lora.from_pretrained(AutoModelForCausalLM, config.name_or_path, attn_implementation=attn,
+                                        **_quantization(config, device, quantize))
     _match_tokenizer(model, tokenizer, config)
-    model = _finish(model, config, device)
+    model = _finish(model, config, device, quantize)
     if not attends_causally(model):
         raise ConfigError(f"setting model.name_or_path={config.name_or_path!r}: {type(model).__name__} attends to "
                           "later tokens (an encoder's bidirectional attention); SFT and RL need a causal decoder. "
@@ -219,10 +225,12 @@ def logits_are_head_output(model) -> bool:
     return len(seen) == 1 and seen[0].shape == logits.shape and torch.equal(seen[0], logits)
 
 
-def _finish(model, config: ModelConfig, device: torch.device):
+def _finish(model, config: ModelConfig, device: torch.device, quantize: str = "none"):
     if config.gradient_checkpointing:
         model.gradient_checkpointing_enable()
         model.config.use_cache = False
+    if quantize != "none":  # placed on the device by from_pretrained; frozen, norms in float32
+        return lora.prepare_quantized(model, config.gradient_checkpointing)
     if not config.load_in_8bit:
         model.to(device)
     return model
@@ -271,11 +279,13 @@ def reward_scores(model, batch: dict) -> torch.Tensor:
     with attention per sequence and apply the last-token ``score`` head where the padded forward reads it:
     no FLOP on padding. Bucketed batches (:func:`fastrm.packing.bucket`) run one padded forward per bucket.
     A model must pass :func:`fastrm.packing.choose_packing` before it takes packed rows."""
+    model = lora.unwrap(model)  # peft: the Hugging Face model, its adapted layers in place
     if "buckets" in batch:
         return packing.per_bucket(lambda sub: reward_scores(model, sub), batch, per_token=False)
     if "cu_seq_lens" in batch:
         head = getattr(model, "score", None)
-        if not isinstance(head, torch.nn.Linear):
+        # A head LoRA trains whole sits in peft's ModulesToSaveWrapper, which calls its trainable copy.
+        if not isinstance(getattr(head, "original_module", head), torch.nn.Linear):
             raise packing.PackingUnsupported(
                 f"{type(model).__name__} has no last-token `score` head (its head reads another token, e.g. a "
                 "pooled first token): packed rows cannot be scored")
@@ -297,6 +307,7 @@ def token_logprobs(model, batch: dict, *, temperature: float = 1.0, return_entro
     ...) gets them from its own forward and ``fastrm.gather_logprobs``."""
     import fastrm
 
+    model = lora.unwrap(model)  # peft: the Hugging Face model, its adapted layers in place
     if "buckets" in batch:
         return packing.per_bucket(lambda sub: token_logprobs(model, sub, temperature=temperature,
                                                              return_entropy=return_entropy, backend=backend),

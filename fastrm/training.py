@@ -20,9 +20,10 @@ import torch
 
 from fastrm import _checks
 from fastrm import checkpoint as ckpt
-from fastrm import distributed, packing
+from fastrm import distributed, lora, packing
 from fastrm.checkpoint import CHECKPOINT_PREFIX, LATEST_FILE, latest_checkpoint, load_trainer_state  # noqa: F401
-from fastrm.config import setting
+from fastrm.config import ConfigError, setting
+from fastrm.lora import LoraSettings
 from fastrm.models import TINY, ModelConfig
 
 log = logging.getLogger("fastrm")
@@ -46,6 +47,8 @@ class TrainerSettings:
                                   "model.name_or_path=tiny, else none) | tiny (the embedded task's small-model "
                                   "settings) | none (the defaults, for pretrained checkpoints)")
     model: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoraSettings = setting(LoraSettings(), "LoRA / QLoRA adapters (peft): lora.r > 0 trains adapters on the "
+                                                 "frozen model instead of all its weights")
     output_dir: str = "runs/fastrm"
     batch_size: int = 16  # per device under torchrun (global batch = batch_size * world_size)
     max_steps: int = 100
@@ -81,7 +84,7 @@ class TrainerSettings:
 
     # Settings a resumed run may not change: they fix the model, the data or its order, or what the saved state
     # holds ("model": every model.* but FREE_ON_RESUME). Every other setting may change and applies on resume.
-    FIXED_ON_RESUME: ClassVar[tuple[str, ...]] = ("model", "seed", "batch_size")
+    FIXED_ON_RESUME: ClassVar[tuple[str, ...]] = ("model", "lora", "seed", "batch_size")
     FREE_ON_RESUME: ClassVar[tuple[str, ...]] = ("model.gradient_checkpointing", "model.attn_implementation")
 
     @classmethod
@@ -99,6 +102,10 @@ class TrainerSettings:
 
         require(self.preset in PRESETS, "preset", self.preset, "must be one of " + ", ".join(PRESETS))
         self.model.validate()
+        lora.validate_with(self.lora, self.model.name_or_path, self.distributed)
+        require(not (self.model.load_in_8bit and self.lora.quantize != "none"), "model.load_in_8bit",
+                self.model.load_in_8bit, "is for frozen models; a trained model's quantized weights are set by "
+                "lora.quantize")
         self.mixed_precision = unyaml_no(self.mixed_precision)
         for name in ("batch_size", "max_steps", "log_steps", "eval_steps", "save_steps"):
             require(getattr(self, name) >= 1, name, getattr(self, name), "must be >= 1")
@@ -201,6 +208,14 @@ class Trainer:
         if self.lock is not None:
             self.lock.release()
             self.lock = None
+
+
+def parameter_counts(model) -> str:
+    """``"1.23M parameters"``, or with frozen ones (LoRA) ``"1.23M parameters, 0.05M trained"``."""
+    total = sum(p.numel() for p in model.parameters())
+    trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    text = f"{total / 1e6:.2f}M parameters"
+    return text if trained == total else f"{text}, {trained / 1e6:.3f}M trained"
 
 
 def log_tokenized(split: str, report, max_length: int):
@@ -750,7 +765,8 @@ def save_distributed(trainer, parallel: distributed.Parallel, state: dict) -> Pa
     from fastrm.config import config_to_dict
 
     trainer.guard.check_parameters()
-    weights = distributed.full_model_state(parallel.model) if parallel.is_fsdp else None
+    weights = distributed.full_model_state(parallel.model, lora.saved_names(parallel.model)) \
+        if parallel.is_fsdp else None
     state = {"format": ckpt.STATE_FORMAT, "run_id": trainer.run_id, "step": trainer.step,
              "world_size": distributed.world_size(), "config": config_to_dict(trainer.config), **state}
     path = distributed.run_on_main(_write_checkpoint, trainer, parallel.model, state, weights)
@@ -772,7 +788,8 @@ def save_final(parallel: distributed.Parallel, tokenizer, out_dir: Path) -> Path
     """Write the trained model and its tokenizer to ``out_dir/final``: an ordinary Hugging Face folder that
     ``from_pretrained`` loads (no trainer state), replacing the one of an earlier run. Written to a temporary
     folder first and renamed into place; every rank takes part (FSDP shards are gathered), rank 0 writes."""
-    weights = distributed.full_model_state(parallel.model) if parallel.is_fsdp else None
+    weights = distributed.full_model_state(parallel.model, lora.saved_names(parallel.model)) \
+        if parallel.is_fsdp else None
     final = Path(out_dir) / FINAL_DIR
     if distributed.is_main():
         tmp = Path(out_dir) / f"{ckpt.TMP_PREFIX}{FINAL_DIR}-{os.getpid()}"
@@ -793,6 +810,13 @@ def save_final(parallel: distributed.Parallel, tokenizer, out_dir: Path) -> Path
 
 
 def load_model_weights(model, checkpoint: Path):
+    """The weights of ``checkpoint`` into ``model``: its adapters (and fully trained heads) for a LoRA model."""
+    if lora.is_peft(model):
+        lora.load_adapter_weights(model, checkpoint)
+        return
+    if lora.adapter_config(checkpoint) is not None:
+        raise ConfigError(f"resume from {checkpoint}: it holds a LoRA adapter but this run trains the whole model "
+                          f"(lora.r=0); resume with the checkpoint's lora.* settings")
     model.load_state_dict(type(model).from_pretrained(checkpoint).state_dict())
 
 

@@ -29,7 +29,7 @@ def main():
         from torch.distributed.tensor import DTensor
 
         for model, optimizer in ((trainer.policy, trainer.optimizer), (trainer.value, trainer.value_optimizer)):
-            params = list(model.parameters())
+            params = [p for p in model.parameters() if p.requires_grad]  # LoRA: frozen weights have no moments
             assert all(isinstance(p, DTensor) for p in params)
             whole = sum(p.numel() for p in params)
             local = sum(p.to_local().numel() for p in params)

@@ -130,6 +130,25 @@ RL_COMMON = ["advantage=gae", "reward=rule", "reward_fn=rl_update_worker:answer_
              "kl_coef=0.1", "seed=3"]
 
 
+def save_rollout(ro: dict, path):
+    """What tests/rl_update_worker.py reads: the rollout ``ro`` and, for random scores and advantages, the
+    one-process statistics (whitening, normalisation, baseline) its ranks must reproduce from their halves."""
+    keys = ("batch", "prompt_len", "mask", "old_logprobs", "ref_logprobs", "values", "advantages", "returns")
+    generator = torch.Generator().manual_seed(0)
+    rows = ro["mask"].shape[0]
+    scores, advantages = torch.randn(rows, generator=generator), torch.randn(ro["mask"].shape, generator=generator)
+    saved = {"rollout": {k: ro[k] for k in keys}, "scores": scores, "advantages": advantages,
+             "whitened": rl.whiten_advantages(advantages, ro["mask"])}
+    for kind in ("batch", "running"):
+        norm = rl.RewardNormalizer(kind)
+        norm(scores + 1.0)
+        saved[f"normalized_{kind}"] = norm(scores)
+    baseline = rl.MovingAverageBaseline("moving", decay=0.5)
+    baseline(scores + 1.0)
+    saved["baselined"] = baseline(scores)
+    torch.save(saved, path)
+
+
 @pytest.mark.parametrize("mode", ["ddp", "fsdp"])
 def test_ppo_update_on_two_ranks_equals_one_process(tmp_path, mode):
     """Each rank updates on half the rows of one rollout (halves with different token counts): policy and critic
@@ -141,19 +160,7 @@ def test_ppo_update_on_two_ranks_equals_one_process(tmp_path, mode):
     ro = one.rollout(one.train_rows[:3])  # 6 rows: 3 per rank
     ro["mask"][0, 1:] = 0  # rank 0's half gets fewer tokens: token means need the global token count
     assert ro["mask"][0::2].sum() != ro["mask"][1::2].sum()
-    keys = ("batch", "prompt_len", "mask", "old_logprobs", "ref_logprobs", "values", "advantages", "returns")
-    generator = torch.Generator().manual_seed(0)
-    scores, advantages = torch.randn(6, generator=generator), torch.randn(ro["mask"].shape, generator=generator)
-    saved = {"rollout": {k: ro[k] for k in keys}, "scores": scores, "advantages": advantages,
-             "whitened": rl.whiten_advantages(advantages, ro["mask"])}
-    for kind in ("batch", "running"):
-        norm = rl.RewardNormalizer(kind)
-        norm(scores + 1.0)
-        saved[f"normalized_{kind}"] = norm(scores)
-    baseline = rl.MovingAverageBaseline("moving", decay=0.5)
-    baseline(scores + 1.0)
-    saved["baselined"] = baseline(scores)
-    torch.save(saved, tmp_path / "rollout.pt")
+    save_rollout(ro, tmp_path / "rollout.pt")
     one.update(ro)
 
     torchrun(str(TESTS / "rl_update_worker.py"), [str(tmp_path / "rollout.pt"), *RL_TINY, *RL_COMMON,

@@ -16,7 +16,7 @@ import torch
 
 import fastrm
 from fastrm import data as fdata
-from fastrm import distributed, training
+from fastrm import distributed, lora, training
 from fastrm.config import parse_cli, require, setting
 from fastrm.models import load_reward_model, reward_scores
 
@@ -68,13 +68,14 @@ class RewardTrainer(training.Trainer):
         self.eval_examples, _ = self._tokenize(eval_rows, "eval")
         if not self.train_examples:
             raise ValueError("no training examples left after tokenization (all dropped?)")
-        self.model = load_reward_model(c.model, self.tokenizer, self.device)
+        self.model = load_reward_model(c.model, self.tokenizer, self.device, quantize=c.lora.quantize)
         self.packing = training.choose_packing(self, self.model, "reward", "reward model")
+        if c.lora.enabled:  # adapters on the frozen model, the head trained fully
+            self.model = lora.add_adapters(self.model, c.lora, "reward")
         training.prepare_optimization(self)
-        n_params = sum(p.numel() for p in self.model.parameters())
-        log.info("reward model: %s, %.2fM parameters, %d train / %d eval %s examples, %s batches, device=%s",
-                 type(self.model).__name__, n_params / 1e6, len(self.train_examples), len(self.eval_examples),
-                 self.kind, self.packing.mode, self.device)
+        log.info("reward model: %s, %s, %d train / %d eval %s examples, %s batches, device=%s",
+                 type(lora.unwrap(self.model)).__name__, training.parameter_counts(self.model),
+                 len(self.train_examples), len(self.eval_examples), self.kind, self.packing.mode, self.device)
         return self
 
     def _load_rows(self):

@@ -41,7 +41,7 @@ from tqdm.auto import tqdm
 
 from fastrm import data as fdata
 from fastrm import distributed as fdist
-from fastrm import packing, rewards, rl, training
+from fastrm import lora, packing, rewards, rl, training
 from fastrm._checks import deferred_finite_checks
 from fastrm.config import ConfigError, require, setting
 from fastrm.generation import decode_completions, generate
@@ -139,7 +139,7 @@ class RLConfig(training.TrainerSettings):
 
     # The global batch may change on resume (another number of GPUs): rollouts are sampled, and the prompt
     # order goes on from the same epoch position.
-    FIXED_ON_RESUME: ClassVar[tuple[str, ...]] = ("model", "seed", "tokenizer", "train_data", "train_split",
+    FIXED_ON_RESUME: ClassVar[tuple[str, ...]] = ("model", "lora", "seed", "tokenizer", "train_data", "train_split",
                                                   "num_train_prompts", "task_max_level", "curriculum")
     # The embedded task's small model (preset=tiny, or auto with model.name_or_path=tiny; fastrm demo sets it).
     TINY_PRESET: ClassVar[dict] = {"batch_size": 16, "max_new_tokens": 6, "lr": 1e-4}
@@ -204,6 +204,9 @@ class RLConfig(training.TrainerSettings):
             require(all(math.isfinite(w) for w in self.reward_weights), "reward_weights", self.reward_weights,
                     "must be finite")
         if self.ref_8bit:
+            require(not self.lora.enabled, "ref_8bit", self.ref_8bit,
+                    "with lora.r > 0 the reference is the policy with its adapters disabled, not a copy to load in "
+                    "8 bits; lora.quantize=8bit quantizes the weights they share")
             require(self.model.name_or_path != TINY, "ref_8bit", self.ref_8bit,
                     "needs model.name_or_path to be a checkpoint (the reference is reloaded from it in 8 bits)")
 
@@ -260,16 +263,21 @@ class RLTrainer(training.Trainer):
         self.tokenizer = fdata.load_tokenizer(c.tokenizer, c.model.name_or_path)
         fdata.sequence_template(self.tokenizer)  # a policy needs an EOS token to end its answers
         self.train_rows, self.eval_rows = self._load_prompts()
-        # Policy, and the frozen reference: a copy of the initial policy (or the same checkpoint in 8 bits).
-        self.policy = load_causal_lm(c.model, self.tokenizer, self.device)
+        # Policy, and the frozen reference: a copy of the initial policy (or the same checkpoint in 8 bits); with
+        # LoRA, the policy with its adapters disabled (peft's disable_adapter), no second copy of the weights.
+        self.policy = load_causal_lm(c.model, self.tokenizer, self.device, quantize=c.lora.quantize)
         self.policy_packing = training.choose_packing(self, self.policy, "causal_lm", "policy")
-        if c.ref_8bit:
+        if c.lora.enabled:
+            self.policy = lora.add_adapters(self.policy, c.lora, "causal")
+            self.ref = None
+        elif c.ref_8bit:
             self.ref = load_causal_lm(replace(c.model, load_in_8bit=True), self.tokenizer, self.device)
             if self.policy_packing.mode == "packed":  # the policy's architecture, proven by its probe
                 packing.enable_varlen(self.ref)
         else:
             self.ref = copy.deepcopy(self.policy)  # with the policy's attention
-        self.ref.requires_grad_(False).eval()
+        if self.ref is not None:
+            self.ref.requires_grad_(False).eval()
         self.reward_model = self.reward_tokenizer = None
         if c.reward in ("model", "both"):
             rm_config = ModelConfig(name_or_path=c.reward_model_path, load_in_8bit=c.reward_model_8bit)
@@ -293,11 +301,15 @@ class RLTrainer(training.Trainer):
                     raise ConfigError(f"resume from {checkpoint}: it has no critic, but this run needs one "
                                       f"(value_model={c.value_model}, advantage={c.advantage}); resume with the "
                                       f"checkpoint's advantage/value_model settings")
-                self.value.load_state_dict(state["value_model"])
+                if c.lora.enabled:  # its adapters and head; the frozen weights are the checkpoint's base
+                    lora.load_trained_state(self.value, state["value_model"], f"resume from {checkpoint}: critic")
+                else:
+                    self.value.load_state_dict(state["value_model"])
         # Data parallel: trained models DDP-wrapped (or FSDP-sharded), frozen ones replicated (or sharded).
         self.autocast = training.use_bf16_autocast(c.mixed_precision, self.device)
         wrap = lambda model: fdist.Parallel.wrap(model, self.mode, self.device, bf16=self.autocast)  # noqa: E731
-        self.policy_p, self.ref_p = wrap(self.policy), wrap(self.ref)
+        self.policy_p = wrap(self.policy)
+        self.ref_p = wrap(self.ref) if self.ref is not None else None
         self.reward_p = wrap(self.reward_model) if self.reward_model is not None else None
         self.value_p = wrap(self.value) if self.value is not None else None
         # Optimizers: one per trained model; one optimizer step per minibatch.
@@ -333,10 +345,12 @@ class RLTrainer(training.Trainer):
         fdist.decorrelate_rng(c.seed, self.step)  # ranks sample different completions
         self.metrics = training.MetricsLogger(self.out_dir, c.tensorboard) if fdist.is_main() \
             else training.NullMetricsLogger()
-        log.info("policy %.2fM parameters; reward=%s; advantage=%s; critic=%s; %d train / %d eval prompts; "
-                 "curriculum=%s; device=%s", sum(p.numel() for p in self.policy.parameters()) / 1e6, c.reward,
-                 c.advantage, c.resolved_value_model(), len(self.train_rows), len(self.eval_rows), c.curriculum,
-                 self.device)
+        log.info("policy %s; reward=%s; advantage=%s; critic=%s; %d train / %d eval prompts; curriculum=%s; "
+                 "device=%s", training.parameter_counts(self.policy), c.reward, c.advantage, c.resolved_value_model(),
+                 len(self.train_rows), len(self.eval_rows), c.curriculum, self.device)
+        log.info("models in memory: %.1f MiB of parameters and buffers (policy, reference%s, critic, reward model; "
+                 "shared tensors counted once)", self.model_bytes() / 2**20,
+                 ": the policy with its adapters disabled" if self.ref is None else "")
         return self
 
     def _load_prompts(self):
@@ -386,14 +400,25 @@ class RLTrainer(training.Trainer):
         log.info("curriculum: ordering prompts by length (tokens)")
         return [len(self.tokenizer(r["prompt"])["input_ids"]) for r in self.train_rows]
 
+    def model_bytes(self) -> int:
+        """Bytes of the parameters and buffers of every model this trainer holds, each tensor counted once."""
+        return lora.memory_bytes(self.policy, self.ref, self.value, self.reward_model)
+
     def _build_value_model(self):
+        """The critic. With LoRA it trains adapters of its own and its head: from the policy, over the policy's own
+        frozen weights (no copy of them); from a reward model, over that model's weights, loaded afresh."""
         c = self.config
         kind = c.resolved_value_model()
         if kind == "none":
             return None
         if kind == "policy":
-            backbone = copy.deepcopy(getattr(self.policy, self.policy.base_model_prefix))  # with its attention
-            head = nn.Linear(self.policy.get_output_embeddings().in_features, 1, device=self.device)
+            policy = lora.unwrap(self.policy)
+            backbone = getattr(policy, policy.base_model_prefix)  # a copy keeps the policy's attention
+            # LoRA: the policy's layers again, sharing its frozen tensors; the adapters are copies, trained apart.
+            # (FSDP shards each model on its own: there the critic gets a copy, sharded like the policy.)
+            shared = c.lora.enabled and self.mode != "fsdp"
+            backbone = lora.shared_copy(backbone) if shared else copy.deepcopy(backbone)
+            head = nn.Linear(policy.get_output_embeddings().in_features, 1, device=self.device)
             nn.init.zeros_(head.weight), nn.init.zeros_(head.bias)
             self.value_packing = self.policy_packing
         else:  # the reward model's backbone and head, loaded afresh in full precision (TRL's default critic)
@@ -408,8 +433,13 @@ class RLTrainer(training.Trainer):
                                   "'score' head to read values at every position; use value_model=policy")
             self.value_packing = training.choose_packing(self, rm, "backbone", "critic")
             backbone, head = getattr(rm, rm.base_model_prefix), rm.score
+            if c.lora.enabled:
+                backbone = lora.add_adapters_in_place(backbone, c.lora)
         value = TokenValueModel(backbone, head).to(self.device)
-        value.requires_grad_(True)
+        if c.lora.enabled:
+            head.requires_grad_(True)  # the adapters are trainable, the frozen weights stay frozen
+        else:
+            value.requires_grad_(True)
         return value
 
     # ---- one rollout -------------------------------------------------------------------------------------------
@@ -449,6 +479,12 @@ class RLTrainer(training.Trainer):
         if return_entropy:
             return out[0][:, prompt_len - 1:], out[1][:, prompt_len - 1:]
         return out[:, prompt_len - 1:]
+
+    def _ref_logprobs(self, batch, prompt_len):
+        if self.ref is not None:
+            return self._logprobs(self.ref_p, batch, prompt_len)
+        with self.policy.disable_adapter():  # LoRA: the reference is the policy without its adapters
+            return self._logprobs(self.policy_p, batch, prompt_len)
 
     def _values(self, batch, prompt_len):
         with self._autocast():
@@ -550,7 +586,7 @@ class RLTrainer(training.Trainer):
         prompt_len = gen["prompt_ids"].shape[1]
         mask = gen["completion_mask"]
         old_logprobs = self._logprobs(self.policy_p, batch, prompt_len)
-        ref_logprobs = self._logprobs(self.ref_p, batch, prompt_len)
+        ref_logprobs = self._ref_logprobs(batch, prompt_len)
         values = self._values(batch, prompt_len) if self.value is not None else None
         timing["timing/logprobs"] = time.perf_counter() - start
 
@@ -771,7 +807,9 @@ class RLTrainer(training.Trainer):
                  "baseline": self.baseline.state_dict(), "normalizer": self.normalizer.state_dict(),
                  "rng": training.rng_state()}
         if self.value is not None:
-            state.update({"value_model": fdist.full_model_state(self.value),
+            # LoRA: the critic's adapters and head only (its frozen weights are the model's own)
+            names = lora.trained_names(self.value) if self.config.lora.enabled else None
+            state.update({"value_model": fdist.full_model_state(self.value, names),
                           "value_optimizer": fdist.full_optimizer_state(self.value, self.value_optimizer),
                           "value_scheduler": self.value_scheduler.state_dict()})
         return state

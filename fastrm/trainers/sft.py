@@ -18,7 +18,7 @@ from typing import ClassVar
 import torch
 
 from fastrm import data as fdata
-from fastrm import distributed, training
+from fastrm import distributed, lora, training
 from fastrm.config import parse_cli, require, setting
 from fastrm.models import load_causal_lm, token_logprobs
 
@@ -63,11 +63,13 @@ class SFTTrainer(training.Trainer):
         self.eval_rows = eval_rows
         if not self.train_examples:
             raise ValueError("no training examples left after tokenization (all dropped?)")
-        self.model = load_causal_lm(c.model, self.tokenizer, self.device)
+        self.model = load_causal_lm(c.model, self.tokenizer, self.device, quantize=c.lora.quantize)
         self.packing = training.choose_packing(self, self.model, "causal_lm", "policy")
+        if c.lora.enabled:  # adapters on the frozen model
+            self.model = lora.add_adapters(self.model, c.lora, "causal")
         training.prepare_optimization(self)
-        log.info("policy: %s, %.2fM parameters, %d train / %d eval examples, %s batches, device=%s",
-                 type(self.model).__name__, sum(p.numel() for p in self.model.parameters()) / 1e6,
+        log.info("policy: %s, %s, %d train / %d eval examples, %s batches, device=%s",
+                 type(lora.unwrap(self.model)).__name__, training.parameter_counts(self.model),
                  len(self.train_examples), len(self.eval_examples), self.packing.mode, self.device)
         return self
 
