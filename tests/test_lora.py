@@ -76,7 +76,7 @@ def test_reward_lora_saves_an_adapter_that_peft_and_the_merged_export_score_alik
     from transformers import AutoModelForSequenceClassification
 
     trainer, before = reward_runs(name)
-    assert lora.is_peft(trainer.model) and trainer.packed == (name == "llama")
+    assert lora.is_peft(trainer.model) and trainer.packing.mode == ("packed" if name == "llama" else "bucketed")
     assert_only_trained_changed(before, trainer.model)
     trained_heads = {n.split(".modules_to_save")[0] for n in lora.trained_names(trainer.model)
                      if "modules_to_save" in n}
@@ -132,8 +132,8 @@ def test_sft_lora_logprobs_equal_the_peft_reload_and_the_merged_export(checkpoin
     mine = []
     for i, e in enumerate(examples):
         n = len(e["input_ids"]) - 1
-        start = sum(len(x["input_ids"]) for x in examples[:i]) if trainer.packed else 0
-        mine.append((ours[0, start:start + n] if trainer.packed else ours[i, :n]).double())
+        start = sum(len(x["input_ids"]) for x in examples[:i]) if trainer.packing.mode == "packed" else 0
+        mine.append((ours[0, start:start + n] if trainer.packing.mode == "packed" else ours[i, :n]).double())
 
     adapter = peft.AutoPeftModelForCausalLM.from_pretrained(trainer.final_model).eval()
     assert run_command(["export", str(trainer.final_model), str(tmp_path / "merged")]) == 0
