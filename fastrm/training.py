@@ -80,7 +80,7 @@ class TrainerSettings:
     max_steps: int = setting(100, "optimizer steps to train for")
     lr: float = setting(1e-4, "peak learning rate")
     weight_decay: float = setting(0.0, "AdamW decoupled weight decay")
-    lr_scheduler: str = setting("constant", "learning-rate schedule after warmup: " + " | ".join(SCHEDULERS))
+    lr_scheduler: str = setting("constant", "learning-rate schedule after the warmup: " + " | ".join(SCHEDULERS))
     warmup_steps: int = setting(0, "steps of linear learning-rate warmup; 0: warmup_ratio of the steps")
     warmup_ratio: float = setting(0.0, "share of the optimizer steps spent warming the learning rate up (when "
                                        "warmup_steps is 0)")
@@ -138,9 +138,6 @@ class TrainerSettings:
                 "cannot be combined with --resume (resume continues the run in output_dir, overwrite deletes it)")
         require(self.warmup_steps >= 0, "warmup_steps", self.warmup_steps, "must be >= 0")
         require(0 <= self.warmup_ratio < 1, "warmup_ratio", self.warmup_ratio, "must lie in [0, 1)")
-        require(self.lr_scheduler != "constant" or (self.warmup_steps == 0 and self.warmup_ratio == 0), "lr_scheduler",
-                self.lr_scheduler, "has no warmup: use lr_scheduler=constant_with_warmup, or warmup_steps=0 and "
-                "warmup_ratio=0")
         require(self.keep_checkpoints >= 0, "keep_checkpoints", self.keep_checkpoints, "must be >= 0")
         require(self.max_grad_norm > 0, "max_grad_norm", self.max_grad_norm, "must be > 0")
         require(self.optimizer in ("auto", "adamw", "adamw8bit"), "optimizer", self.optimizer,
@@ -398,8 +395,12 @@ def warmup_steps(config: TrainerSettings, total_steps: int) -> int:
 
 
 def make_scheduler(optimizer, name: str, warmup_steps: int, total_steps: int):
+    """transformers' schedule ``name`` after ``warmup_steps`` of linear warmup. Its ``constant`` ignores the warmup;
+    here it is honoured (``constant_with_warmup``), as every other schedule honours it."""
     from transformers import get_scheduler
 
+    if name == "constant" and warmup_steps > 0:
+        name = "constant_with_warmup"
     return get_scheduler(name, optimizer, num_warmup_steps=warmup_steps, num_training_steps=total_steps)
 
 

@@ -105,7 +105,6 @@ USER_ERRORS = [  # (command, arguments, what the one-line message must say)
     ("train-rm", lambda t: ["weight_decay=-0.1"], "setting weight_decay=-0.1: must be >= 0"),
     ("train-rm", lambda t: ["device=tpu"], "setting device='tpu'"),
     ("train-rm", lambda t: ["lr_scheduler=cosine_typo"], "setting lr_scheduler='cosine_typo': must be one of"),
-    ("train-rm", lambda t: ["lr_scheduler=constant", "warmup_steps=5"], "lr_scheduler=constant has no warmup"),
     ("train-rm", lambda t: ["max_length=2"], "setting max_length=2: must be >= 3"),
     ("sft", lambda t: ["tokenizer=/no/such/tokenizer"], "setting tokenizer='/no/such/tokenizer'"),
     ("sft", lambda t: ["model.name_or_path=/no/such/model"], "setting model.name_or_path='/no/such/model': no such"),
@@ -171,3 +170,16 @@ def test_settings_are_all_checked_before_anything_is_built(tmp_path):
         load_config(RLConfig, None, ["reward=rule", "clip_eps=1.0", f"output_dir={tmp_path}/run"])
     assert not (tmp_path / "run").exists()
     json.dumps(dataclasses.asdict(load_config(RLConfig, None, ["reward=rule"])))  # a valid one loads
+
+
+def test_constant_schedule_honours_the_warmup():
+    """``lr_scheduler=constant`` is the schedule after the warmup, like every other one (transformers' ignores it)."""
+    weight = torch.nn.Parameter(torch.zeros(1))
+    optimizer = torch.optim.SGD([weight], lr=1.0)
+    scheduler = training.make_scheduler(optimizer, "constant", warmup_steps=2, total_steps=5)
+    lrs = []
+    for _ in range(4):
+        lrs.append(scheduler.get_last_lr()[0])
+        optimizer.step()
+        scheduler.step()
+    assert lrs == [0.0, 0.5, 1.0, 1.0]
