@@ -359,7 +359,8 @@ def test_demo_cli_runs_the_whole_pipeline(tmp_path, capsys):
     from fastrm.cli import main
 
     tiny = ["--sft-steps", "3", "--rm-steps", "3", "--rl-steps", "2", "--sft", "model.hidden_size=32",
-            "--rm", "model.hidden_size=32"]
+            "--rm", "model.hidden_size=32", "--sft", "num_train_examples=256", "--sft", "num_eval_examples=16",
+            "--rm", "num_train_pairs=256", "--rm", "num_eval_pairs=32", "--rl", "num_train_prompts=64"]
     docs = tmp_path / "results.md"
     code = main(["demo", "--output-dir", str(tmp_path / "many"), "--seeds", "0-1", "--write-docs", str(docs),
                  "--no-progress", *tiny])
