@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import os
 import sys
+import traceback
 from pathlib import Path
+
+from fastrm.errors import EXIT_CHECKPOINT_WRITE, EXIT_INTERRUPTED, EXIT_NON_FINITE, EXIT_USER_ERROR, UserError
 
 COMMANDS = {
     "sft": ("fastrm.trainers.sft:main", "supervised fine-tuning (no arguments: the embedded arithmetic task)"),
@@ -19,9 +22,14 @@ COMMANDS = {
 
 
 def usage() -> str:
-    lines = ["usage: fastrm <command> [args]", "", "commands:"]
+    lines = ["usage: fastrm [--debug] <command> [args]", "", "commands:"]
     lines += [f"  {name:<12} {help_}" for name, (_, help_) in COMMANDS.items()]
-    lines += ["", "fastrm <command> --help for a command's options"]
+    lines += ["", "fastrm <command> --help lists a command's options and every setting with its default.",
+              "A mistake in a setting, path or data row prints one line saying what is wrong; --debug (anywhere on "
+              "the line) or FASTRM_DEBUG=1 adds the traceback.",
+              f"exit codes: 0 done, 1 a bug in fastrm (with a traceback), {EXIT_USER_ERROR} a user error (nothing "
+              f"trained), {EXIT_NON_FINITE} training diverged (NaN/inf), {EXIT_CHECKPOINT_WRITE} a checkpoint could "
+              f"not be written (disk full, ...), {EXIT_INTERRUPTED} interrupted"]
     return "\n".join(lines)
 
 
@@ -70,36 +78,54 @@ def main(argv=None) -> int:
     return code
 
 
+def quiet_transformers():
+    """No per-save / per-load progress bars and INFO logs from transformers under fastrm's own bar and log."""
+    import transformers
+
+    transformers.utils.logging.set_verbosity_warning()
+    transformers.utils.logging.disable_progress_bar()
+
+
 def run_command(argv=None) -> int:
-    """Exit codes: 0 done; 2 a user error, nothing trained (a bad setting, an output_dir in use or holding an
-    earlier run, a resume that changes a fixed setting, an unsafe checkpoint); 3 training diverged (NaN/inf), the
-    last good checkpoint is named; 4 a checkpoint could not be written (disk full, ...), the previous one is intact."""
+    """Exit codes (:mod:`fastrm.errors`): 0 done; 1 a bug, with its traceback; 2 a user error, nothing trained (a
+    bad setting or path, a malformed data row, an output_dir in use or holding an earlier run, a resume that
+    changes a fixed setting, an unsafe checkpoint); 3 training diverged (NaN/inf), the last good checkpoint is
+    named; 4 a checkpoint could not be written (disk full, ...), the previous one is intact; 130 interrupted."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv or os.environ.get("FASTRM_DEBUG", "") not in ("", "0")
+    argv = [a for a in argv if a != "--debug"]
     if not argv or argv[0] in ("-h", "--help"):
         print(usage())
         return 0
     command, rest = argv[0], argv[1:]
     if command not in COMMANDS:
         print(f"fastrm: unknown command {command!r}\n\n{usage()}", file=sys.stderr)
-        return 2
+        return EXIT_USER_ERROR
     import importlib
 
     from fastrm.checkpoint import CheckpointWriteError
-    from fastrm.config import ConfigError
     from fastrm.training import NonFiniteLossError
 
     module, function = COMMANDS[command][0].split(":")
+    if command in ("sft", "train-rm", "ppo", "demo"):
+        quiet_transformers()
     try:
         return getattr(importlib.import_module(module), function)(rest)
-    except ConfigError as err:  # a user mistake: the message names the setting, no traceback needed
-        print(f"fastrm {command}: {err}", file=sys.stderr)
-        return 2
-    except NonFiniteLossError as err:  # training diverged; `latest` names the last good checkpoint
-        print(f"fastrm {command}: {err}", file=sys.stderr)
-        return 3
-    except CheckpointWriteError as err:  # disk full or another OS error; the previous checkpoint is intact
-        print(f"fastrm {command}: {err}", file=sys.stderr)
-        return 4
+    except (UserError, NonFiniteLossError, CheckpointWriteError, KeyboardInterrupt) as err:
+        # A user error says what is wrong and how to fix it; a divergence names the last good checkpoint (`latest`);
+        # a failed write (disk full, ...) leaves the previous checkpoint intact. No traceback unless asked.
+        if debug:
+            traceback.print_exc()
+        if isinstance(err, UserError):
+            code, message = EXIT_USER_ERROR, f"error: {err}"
+        elif isinstance(err, NonFiniteLossError):
+            code, message = EXIT_NON_FINITE, str(err)
+        elif isinstance(err, CheckpointWriteError):
+            code, message = EXIT_CHECKPOINT_WRITE, str(err)
+        else:
+            code, message = EXIT_INTERRUPTED, "interrupted"
+        print(f"fastrm {command}: {message}", file=sys.stderr)
+        return code
 
 
 if __name__ == "__main__":

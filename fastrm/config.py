@@ -1,28 +1,46 @@
 """Trainer configs: one dataclass per trainer, loaded from YAML plus ``key=value`` overrides.
 
 OmegaConf does the parsing and type conversion (``lr=abc`` fails naming ``lr``); each dataclass's
-``validate()`` then checks ranges and combinations, naming the setting and the value it got.
+``validate()`` then checks ranges, combinations and paths, naming the setting and the value it got, so a run
+stops at start and not an hour in. Every field is declared with :func:`setting` (its one-line meaning), from
+which ``fastrm <command> --help`` lists every setting (:func:`settings_help`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
 from pathlib import Path
 from typing import TypeVar
 
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
+
+from fastrm.errors import ConfigError
 
 T = TypeVar("T")
 
-
-class ConfigError(ValueError):
-    """A setting has a wrong name, type or value."""
+__all__ = ["ConfigError", "require", "setting", "load_config", "parse_cli", "settings_help", "describe_settings"]
 
 
 def require(condition: bool, setting: str, value, expected: str):
     if not condition:
         raise ConfigError(f"setting {setting}={value!r}: {expected}")
+
+
+def require_writable_dir(path: str, setting: str = "output_dir"):
+    """``path`` is a folder fastrm can create and write into (checked without creating anything)."""
+    folder = Path(path).expanduser()
+    require(not folder.exists() or folder.is_dir(), setting, path, "is a file, not a folder")
+    existing = next(p for p in (folder, *folder.absolute().parents) if p.exists())
+    require(existing.is_dir() and os.access(existing, os.W_OK | os.X_OK), setting, path,
+            f"cannot write there ({existing} is not a writable folder)")
+
+
+def require_path(path: str | None, setting: str, what: str = "file or folder"):
+    """``path`` (when set) exists."""
+    if path is not None:
+        require(Path(path).expanduser().exists(), setting, path, f"no such {what}")
 
 
 def setting(default, meaning: str):
@@ -42,20 +60,82 @@ def unyaml_no(value):
     return "no" if value in ("False", False) else value
 
 
+def _meaning(cls, name: str) -> str | None:
+    """A field's meaning: its own, or that of the base class that declared it (a subclass re-declaring a setting
+    only to change its default keeps the base's meaning)."""
+    for base in cls.__mro__:
+        field = getattr(base, "__dataclass_fields__", {}).get(name)
+        if field is not None and field.metadata.get("help"):
+            return field.metadata["help"]
+    return None
+
+
+def _type_name(annotation) -> str:
+    return annotation if isinstance(annotation, str) else getattr(annotation, "__name__", str(annotation))
+
+
+def _show(value) -> str:
+    """A default as the user would type it (YAML): null, true/false, plain strings."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, str):
+        return value if value else '""'
+    return str(value)
+
+
+def describe_settings(cls, prefix: str = "") -> list[tuple[str, str, str, str | None]]:
+    """``(name, type, default, meaning)`` of every setting of the config dataclass ``cls``, nested dataclasses
+    flattened to dotted names (``model.name_or_path``), in declaration order. A default the ``tiny`` preset
+    replaces (``cls.TINY_PRESET``) reads ``<default> (tiny: <value>)``."""
+    defaults = cls()
+    tiny = getattr(cls, "TINY_PRESET", {}) if not prefix else {}
+    rows = []
+    for field in dataclasses.fields(cls):
+        value = getattr(defaults, field.name)
+        if dataclasses.is_dataclass(value):
+            rows += describe_settings(type(value), f"{prefix}{field.name}.")
+            continue
+        default = _show(value)
+        if field.name in tiny and tiny[field.name] != value:
+            default += f" (tiny: {_show(tiny[field.name])})"
+        rows.append((prefix + field.name, _type_name(field.type), default, _meaning(cls, field.name)))
+    return rows
+
+
+def settings_help(cls) -> str:
+    """The settings table of ``fastrm <command> --help``, generated from ``cls`` (it cannot drift)."""
+    rows = describe_settings(cls)
+    width = [max(len(r[i]) for r in rows) for i in range(3)]
+    lines = [f"settings of {cls.__name__} (key=value on the command line, or keys of the --config YAML file; "
+             "nested ones dotted; (tiny: x) is the tiny preset's value, used with model.name_or_path=tiny):",
+             f"  {'name':<{width[0]}}  {'type':<{width[1]}}  {'default':<{width[2]}}  meaning"]
+    lines += [f"  {n:<{width[0]}}  {t:<{width[1]}}  {d:<{width[2]}}  {m}" for n, t, d, m in rows]
+    return "\n".join(lines)
+
+
 def load_config(cls: type[T], config_path: str | Path | None = None, overrides=()) -> T:
     """``cls`` defaults, then its preset (``cls.preset_values``, e.g. the ``tiny`` model's settings), then the YAML
     file, then ``key=value`` overrides (dotted keys for nesting): whatever the user sets wins over the preset."""
+    import yaml
+
     user = []
     if config_path is not None:
         path = Path(config_path)
         if not path.is_file():
             raise ConfigError(f"config file {path} does not exist")
-        user.append(OmegaConf.load(path))
+        try:
+            user.append(OmegaConf.load(path))
+        except yaml.YAMLError as err:
+            raise ConfigError(f"config file {path} is not valid YAML: {str(err).splitlines()[0]}") from None
+        if not isinstance(user[-1], DictConfig):
+            raise ConfigError(f"config file {path} must hold key: value settings, not a list")
     bad = [item for item in overrides if "=" not in item]
     if bad:
         raise ConfigError(f"overrides must look like key=value, got {bad[0]!r}")
-    user.append(OmegaConf.from_dotlist(list(overrides)))
     try:
+        user.append(OmegaConf.from_dotlist(list(overrides)))
         defaults = OmegaConf.structured(cls)
         merged = OmegaConf.merge(defaults, *user)
         preset = cls.preset_values(merged) if hasattr(cls, "preset_values") else {}
@@ -80,12 +160,16 @@ def save_config(config, path: str | Path):
 
 
 def parse_cli(cls: type[T], argv, prog: str, description: str) -> T:
-    """``--config FILE``, ``--resume`` and ``key=value`` overrides -> a validated ``cls``."""
+    """The command line of every trainer: ``--config FILE``, ``--resume`` and ``key=value`` overrides, in any
+    order (later overrides win; the file comes first) -> a validated ``cls``. ``--help`` lists every setting."""
     import argparse
 
-    parser = argparse.ArgumentParser(prog=prog, description=description)
-    parser.add_argument("--config", help=f"YAML file with {cls.__name__} settings")
+    parser = argparse.ArgumentParser(prog=prog, description=description, epilog=settings_help(cls),
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", metavar="FILE", help=f"YAML file of {cls.__name__} settings (overrides win)")
     parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in output_dir")
-    parser.add_argument("overrides", nargs="*", help="key=value settings (dotted keys for nested ones)")
-    args = parser.parse_args(argv)
+    parser.add_argument("--debug", action="store_true",
+                        help="print the traceback of a user error too (also FASTRM_DEBUG=1)")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="settings (dotted keys for nested ones)")
+    args = parser.parse_intermixed_args(argv)
     return load_config(cls, args.config, args.overrides + (["resume=true"] if args.resume else []))

@@ -49,6 +49,8 @@ from typing import Any, Iterator, Sequence
 
 import torch
 
+from fastrm.errors import ConfigError, DataError
+
 logger = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
@@ -331,12 +333,12 @@ def _open_dataset(path: Path):
     if path.is_dir() and not saved:
         files = sorted(str(f) for f in path.glob("*.parquet"))
         if not files:
-            raise ValueError(f"{path} is a folder but neither a datasets save_to_disk folder nor a folder of "
-                             ".parquet files")
+            raise DataError(f"{path} is a folder but neither a datasets save_to_disk folder nor a folder of "
+                            ".parquet files")
     try:
         return datasets.load_from_disk(str(path)) if saved else datasets.Dataset.from_parquet(files)
     except Exception as err:  # noqa: BLE001 (pyarrow / datasets errors of a bad file: named, chained)
-        raise ValueError(f"{path}: cannot read it with datasets ({type(err).__name__}: {err})") from err
+        raise DataError(f"{path}: cannot read it with datasets ({type(err).__name__}: {err})") from err
 
 
 def _select_split(dataset, split: str, name: str):
@@ -344,8 +346,8 @@ def _select_split(dataset, split: str, name: str):
     if not _is_split_dict(dataset):
         return dataset
     if split not in dataset:
-        raise ValueError(f"{name} has the splits {sorted(dataset)}, not {split!r} "
-                         "(choose one with train_split= / eval_split=)")
+        raise ConfigError(f"{name} has the splits {sorted(dataset)}, not {split!r} "
+                          "(choose one with train_split= / eval_split=)")
     return dataset[split]
 
 
@@ -364,7 +366,7 @@ def _iter_source(source, split: str = DEFAULT_SPLIT) -> Iterator[tuple[str, Any]
     if isinstance(source, (str, os.PathLike)):
         path = Path(source)
         if not path.exists():
-            raise ValueError(f"data file {path} does not exist")
+            raise DataError(f"data file {path} does not exist")
         if path.is_dir() or path.suffix == ".parquet":
             dataset = _open_dataset(path)
             prefix = f"{path} [{split}], " if _is_split_dict(dataset) else f"{path}, "
@@ -448,7 +450,7 @@ def load_rows(source, task: str | None = None, *, split: str = DEFAULT_SPLIT, sk
             if first_where is not None and "rows are expected" in str(e):
                 msg += f" (the task was set by {first_where})"
             if not skip_malformed:
-                raise ValueError(msg) from None
+                raise DataError(msg) from None
             report.skipped += 1
             if len(report.errors) < max_errors_kept:
                 report.errors.append(msg)
@@ -460,7 +462,7 @@ def load_rows(source, task: str | None = None, *, split: str = DEFAULT_SPLIT, sk
         logger.warning("%s: skipped %d malformed row(s); first: %s", report.source, report.skipped,
                        report.errors[0] if report.errors else "")
     if not rows:
-        raise ValueError(f"{report.source}: no valid rows" + (f" ({report.skipped} malformed skipped; first: "
+        raise DataError(f"{report.source}: no valid rows" + (f" ({report.skipped} malformed skipped; first: "
                                                                f"{report.errors[0]})" if report.skipped else ""))
     return (rows, report) if return_report else rows
 
@@ -489,8 +491,8 @@ def load_tokenizer(spec=EMBEDDED_TOKENIZER, model_name_or_path: str | None = Non
         else:
             spec = model_name_or_path
             if Path(spec).is_dir() and not any((Path(spec) / f).is_file() for f in TOKENIZER_FILES):
-                raise ValueError(f"tokenizer=auto: the checkpoint {spec} has no tokenizer files ({', '.join(TOKENIZER_FILES)}); "
-                                 "set tokenizer=<folder with the model's tokenizer>")
+                raise ConfigError(f"tokenizer=auto: the checkpoint {spec} has no tokenizer files "
+                                  f"({', '.join(TOKENIZER_FILES)}); set tokenizer=<folder with the model's tokenizer>")
     if spec is None or spec == EMBEDDED_TOKENIZER:
         from fastrm.models import TINY
         from fastrm.tasks.arithmetic import build_tokenizer
@@ -504,8 +506,8 @@ def load_tokenizer(spec=EMBEDDED_TOKENIZER, model_name_or_path: str | None = Non
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(spec), local_files_only=True)
     except (OSError, ValueError) as err:
-        raise ValueError(f"tokenizer {str(spec)!r} is neither {EMBEDDED_TOKENIZER!r} nor a local tokenizer folder "
-                         f"or cached checkpoint (fastrm never downloads; save the tokenizer with save_pretrained "
+        raise ConfigError(f"tokenizer {str(spec)!r} is neither {EMBEDDED_TOKENIZER!r} nor a local tokenizer folder "
+                          f"or cached checkpoint (fastrm never downloads; save the tokenizer with save_pretrained "
                          f"first): {str(err).splitlines()[0]}") from None
     ensure_pad_token(tokenizer, str(spec))
     return tokenizer
@@ -525,7 +527,7 @@ def ensure_pad_token(tokenizer, name: str = "the tokenizer"):
     elif eos is not None:
         tokenizer.pad_token = tokenizer.eos_token
     else:
-        raise ValueError(f"{name} has no pad, unknown or EOS token to pad batches with; set tokenizer.pad_token")
+        raise ConfigError(f"{name} has no pad, unknown or EOS token to pad batches with; set tokenizer.pad_token")
     logger.info("%s has no pad token: padding with %r (id %d)", name, tokenizer.pad_token, tokenizer.pad_token_id)
 
 
@@ -579,8 +581,8 @@ def sequence_template(tokenizer, *, reward: bool = False) -> SequenceTemplate:
     head, own_tail = _own_special_tokens(tokenizer)
     eos = tokenizer.eos_token_id
     if eos is None and not reward:
-        raise ValueError("the tokenizer has no eos_token: a policy could never learn to end its answer (an encoder's "
-                         "tokenizer? encoders can be reward models); set tokenizer.eos_token before tokenizing")
+        raise ConfigError("the tokenizer has no eos_token: a policy could never learn to end its answer (an encoder's "
+                          "tokenizer? encoders can be reward models); set tokenizer.eos_token before tokenizing")
     if own_tail:
         return SequenceTemplate(tuple(head), tuple(own_tail), eos, tail_is_eos=False)
     if eos is None:
@@ -716,8 +718,8 @@ def _prepare(rows, tokenizer, max_length, truncation, task: str):
     if max_length is not None:
         need = len(template.head) + len(template.tail) + 1
         if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < need:
-            raise ValueError(f"max_length must be None or an int >= {need} (the tokenizer's {len(template.head)} "
-                             f"leading and {len(template.tail)} trailing special tokens + 1), got {max_length!r}")
+            raise ConfigError(f"max_length must be None or an int >= {need} (the tokenizer's {len(template.head)} "
+                              f"leading and {len(template.tail)} trailing special tokens + 1), got {max_length!r}")
     if isinstance(rows, (str, os.PathLike)):
         rows = load_rows(rows, task)
     rows = list(rows)
@@ -725,9 +727,9 @@ def _prepare(rows, tokenizer, max_length, truncation, task: str):
     for i, row in enumerate(rows, start=1):
         try:
             fmt = _validate(row, task)
+            prompt, responses = _texts(row, fmt, tokenizer)
         except ValueError as e:
-            raise ValueError(f"row {i}: {e}") from None
-        prompt, responses = _texts(row, fmt, tokenizer)
+            raise DataError(f"row {i}: {e}") from None
         layout.append((len(texts), len(responses)))
         texts.append(prompt)
         texts.extend(responses)

@@ -1,4 +1,4 @@
-"""``fastrm demo``: the whole RLHF pipeline on the embedded arithmetic task, on CPU, in minutes.
+"""``fastrm demo``: the whole RLHF pipeline on the embedded arithmetic task, on CPU, in about a minute.
 
 1. **SFT** (``fastrm sft``): a tiny Llama learns one-digit sums from scratch — deliberately briefly, so
    it is mediocre and RL has room to improve;
@@ -6,10 +6,12 @@
    simulated annotator;
 3. **RL** (``fastrm ppo``, RLOO): the SFT policy optimises 0.5 x the learned reward model's score + the
    task's rule reward, with a KL penalty to the SFT policy. (The learned reward alone is hackable by this
-   policy — see docs/reward_hacking.md; ``reward=model`` reproduces that.)
+   policy — see docs/reward_hacking.md; ``--rl reward=model`` reproduces that.)
 
 The ground-truth task score (greedy answers to all 100 one-digit sums, checked by the task's checker) is
-printed after SFT and after RL. Extra ``key=value`` arguments are RLConfig overrides for stage 3.
+printed after SFT and after RL. Every setting of every stage is given here explicitly, so the demo's result
+does not move when a trainer's defaults change; per seed it is deterministic on a machine.
+``--seeds 0-4 --write-docs`` regenerates docs/rl_demo_results.md.
 """
 
 from __future__ import annotations
@@ -17,100 +19,296 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
+import platform
+import sys
 import time
 from pathlib import Path
 
 log = logging.getLogger("fastrm")
 
-# Stage settings (tuned for a 2-core CPU; see docs/rl_demo_results.md for the numbers they give).
-TINY_MODEL = ["model.hidden_size=64", "model.num_layers=2", "model.num_heads=4", "model.intermediate_size=256"]
-SFT_ARGS = ["task_max_level=0", "num_train_examples=4000", "batch_size=64", "lr=3e-3", "warmup_steps=10",
-            "eval_generate=0"]
-RM_ARGS = ["task_max_level=0", "num_train_pairs=6000", "batch_size=64", "lr=2e-3"]
-RL_ARGS = ["task_max_level=0", "reward=both", "reward_model_weight=0.5", "rule_weight=1.0", "advantage=rloo", "num_samples=4", "batch_size=32",
-           "max_new_tokens=4", "temperature=0.7", "lr=5e-4", "ppo_epochs=1", "kl_coef=0.05", "num_eval_prompts=100",
-           "eval_steps=100", "save_steps=1000", "missing_eos_penalty=1.0"]
+# The demo runs on at most this many CPU threads: the tiny models gain nothing from more, and the same thread
+# count keeps results comparable across machines.
+THREADS = 2
+
+# Every setting each stage depends on, explicit (see the module docstring). Steps are set by the command line.
+MODEL = {"model.name_or_path": "tiny", "model.hidden_size": 64, "model.num_layers": 2, "model.num_heads": 4,
+         "model.intermediate_size": 256, "model.max_position_embeddings": 64, "model.attn_implementation": "sdpa",
+         "model.gradient_checkpointing": False, "model.load_in_8bit": False}
+# The stage folders are the demo's own: a second demo replaces the first one's (overwrite_output_dir). The tiny preset
+# is asked for in every stage (the RL policy is the SFT checkpoint, not "tiny"), under these explicit values.
+COMMON = {"preset": "tiny", "overwrite_output_dir": True, "device": "cpu", "distributed": "auto", "optimizer": "adamw",
+          "mixed_precision": "no", "backend": "torch", "weight_decay": 0.0, "max_grad_norm": 1.0, "warmup_ratio": 0.0,
+          "tensorboard": False, "keep_checkpoints": 1}
+SUPERVISED = {**MODEL, **COMMON, "tokenizer": "embedded", "train_data": None, "eval_data": None,
+              "task_max_level": 0, "max_length": 32, "truncation": "truncate", "packed": True, "grad_accum_steps": 1,
+              "skip_malformed": False, "batch_size": 64, "lr_scheduler": "cosine"}
+SFT = {**SUPERVISED, "num_train_examples": 4000, "num_eval_examples": 200, "eval_fraction": 0.05, "lr": 3e-3,
+       "warmup_steps": 10, "eval_generate": 0, "max_new_tokens": 6, "log_steps": 20}
+RM = {**SUPERVISED, "num_train_pairs": 6000, "num_eval_pairs": 500, "eval_fraction": 0.1, "annotator_noise": 0.1,
+      "center_coef": 0.0, "use_margin": False, "lr": 2e-3, "warmup_steps": 30, "log_steps": 20}
+RL = {**COMMON, "tokenizer": "auto", "train_data": None, "eval_data": None, "task_max_level": 0,
+      "num_train_prompts": 2000, "num_eval_prompts": 100, "reward": "both", "reward_model_weight": 0.5,
+      "rule_weight": 1.0, "reward_fn": "embedded", "reward_model_8bit": False, "missing_eos_penalty": 1.0,
+      "reward_norm": "none", "reward_clip": None, "value_model": "auto", "ref_8bit": False, "batch_size": 32,
+      "num_samples": 4, "max_new_tokens": 4, "temperature": 0.7, "top_p": 1.0, "advantage": "rloo", "gamma": 1.0,
+      "lam": 0.95, "whiten_advantages": True, "ppo_epochs": 1, "num_minibatches": 1, "clip_eps": 0.2,
+      "clip_eps_high": None, "dual_clip": None, "loss_agg": "token-mean", "entropy_coef": 0.0, "kl_coef": 0.05,
+      "kl_estimator": "k1", "kl_in": "reward", "adaptive_kl": False, "curriculum": False, "lr": 5e-4,
+      "lr_scheduler": "constant", "warmup_steps": 0, "log_steps": 10, "eval_steps": 100_000}
+STEPS = {"sft": 60, "rm": 300, "rl": 400}
+
+
+def overrides(settings: dict) -> list[str]:
+    """``key=value`` strings as the command line takes them (None -> null, booleans lower-case)."""
+    def show(value):
+        return "null" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
+
+    return [f"{key}={show(value)}" for key, value in settings.items()]
 
 
 def all_level0_prompts() -> list[dict]:
     return [{"prompt": f"{a}+{b}=", "difficulty": 0} for a in range(10) for b in range(10)]
 
 
-def run(output_dir: str, seed: int, sft_steps: int, rm_steps: int, rl_steps: int, rl_overrides=(),
-        progress: bool = False, sft_overrides=(), rm_overrides=()) -> dict:
+def run(output_dir: str, seed: int, sft_steps: int = STEPS["sft"], rm_steps: int = STEPS["rm"],
+        rl_steps: int = STEPS["rl"], rl_overrides=(), progress: bool = False, sft_overrides=(),
+        rm_overrides=(), label: str = "") -> dict:
+    """The three stages for one seed; returns (and writes to ``output_dir/demo_result.json``) the figures."""
     from fastrm.config import load_config
     from fastrm.trainers.reward import RewardConfig, RewardTrainer
     from fastrm.trainers.rl import RLConfig, RLTrainer
     from fastrm.trainers.sft import SFTConfig, SFTTrainer
 
     out = Path(output_dir)
-    # The demo's stage folders are its own: a second demo replaces the first one's (sft/, reward/, rl/).
-    # The RL stage's policy is the SFT checkpoint, not "tiny": the tiny preset is asked for, in every stage.
-    common = [f"seed={seed}", f"progress={str(progress).lower()}", "device=cpu", "overwrite_output_dir=true",
-              "preset=tiny"]
+    common = {"seed": seed, "progress": progress}
     timings = {}
+
+    def stage(trainer, number, name):
+        trainer.progress_desc = f"{label}[{number}/3] {name}"
+        return trainer
+
     start = time.perf_counter()
-    sft = SFTTrainer(load_config(SFTConfig, None, TINY_MODEL + SFT_ARGS + common + [
-        f"max_steps={sft_steps}", f"save_steps={sft_steps}", f"eval_steps={sft_steps}",
-        f"output_dir={out / 'sft'}", *sft_overrides])).setup().train()
+    sft_config = load_config(SFTConfig, None, overrides({**SFT, **common, "max_steps": sft_steps,
+                                                         "save_steps": sft_steps, "eval_steps": sft_steps,
+                                                         "output_dir": out / "sft"}) + list(sft_overrides))
+    sft = stage(SFTTrainer(sft_config).setup(), 1, "SFT").train()
     timings["sft_s"] = time.perf_counter() - start
 
     start = time.perf_counter()
-    rm = RewardTrainer(load_config(RewardConfig, None, TINY_MODEL + RM_ARGS + common + [
-        f"max_steps={rm_steps}", f"save_steps={rm_steps}", f"eval_steps={rm_steps}",
-        f"output_dir={out / 'reward'}", *rm_overrides])).setup().train()
+    rm_config = load_config(RewardConfig, None, overrides({**RM, **common, "max_steps": rm_steps,
+                                                           "save_steps": rm_steps, "eval_steps": rm_steps,
+                                                           "output_dir": out / "reward"}) + list(rm_overrides))
+    rm = stage(RewardTrainer(rm_config).setup(), 2, "reward model").train()
     rm_accuracy = rm.evaluate()["eval/accuracy"]
     timings["rm_s"] = time.perf_counter() - start
 
     start = time.perf_counter()
-    config = load_config(RLConfig, None, RL_ARGS + common + [
-        f"model.name_or_path={sft.last_checkpoint}", f"reward_model_path={rm.last_checkpoint}",
-        f"max_steps={rl_steps}", f"output_dir={out / 'rl'}", *rl_overrides])
-    trainer = RLTrainer(config).setup()
+    config = load_config(RLConfig, None, overrides({**RL, **common, "model.name_or_path": sft.last_checkpoint,
+                                                    "reward_model_path": rm.last_checkpoint, "max_steps": rl_steps,
+                                                    "save_steps": rl_steps, "output_dir": out / "rl"})
+                         + list(rl_overrides))
+    trainer = stage(RLTrainer(config).setup(), 3, f"RL ({config.advantage})")
     probe = all_level0_prompts() if config.task_max_level == 0 else trainer.eval_rows
     before = trainer.evaluate(probe)
     trainer.train()
     after = trainer.evaluate(probe)
     timings["rl_s"] = time.perf_counter() - start
-    result = {"seed": seed, "sft_overrides": list(sft_overrides), "rm_overrides": list(rm_overrides), "sft_steps": sft_steps, "rm_steps": rm_steps, "rl_steps": rl_steps,
+    result = {"seed": seed, "sft_overrides": list(sft_overrides), "rm_overrides": list(rm_overrides),
+              "rl_overrides": list(rl_overrides), "sft_steps": sft_steps, "rm_steps": rm_steps, "rl_steps": rl_steps,
               "rm_heldout_pair_accuracy": rm_accuracy, "after_sft": before, "after_rl": after, **timings,
               "rl_config": {k: v for k, v in vars(config).items() if k != "model"},
               "rl_checkpoint": str(trainer.last_checkpoint)}
+    out.mkdir(parents=True, exist_ok=True)
     (out / "demo_result.json").write_text(json.dumps(result, indent=2, default=str))
     return result
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="fastrm demo", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--output-dir", default="runs/demo")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--sft-steps", type=int, default=60)
-    parser.add_argument("--rm-steps", type=int, default=300)
-    parser.add_argument("--rl-steps", type=int, default=400)
-    parser.add_argument("--progress", action="store_true", help="tqdm bars")
-    parser.add_argument("--sft", action="append", default=[], metavar="KEY=VALUE", help="SFTConfig override")
-    parser.add_argument("--rm", action="append", default=[], metavar="KEY=VALUE", help="RewardConfig override")
-    parser.add_argument("overrides", nargs="*", help="RLConfig key=value overrides for the RL stage")
-    args = parser.parse_args(argv)
-    from fastrm import distributed
+# ---- the command --------------------------------------------------------------------------------------------------
 
-    if distributed.launched_by_torchrun():
-        from fastrm.config import ConfigError
+def parse_seeds(text: str) -> list[int]:
+    """``"3"``, ``"0-4"`` or ``"0,2,5"``."""
+    from fastrm.errors import ConfigError
 
-        raise ConfigError("fastrm demo is a single-process CPU walk-through; under torchrun launch the stages "
-                          "themselves: fastrm sft, fastrm train-rm, fastrm ppo (see the README's Multi-GPU section)")
+    seeds = []
+    try:
+        for part in text.split(","):
+            first, _, last = part.partition("-")
+            seeds += list(range(int(first), int(last or first) + 1))
+    except ValueError:
+        raise ConfigError(f"--seeds {text!r}: expected a seed, a range 0-4 or a list 0,2,5") from None
+    if not seeds:
+        raise ConfigError(f"--seeds {text!r}: no seed in it")
+    return seeds
+
+
+def quiet_libraries():
+    """Only the demo's own lines: no per-save / per-load bars or logs from transformers, no INFO logs of fastrm."""
+    from fastrm.cli import quiet_transformers
     from fastrm.training import setup_logging
+
+    quiet_transformers()
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
 
     setup_logging()
     logging.getLogger("fastrm").setLevel(logging.WARNING)
-    start = time.perf_counter()
-    r = run(args.output_dir, args.seed, args.sft_steps, args.rm_steps, args.rl_steps, args.overrides, args.progress,
-            args.sft, args.rm)
+
+
+def summary_line(r: dict) -> str:
     b, a = r["after_sft"], r["after_rl"]
-    print(f"reward model: held-out pair accuracy {r['rm_heldout_pair_accuracy']:.3f}")
-    print(f"ground truth (greedy, all 100 one-digit sums): accuracy {b['eval/accuracy']:.3f} after SFT -> "
-          f"{a['eval/accuracy']:.3f} after RL; true score {b['eval/true_score']:.3f} -> {a['eval/true_score']:.3f}; "
-          f"learned reward {b.get('eval/model_score', float('nan')):.3f} -> {a.get('eval/model_score', float('nan')):.3f}")
-    print(f"total {time.perf_counter() - start:.0f} s (sft {r['sft_s']:.0f}, rm {r['rm_s']:.0f}, rl {r['rl_s']:.0f}); "
-          f"results in {Path(args.output_dir) / 'demo_result.json'}")
+    return (f"accuracy {b['eval/accuracy']:.2f} after SFT -> {a['eval/accuracy']:.2f} after RL; "
+            f"true score {b['eval/true_score']:.3f} -> {a['eval/true_score']:.3f}; "
+            f"learned reward {b.get('eval/model_score', float('nan')):.3f} -> "
+            f"{a.get('eval/model_score', float('nan')):.3f}")
+
+
+def environment() -> dict:
+    """Versions, device and commit, for the results file."""
+    import subprocess
+
+    import torch
+    import transformers
+
+    def version(name):
+        try:
+            from importlib.metadata import version as dist_version
+
+            return dist_version(name)
+        except Exception:  # not installed
+            return "not installed"
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    repo = Path(__file__).resolve().parents[1]
+
+    def git(*args):
+        try:
+            return subprocess.run(["git", *args], cwd=repo, capture_output=True, text=True, timeout=10).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            return ""
+
+    commit = git("rev-parse", "--short=12", "HEAD") or "unknown (not a git checkout)"
+    if git("status", "--porcelain", "--untracked-files=no"):
+        commit += " (with uncommitted changes)"
+    return {"device": f"CPU: {cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads",
+            "python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
+            "triton": version("triton"), "tokenizers": version("tokenizers"), "fastrm_commit": commit,
+            "platform": platform.platform()}
+
+
+def write_docs(path: Path, results: list[dict], env: dict, command: str):
+    """docs/rl_demo_results.md from the runs of ``--seeds ... --write-docs``."""
+    rows = []
+    for r in results:
+        b, a = r["after_sft"], r["after_rl"]
+        rows.append(f"| {r['seed']} | {r['rm_heldout_pair_accuracy']:.3f} | {b['eval/accuracy']:.2f} | "
+                    f"**{a['eval/accuracy']:.2f}** | {a['eval/accuracy'] - b['eval/accuracy']:+.2f} | "
+                    f"{b['eval/true_score']:.3f} | **{a['eval/true_score']:.3f}** | "
+                    f"{r['sft_s'] + r['rm_s'] + r['rl_s']:.0f} s |")
+    gains = [r["after_rl"]["eval/accuracy"] - r["after_sft"]["eval/accuracy"] for r in results]
+    mean_b = sum(r["after_sft"]["eval/accuracy"] for r in results) / len(results)
+    mean_a = sum(r["after_rl"]["eval/accuracy"] for r in results) / len(results)
+    rl = RL
+    text = f"""# `fastrm demo` results (CPU)
+
+Generated by `{command}` (writes this file; about a minute per seed on 2 cores). Each seed is deterministic on
+a given machine; another CPU, thread count or library version can move the figures a little.
+
+Pipeline (`fastrm/demo.py`, every setting explicit there): SFT ({STEPS['sft']} steps, tiny Llama 64x2, one-digit
+sums) → reward model (`train-rm`, {STEPS['rm']} steps, noisy annotator {RM['annotator_noise']}) → RL
+({rl['advantage'].upper()}, n={rl['num_samples']}, {rl['batch_size']} prompts/step, {STEPS['rl']} steps, lr {rl['lr']}, temperature
+{rl['temperature']}, {rl['kl_estimator']} KL penalty {rl['kl_coef']}, reward = {rl['reward_model_weight']} × learned RM +
+{rl['rule_weight']} × rule checker, missing-EOS penalty {rl['missing_eos_penalty']}). Ground truth: greedy answers to all 100
+one-digit sums, checked by `fastrm.tasks.arithmetic` (accuracy; true score = shaped score in [0, 1]).
+
+| seed | RM held-out pair acc. | accuracy after SFT | accuracy after RL | gain | true score after SFT | true score after RL | wall time |
+|---|---|---|---|---|---|---|---|
+{chr(10).join(rows)}
+
+Mean accuracy {mean_b:.3f} → {mean_a:.3f} ({mean_a - mean_b:+.3f}); smallest gain {min(gains):+.2f}, largest {max(gains):+.2f}.
+
+Environment: {env['device']}; Python {env['python']}, torch {env['torch']}, transformers {env['transformers']},
+triton {env['triton']}, tokenizers {env['tokenizers']}; {env['platform']}; fastrm commit {env['fastrm_commit']}.
+Wall times are of this run on this machine (the demo uses at most {THREADS} threads); other jobs on the machine
+slow them down.
+
+The learned reward alone (`--rl reward=model`) is hackable by this policy: see `docs/reward_hacking.md`. That is
+why the demo adds the rule reward.
+"""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="fastrm demo", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--output-dir", default="runs/demo", help="where the three stages write (one folder per "
+                        "seed with --seeds)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of every stage")
+    parser.add_argument("--seeds", help="run several seeds, e.g. 0-4 or 0,2,5 (overrides --seed), and print a table")
+    parser.add_argument("--write-docs", nargs="?", const="docs/rl_demo_results.md", metavar="PATH",
+                        help="write the results, with versions, device and commit, to PATH "
+                             "(default when given without a path: docs/rl_demo_results.md)")
+    parser.add_argument("--sft-steps", type=int, default=STEPS["sft"], help="SFT steps")
+    parser.add_argument("--rm-steps", type=int, default=STEPS["rm"], help="reward-model steps")
+    parser.add_argument("--rl-steps", type=int, default=STEPS["rl"], help="RL steps")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars (one line per seed instead)")
+    parser.add_argument("--sft", action="append", default=[], metavar="KEY=VALUE",
+                        help="an SFTConfig setting for stage 1 (repeatable; fastrm sft --help lists them)")
+    parser.add_argument("--rm", action="append", default=[], metavar="KEY=VALUE",
+                        help="a RewardConfig setting for stage 2 (repeatable; fastrm train-rm --help lists them)")
+    parser.add_argument("--debug", action="store_true", help="print the traceback of a user error too")
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                        help="RLConfig settings for stage 3 (fastrm ppo --help lists them)")
+    parser.add_argument("--rl", action="append", default=[], metavar="KEY=VALUE",
+                        help="an RLConfig setting for stage 3 (repeatable; same as a bare KEY=VALUE)")
+    args = parser.parse_intermixed_args(argv)
+    from fastrm import distributed
+    from fastrm.errors import ConfigError
+
+    if distributed.launched_by_torchrun():
+        raise ConfigError("fastrm demo is a single-process CPU walk-through; under torchrun launch the stages "
+                          "themselves: fastrm sft, fastrm train-rm, fastrm ppo (see the README's Multi-GPU section)")
+    for name in ("sft_steps", "rm_steps", "rl_steps"):
+        if getattr(args, name) < 1:
+            raise ConfigError(f"--{name.replace('_', '-')}={getattr(args, name)}: must be >= 1")
+    seeds = parse_seeds(args.seeds) if args.seeds else [args.seed]
+    import torch
+
+    torch.set_num_threads(min(THREADS, os.cpu_count() or 1))
+    quiet_libraries()
+    progress = not args.no_progress
+    print(f"fastrm demo: SFT -> reward model -> RL on one-digit sums, CPU; seed{'s' if len(seeds) > 1 else ''} "
+          f"{', '.join(map(str, seeds))}", flush=True)
+    results, begin = [], time.perf_counter()
+    for seed in seeds:
+        out = Path(args.output_dir) / f"seed_{seed}" if args.seeds else Path(args.output_dir)
+        start = time.perf_counter()
+        r = run(str(out), seed, args.sft_steps, args.rm_steps, args.rl_steps, args.overrides + args.rl, progress,
+                args.sft, args.rm, label=f"seed {seed} " if len(seeds) > 1 else "")
+        results.append(r)
+        if len(seeds) == 1:
+            print(f"reward model: held-out pair accuracy {r['rm_heldout_pair_accuracy']:.3f}")
+            print(f"ground truth (greedy, all 100 one-digit sums): {summary_line(r)}")
+            print(f"total {time.perf_counter() - start:.0f} s (sft {r['sft_s']:.0f}, rm {r['rm_s']:.0f}, "
+                  f"rl {r['rl_s']:.0f}); results in {out / 'demo_result.json'}")
+        else:
+            print(f"seed {seed}: RM pair accuracy {r['rm_heldout_pair_accuracy']:.3f}; {summary_line(r)}; "
+                  f"{time.perf_counter() - start:.0f} s", flush=True)
+    if len(seeds) > 1:
+        gains = [r["after_rl"]["eval/accuracy"] - r["after_sft"]["eval/accuracy"] for r in results]
+        print(f"{len(seeds)} seeds in {time.perf_counter() - begin:.0f} s: accuracy gain from RL "
+              f"min {min(gains):+.2f}, mean {sum(gains) / len(gains):+.2f}, max {max(gains):+.2f}")
+    if args.write_docs:
+        command = "fastrm demo " + " ".join(sys.argv[1:] if argv is None else argv)
+        write_docs(Path(args.write_docs), results, environment(), command.strip())
+        print(f"wrote {args.write_docs}")
     return 0

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import re
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -25,19 +27,18 @@ TINY = "tiny"
 
 @dataclass
 class ModelConfig:
-    # A local path / hub-cache name of a Hugging Face model, or "tiny": a small Llama built from scratch
-    # with the sizes below (nothing is downloaded, ever).
-    name_or_path: str = TINY
-    hidden_size: int = 64
-    num_layers: int = 2
-    num_heads: int = 4
-    intermediate_size: int = 256
-    max_position_embeddings: int = 64
+    name_or_path: str = setting(TINY, "a local Hugging Face model folder or hub-cache name, or tiny: a small Llama "
+                                      "built from scratch with the sizes below (never downloaded)")
+    hidden_size: int = setting(64, "tiny model: hidden size")
+    num_layers: int = setting(2, "tiny model: transformer blocks")
+    num_heads: int = setting(4, "tiny model: attention heads (must divide hidden_size)")
+    intermediate_size: int = setting(256, "tiny model: MLP width")
+    max_position_embeddings: int = setting(64, "tiny model: longest sequence it can take")
     attn_implementation: str = setting("auto", "attention: auto (flash_attention_2 on CUDA when installed and the "
                                        "model class supports it, else sdpa if supported, else eager) | "
                                        "flash_attention_2 | sdpa | eager")
-    gradient_checkpointing: bool = False
-    load_in_8bit: bool = False  # frozen models only (reference / reward at inference); needs CUDA
+    gradient_checkpointing: bool = setting(False, "recompute activations in backward to save memory")
+    load_in_8bit: bool = setting(False, "load in 8 bits (bitsandbytes); frozen models only, needs CUDA")
 
     def validate(self, prefix: str = "model"):
         require(self.hidden_size % self.num_heads == 0, f"{prefix}.hidden_size", self.hidden_size,
@@ -46,6 +47,33 @@ class ModelConfig:
             require(getattr(self, name) >= 1, f"{prefix}.{name}", getattr(self, name), "must be >= 1")
         require(self.attn_implementation in ("auto", "flash_attention_2", "sdpa", "eager"),
                 f"{prefix}.attn_implementation", self.attn_implementation, "must be auto, flash_attention_2, sdpa or eager")
+        require(self.attn_implementation != "flash_attention_2" or importlib.util.find_spec("flash_attn") is not None,
+                f"{prefix}.attn_implementation", self.attn_implementation,
+                "flash-attn is not installed (pip install 'fastrm[flash]'), or use sdpa")
+        require(not self.load_in_8bit or torch.cuda.is_available(), f"{prefix}.load_in_8bit", self.load_in_8bit,
+                "8-bit loading needs a CUDA device")
+        check_model_path(self.name_or_path, f"{prefix}.name_or_path")
+
+
+def is_hub_name(name: str) -> bool:
+    """``name`` has the form of a Hugging Face hub name (``org/name`` or ``name``), not of a path."""
+    return bool(re.fullmatch(r"[\w.-]+(/[\w.-]+)?", name)) and not name.startswith(".")
+
+
+def check_model_path(name_or_path: str, setting: str):
+    """``tiny``, an existing local folder, or a name in Hugging Face hub form (resolved by transformers from its
+    cache); anything else that does not exist is a mistyped path."""
+    if name_or_path != TINY and not Path(name_or_path).expanduser().is_dir():
+        require(is_hub_name(name_or_path), setting, name_or_path,
+                f"no such folder (and not {TINY!r} or a hub name org/name)")
+
+
+def from_pretrained(auto_class, name_or_path: str, **kwargs):
+    """``auto_class.from_pretrained``, a path or name it cannot load being the user's error, not a crash."""
+    try:
+        return auto_class.from_pretrained(name_or_path, **kwargs)
+    except OSError as err:  # transformers: not a model folder, not in the cache, no network for the hub
+        raise ConfigError(f"cannot load a model from {name_or_path!r}: {str(err).splitlines()[0]}") from None
 
 
 def model_class(name_or_path: str, auto_class, tiny_class):
@@ -55,7 +83,7 @@ def model_class(name_or_path: str, auto_class, tiny_class):
         return tiny_class
     from transformers import AutoConfig
 
-    config = AutoConfig.from_pretrained(lora.base_of(name_or_path))  # an adapter folder: its base's class
+    config = from_pretrained(AutoConfig, lora.base_of(name_or_path))  # an adapter folder: its base's class
     try:
         return auto_class._model_mapping[type(config)]
     except KeyError:

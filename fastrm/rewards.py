@@ -34,6 +34,8 @@ from pathlib import Path
 
 import torch
 
+from fastrm.errors import ConfigError
+
 EMBEDDED = "embedded"
 RESERVED = ("prompts", "completions", "completion_ids")  # the arguments every call offers besides the columns
 
@@ -93,14 +95,14 @@ def load(spec: str) -> Callable:
         return reward_fn
     module, _, name = spec.rpartition(":")
     if not module or not name:
-        raise ValueError(f"setting reward_fn={spec!r}: expected 'embedded', 'package.module:function' or "
-                         "'path/to/file.py:function'")
+        raise ConfigError(f"setting reward_fn={spec!r}: expected 'embedded', 'package.module:function' or "
+                          "'path/to/file.py:function'")
     try:
         fn = getattr(_import(module), name)
     except (ImportError, AttributeError) as err:
-        raise ValueError(f"setting reward_fn={spec!r}: cannot import it ({err})") from None
+        raise ConfigError(f"setting reward_fn={spec!r}: cannot import it ({err})") from None
     if not callable(fn):
-        raise ValueError(f"setting reward_fn={spec!r}: {module}:{name} is a {type(fn).__name__}, not a function")
+        raise ConfigError(f"setting reward_fn={spec!r}: {module}:{name} is a {type(fn).__name__}, not a function")
     return fn
 
 

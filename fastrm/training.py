@@ -12,7 +12,7 @@ import os
 import random
 import time
 import weakref
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
@@ -22,14 +22,44 @@ from fastrm import _checks
 from fastrm import checkpoint as ckpt
 from fastrm import distributed, lora, packing
 from fastrm.checkpoint import CHECKPOINT_PREFIX, LATEST_FILE, latest_checkpoint, load_trainer_state  # noqa: F401
-from fastrm.config import ConfigError, setting
+from fastrm.config import ConfigError, require, setting
+from fastrm.data import AUTO_TOKENIZER, EMBEDDED_TOKENIZER
 from fastrm.lora import LoraSettings
-from fastrm.models import TINY, ModelConfig
+from fastrm.models import TINY, ModelConfig, is_hub_name
+from fastrm.tasks.arithmetic import MAX_LEVEL as MAX_TASK_LEVEL
 
 log = logging.getLogger("fastrm")
 
 FINAL_DIR = "final"  # output_dir/final: the trained model and tokenizer, when training ends
 PRESETS = ("auto", "tiny", "none")
+# transformers' schedules that need nothing beyond warmup and total steps (the others need a metric or extra kwargs)
+SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial",
+              "inverse_sqrt")
+MIN_LENGTH = 3  # one special token + one token of text + EOS
+
+
+def check_device(name: str, setting_name: str = "device"):
+    """``auto``, or a torch device string naming a device this machine has."""
+    if name == "auto":
+        return
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        require(False, setting_name, name, "must be auto, cpu, cuda or cuda:N")
+    if device.type == "cuda":
+        require(torch.cuda.is_available(), setting_name, name, "CUDA is not available on this machine")
+        require(device.index is None or device.index < torch.cuda.device_count(), setting_name, name,
+                f"this machine has {torch.cuda.device_count()} CUDA device(s)")
+    else:
+        require(device.type == "cpu", setting_name, name, "must be auto, cpu, cuda or cuda:N")
+
+
+def check_tokenizer(spec: str, setting_name: str, *keywords: str):
+    """One of ``keywords``, a local tokenizer folder, or a name in Hugging Face hub form (read from the local cache;
+    fastrm never downloads a tokenizer)."""
+    if spec not in keywords and not Path(spec).expanduser().is_dir():
+        require(is_hub_name(spec), setting_name, spec,
+                f"must be {' or '.join(keywords)}, or a tokenizer folder (no such folder)")
 
 
 @dataclass
@@ -46,34 +76,33 @@ class TrainerSettings:
     preset: str = setting("auto", "settings layer under the YAML file and overrides: auto (tiny when "
                                   "model.name_or_path=tiny, else none) | tiny (the embedded task's small-model "
                                   "settings) | none (the defaults, for pretrained checkpoints)")
-    model: ModelConfig = field(default_factory=ModelConfig)
+    model: ModelConfig = setting(ModelConfig(), "the model trained (nested settings: model.*)")
     lora: LoraSettings = setting(LoraSettings(), "LoRA / QLoRA adapters (peft): lora.r > 0 trains adapters on the "
                                                  "frozen model instead of all its weights")
-    output_dir: str = "runs/fastrm"
-    batch_size: int = 16  # per device under torchrun (global batch = batch_size * world_size)
-    max_steps: int = 100
-    lr: float = 1e-4
-    weight_decay: float = 0.0
-    lr_scheduler: str = "constant"
+    output_dir: str = setting("runs/fastrm", "folder for checkpoints, metrics.jsonl, TensorBoard logs and config.yaml")
+    batch_size: int = setting(16, "examples per step per device (global batch = batch_size x processes)")
+    max_steps: int = setting(100, "optimizer steps to train for")
+    lr: float = setting(1e-4, "peak learning rate")
+    weight_decay: float = setting(0.0, "AdamW decoupled weight decay")
+    lr_scheduler: str = setting("constant", "learning-rate schedule after the warmup: " + " | ".join(SCHEDULERS))
     warmup_steps: int = setting(0, "steps of linear learning-rate warmup; 0: warmup_ratio of the steps")
     warmup_ratio: float = setting(0.0, "share of the optimizer steps spent warming the learning rate up (when "
                                        "warmup_steps is 0)")
-    max_grad_norm: float = 1.0
-    optimizer: str = "auto"  # auto (AdamW8bit on CUDA, AdamW under fsdp) | adamw | adamw8bit
-    mixed_precision: str = "auto"  # auto (bf16 on CUDA) | bf16 | no
-    log_steps: int = 1
-    eval_steps: int = 50
-    save_steps: int = 100
-    keep_checkpoints: int = 2
-    seed: int = 0
-    device: str = "auto"
-    resume: bool = False
-    tensorboard: bool = True
-    progress: bool = True
-    backend: str = "auto"  # fastrm ops backend
-    # Multi-process (torchrun): auto (DDP with more than one process) | ddp | fsdp (FSDP2, sharded).
-    # See fastrm.distributed.
-    distributed: str = "auto"
+    max_grad_norm: float = setting(1.0, "clip the gradient's global L2 norm to this")
+    optimizer: str = setting("auto", "auto (AdamW8bit on CUDA, AdamW on CPU and under fsdp) | adamw | adamw8bit")
+    mixed_precision: str = setting("auto", "auto (bf16 autocast on CUDA) | bf16 | no")
+    log_steps: int = setting(1, "write metrics every this many steps")
+    eval_steps: int = setting(50, "evaluate every this many steps (and at the end)")
+    save_steps: int = setting(100, "write a checkpoint every this many steps (and at the end)")
+    keep_checkpoints: int = setting(2, "checkpoints of this run kept in output_dir (0: keep all)")
+    seed: int = setting(0, "seed of the data order, the initialisation and the sampling")
+    device: str = setting("auto", "auto (CUDA if available, one GPU per torchrun process) | cpu | cuda | cuda:N")
+    resume: bool = setting(False, "continue from the latest checkpoint in output_dir (also --resume)")
+    tensorboard: bool = setting(True, "also write TensorBoard logs to output_dir/tensorboard")
+    progress: bool = setting(True, "show a progress bar")
+    backend: str = setting("auto", "fastrm ops: auto (Triton on CUDA, PyTorch elsewhere) | triton | torch")
+    distributed: str = setting("auto", "under torchrun: auto (DDP with more than one process) | ddp | fsdp "
+                                       "(FSDP2, sharded); see fastrm.distributed")
     train_split: str = setting("train", "the split of train_data to train on when it is a DatasetDict "
                                         "(a datasets save_to_disk folder)")
     eval_split: str = setting("test", "the split to evaluate on when eval_data (or, without it, train_data) is "
@@ -98,7 +127,7 @@ class TrainerSettings:
 
     def validate(self):
         """Checks of the shared settings; a trainer's config extends this with its own."""
-        from fastrm.config import require, unyaml_no
+        from fastrm.config import require, require_writable_dir, unyaml_no
 
         require(self.preset in PRESETS, "preset", self.preset, "must be one of " + ", ".join(PRESETS))
         self.model.validate()
@@ -110,17 +139,23 @@ class TrainerSettings:
         for name in ("batch_size", "max_steps", "log_steps", "eval_steps", "save_steps"):
             require(getattr(self, name) >= 1, name, getattr(self, name), "must be >= 1")
         require(self.lr > 0 and math.isfinite(self.lr), "lr", self.lr, "must be > 0 and finite")
-        require(math.isfinite(self.weight_decay), "weight_decay", self.weight_decay, "must be finite")
+        require(self.weight_decay >= 0 and math.isfinite(self.weight_decay), "weight_decay", self.weight_decay,
+                "must be >= 0 and finite")
+        require(self.lr_scheduler in SCHEDULERS, "lr_scheduler", self.lr_scheduler,
+                "must be one of " + ", ".join(SCHEDULERS))
         require(not (self.resume and self.overwrite_output_dir), "overwrite_output_dir", self.overwrite_output_dir,
                 "cannot be combined with --resume (resume continues the run in output_dir, overwrite deletes it)")
         require(self.warmup_steps >= 0, "warmup_steps", self.warmup_steps, "must be >= 0")
         require(0 <= self.warmup_ratio < 1, "warmup_ratio", self.warmup_ratio, "must lie in [0, 1)")
+        require(self.keep_checkpoints >= 0, "keep_checkpoints", self.keep_checkpoints, "must be >= 0")
         require(self.max_grad_norm > 0, "max_grad_norm", self.max_grad_norm, "must be > 0")
         require(self.optimizer in ("auto", "adamw", "adamw8bit"), "optimizer", self.optimizer,
                 "must be auto, adamw or adamw8bit")
         require(self.mixed_precision in ("auto", "bf16", "no"), "mixed_precision", self.mixed_precision,
                 "must be auto, bf16 or no")
         require(self.backend in ("auto", "triton", "torch"), "backend", self.backend, "must be auto, triton or torch")
+        check_device(self.device)
+        require_writable_dir(self.output_dir, "output_dir")
         distributed.validate_setting(self.distributed, self.optimizer)
         self.packed = packing.normalize_setting(self.packed)
         require(self.packed in packing.SETTINGS, "packed", self.packed, "must be " + ", ".join(packing.SETTINGS))
@@ -133,7 +168,7 @@ class SupervisedSettings(TrainerSettings):
 
     batch_size: int = setting(8, "examples (preference pairs) per step, per device under torchrun")
     max_steps: int = setting(1000, "optimizer steps")
-    lr_scheduler: str = "cosine"
+    lr_scheduler: str = "cosine"  # (the meanings of re-declared settings are the base class's)
     warmup_ratio: float = setting(0.03, "share of the optimizer steps spent warming the learning rate up (when "
                                         "warmup_steps is 0)")
     log_steps: int = setting(10, "log the metrics every N steps")
@@ -142,28 +177,36 @@ class SupervisedSettings(TrainerSettings):
 
     tokenizer: str = setting("auto", "auto: the checkpoint's own tokenizer (the embedded task's for the tiny model) "
                                      "| embedded | a tokenizer folder")
-    train_data: str | None = None  # JSONL, Parquet, or a datasets save_to_disk folder; None: the embedded task
-    eval_data: str | None = None
-    eval_fraction: float = 0.05  # held-out share of train_data when eval_data is not given
-    task_max_level: int = 0  # embedded task: one-digit sums, which a tiny model learns in minutes on CPU
-    skip_malformed: bool = False
+    train_data: str | None = setting(None, "training data: JSONL, Parquet, or a datasets save_to_disk folder; null: "
+                                           "the embedded arithmetic task")
+    eval_data: str | None = setting(None, "held-out data (same formats); null: eval_fraction of train_data")
+    eval_fraction: float = setting(0.05, "held-out share of train_data when eval_data is not given")
+    task_max_level: int = setting(0, "embedded task: hardest level, 0 (one-digit sums, learned in minutes on CPU) "
+                                     "to 4")
+    skip_malformed: bool = setting(False, "skip and count malformed data rows instead of stopping at the first")
     max_length: int = setting(1024, "tokens per sequence (special tokens included): longer examples are truncated "
                                     "(the prompt from the left) or dropped (truncation=drop), counted in the log")
-    truncation: str = "truncate"  # truncate | drop
-    grad_accum_steps: int = 1
+    truncation: str = setting("truncate", "over max_length: truncate (the prompt from the left) | drop")
+    grad_accum_steps: int = setting(1, "batches whose gradients are summed into one optimizer step")
 
     FIXED_ON_RESUME: ClassVar[tuple[str, ...]] = TrainerSettings.FIXED_ON_RESUME + (
         "tokenizer", "train_data", "train_split", "eval_data", "eval_fraction", "task_max_level", "skip_malformed",
         "max_length", "truncation")
 
     def validate(self):
-        from fastrm.config import require
+        from fastrm.config import require, require_path
 
         super().validate()
-        for name in ("grad_accum_steps", "max_length"):
-            require(getattr(self, name) >= 1, name, getattr(self, name), "must be >= 1")
+        require(self.grad_accum_steps >= 1, "grad_accum_steps", self.grad_accum_steps, "must be >= 1")
+        require(self.max_length >= MIN_LENGTH, "max_length", self.max_length,
+                f"must be >= {MIN_LENGTH} (a special token, at least one token of text, and EOS)")
         require(0 <= self.eval_fraction < 1, "eval_fraction", self.eval_fraction, "must lie in [0, 1)")
         require(self.truncation in ("truncate", "drop"), "truncation", self.truncation, "must be truncate or drop")
+        require(0 <= self.task_max_level <= MAX_TASK_LEVEL, "task_max_level", self.task_max_level,
+                f"must lie in [0, {MAX_TASK_LEVEL}]")
+        check_tokenizer(self.tokenizer, "tokenizer", AUTO_TOKENIZER, EMBEDDED_TOKENIZER)
+        require_path(self.train_data, "train_data")
+        require_path(self.eval_data, "eval_data")
 
 
 class Trainer:
@@ -185,6 +228,7 @@ class Trainer:
         self.lock: ckpt.OutputLock | None = None  # rank 0's lock on out_dir
         self.final_model: Path | None = None  # output_dir/final, written when training ends
         self.task = None  # the embedded task, when the data is its
+        self.progress_desc: str | None = None  # the progress bar's label, when not the trainer's own
 
     def evaluate_and_save(self, has_eval: bool):
         """After a step: evaluate every ``eval_steps`` and checkpoint every ``save_steps``, both at the last step,
@@ -338,10 +382,8 @@ def pick_device(name: str) -> torch.device:
         if torch.cuda.is_available() and distributed.env_world_size() > 1:
             return torch.device("cuda", distributed.env_local_rank())  # torchrun: one GPU per process
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"setting device={name!r}: CUDA is not available on this machine")
-    return device
+    check_device(name)
+    return torch.device(name)
 
 
 def set_seed(seed: int):
@@ -386,8 +428,12 @@ def warmup_steps(config: TrainerSettings, total_steps: int) -> int:
 
 
 def make_scheduler(optimizer, name: str, warmup_steps: int, total_steps: int):
+    """transformers' schedule ``name`` after ``warmup_steps`` of linear warmup. Its ``constant`` ignores the warmup;
+    here it is honoured (``constant_with_warmup``), as every other schedule honours it."""
     from transformers import get_scheduler
 
+    if name == "constant" and warmup_steps > 0:
+        name = "constant_with_warmup"
     return get_scheduler(name, optimizer, num_warmup_steps=warmup_steps, num_training_steps=total_steps)
 
 
@@ -679,7 +725,8 @@ def fit(trainer, desc: str, postfix: dict):
     c = trainer.config
     trainer.hold_output_dir()
     trainer.model.train()
-    bar = tqdm(total=c.max_steps, initial=trainer.step, desc=desc, disable=not (c.progress and distributed.is_main()))
+    bar = tqdm(total=c.max_steps, initial=trainer.step, desc=trainer.progress_desc or desc,
+               disable=not (c.progress and distributed.is_main()))
     window = MetricsWindow()
     try:
         with deferred_finite_checks():

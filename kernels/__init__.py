@@ -154,7 +154,10 @@ def kernel_op(name: str, fake, mutates_args=()):
 
 
 def mask_as_bytes(mask):
-    """Bool masks go to kernels as bytes (same storage and strides, no copy)."""
+    """Bool masks go to kernels as bytes (same storage and strides, no copy); 16-bit float masks as ``mask != 0``
+    bytes (one small copy: the interpreter of triton < 3.9 misreads bfloat16 masks); other dtypes as they are."""
     import torch
 
+    if mask.dtype in (torch.bfloat16, torch.float16):
+        mask = mask != 0
     return mask.view(torch.uint8) if mask.dtype == torch.bool else mask

@@ -1,6 +1,6 @@
 """Run by tests/test_distributed.py under torchrun (2 gloo processes): one PPO update of a saved rollout, each rank
-holding half of its rows, then a checkpoint; and the rollout statistics over the two halves, which must equal
-the one-process statistics of the whole rollout (saved beside it). Usage:
+holding half of its rows, with SGD (see tests/sgd_worker.py), then a checkpoint; and the rollout statistics over
+the two halves, which must equal the one-process statistics of the whole rollout (saved beside it). Usage:
 
     torchrun --nproc-per-node 2 tests/rl_update_worker.py ROLLOUT.pt key=value ...
 """
@@ -12,10 +12,12 @@ import torch
 from fastrm import distributed, rl
 from fastrm.config import load_config
 from fastrm.trainers.rl import RLConfig, RLTrainer
+from sgd_worker import use_sgd
 
 
 def main():
     saved = torch.load(sys.argv[1], weights_only=False)
+    use_sgd()
     trainer = RLTrainer(load_config(RLConfig, None, sys.argv[2:])).setup()
     assert distributed.world_size() == 2, distributed.world_size()
     rank = distributed.rank()
@@ -25,7 +27,7 @@ def main():
     trainer.update(half)
     trainer.step = 1
     trainer.save()
-    if trainer.mode == "fsdp":  # each rank holds about half of every weight and of its AdamW moments
+    if trainer.mode == "fsdp":  # each rank holds about half of every weight and of its optimizer state
         from torch.distributed.tensor import DTensor
 
         for model, optimizer in ((trainer.policy, trainer.optimizer), (trainer.value, trainer.value_optimizer)):
@@ -33,7 +35,7 @@ def main():
             assert all(isinstance(p, DTensor) for p in params)
             whole = sum(p.numel() for p in params)
             local = sum(p.to_local().numel() for p in params)
-            moments = sum(optimizer.state[p]["exp_avg"].to_local().numel() for p in params)
+            moments = sum(optimizer.state[p]["momentum_buffer"].to_local().numel() for p in params)
             assert local == moments and 0.4 * whole <= local <= 0.6 * whole, (local, whole)
 
     # statistics over ranks == statistics of the whole batch

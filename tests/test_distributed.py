@@ -1,6 +1,9 @@
 """Multi-process (gloo, CPU) training through torchrun, DDP and FSDP2: 2 processes with a per-device batch of 4
 end at the same parameters as 1 process with a batch of 8 on the same data; only rank 0 writes; checkpoints
-resume on another number of ranks and in another mode. Each torchrun launch is bounded by a timeout."""
+resume on another number of ranks and in another mode. Each torchrun launch is bounded by a timeout.
+
+The equivalence tests train with SGD (tests/sgd_worker.py says why) and compare parameter updates with a tolerance
+taken from the computation (:func:`assert_same_update`), so they hold on any machine."""
 
 import json
 import os
@@ -13,17 +16,20 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from fastrm import rl
+from fastrm import rl, training
 from fastrm.checkpoint import load_trainer_state
 from fastrm.config import ConfigError, load_config
 from fastrm.trainers.reward import RewardConfig
 from test_rl import TINY as RL_TINY
 from test_rl import params, rl_trainer
+from sgd_worker import sgd
 from test_trainers import TINY, reward_trainer, sft_trainer
 
 TESTS = Path(__file__).parent
 
-TIMEOUT_S = 120  # one 2-process launch of 3 tiny steps takes ~15 s on 2 CPU cores
+# A guard against a hung rendezvous or collective, not a speed check: one launch of 3 tiny steps takes ~15 s on 2
+# quiet cores and several times that on a loaded machine.
+TIMEOUT_S = 900
 
 
 def free_port() -> int:
@@ -32,9 +38,21 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def torchrun(command: str, args: list[str], nproc: int = 2):
-    """``torchrun ... -m fastrm <command> <args>``; a command ending in .py runs that script instead."""
-    target = [command] if command.endswith(".py") else ["-m", "fastrm", command]
+@pytest.fixture
+def use_sgd(monkeypatch):
+    """In-process trainers built after this use SGD, as tests/sgd_worker.py does under torchrun."""
+    monkeypatch.setattr(training, "make_optimizer", sgd)
+
+
+def torchrun(command: str, args: list[str], nproc: int = 2, optimizer: str = "configured"):
+    """``torchrun ... -m fastrm <command> <args>``; a command ending in .py runs that script instead;
+    ``optimizer="sgd"``: through tests/sgd_worker.py."""
+    if command.endswith(".py"):
+        target = [command]
+    elif optimizer == "sgd":
+        target = [str(TESTS / "sgd_worker.py"), command]
+    else:
+        target = ["-m", "fastrm", command]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--nnodes", "1",
            "--master-addr", "127.0.0.1", "--master-port", str(free_port()), *target, *args]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
@@ -47,10 +65,30 @@ def final_params(out_dir, step):
     return load_file(str(out_dir / f"checkpoint-{step}" / "model.safetensors"))
 
 
-def assert_same_params(theirs, ours):
-    assert theirs.keys() == ours.keys()
+UPDATE_RTOL = 1e-3
+SGD_LR = "lr=0.05"  # moves weights well above their rounding (SGD steps are gradient-sized, AdamW's lr-sized)
+
+
+def assert_same_update(theirs, ours, start, steps):
+    """Two SGD runs from ``start`` whose gradients differ only in fp32 summation order end at the same weights:
+    per tensor, within ``UPDATE_RTOL`` of its largest move plus the rounding of the stored weights (half an ulp
+    per step, ``steps * eps * max|w|``).
+
+    Why this bound: an SGD step (with momentum and clipping) is linear in the gradient, so reordering a sum moves
+    a weight by a few fp32 ulps of the gradients' scale: about 1e-6 of the tensor's largest move (measured here
+    at most 3e-6). A wrong shard, a missing or doubled average, a lost token weight or a dropped optimizer state
+    changes the update by a sizeable fraction of itself, far above 1e-3. So the bound holds on any machine and
+    still fails for any of those bugs."""
+    assert theirs.keys() == ours.keys() == start.keys()
+    eps = torch.finfo(torch.float32).eps
+    moved = False
     for key in ours:
-        torch.testing.assert_close(theirs[key], ours[key], atol=1e-5, rtol=1e-5, msg=key)
+        move = (ours[key].double() - start[key].double()).abs().max().item()
+        scale = max(ours[key].abs().max().item(), start[key].abs().max().item())
+        moved |= move > 0
+        atol = UPDATE_RTOL * move + steps * eps * scale
+        torch.testing.assert_close(theirs[key], ours[key], atol=atol, rtol=0, msg=key)
+    assert moved, "no weight moved: the comparison would prove nothing"
 
 
 def assert_only_rank0_wrote(out_dir, steps):
@@ -72,62 +110,64 @@ RUN = {"reward": (reward_trainer, "train-rm", ["num_train_pairs=96", "num_eval_p
     ("reward", "fsdp", 8, 1, 1),  # the 1-rank path (what one GPU runs under torchrun)
     ("sft", "fsdp-ckpt", 8, 1, 2),  # FSDP with activation (gradient) checkpointing
 ])
-def test_two_processes_match_one_with_the_global_batch(tmp_path, kind, mode, batch, accum, nproc):
+def test_two_processes_match_one_with_the_global_batch(tmp_path, use_sgd, kind, mode, batch, accum, nproc):
     steps = 3
-    common = ["max_steps=3", "save_steps=3", "eval_steps=3", "warmup_steps=0", "optimizer=adamw",
-              f"grad_accum_steps={accum}"]
+    common = ["max_steps=3", "save_steps=3", "eval_steps=3", "warmup_steps=0", SGD_LR, f"grad_accum_steps={accum}"]
     if mode == "fsdp-ckpt":
         mode, common = "fsdp", [*common, "model.gradient_checkpointing=true"]
     make, command, data = RUN[kind]
     single = make(tmp_path / "one", f"batch_size={batch}", *common)
+    start = {k: v.detach().clone() for k, v in single.model.state_dict().items()}
     single.train()
     ours = final_params(tmp_path / "one", steps)
 
     torchrun(command, TINY + data + [f"batch_size={batch // nproc}", f"distributed={mode}", *common,
-                                     f"output_dir={tmp_path / 'two'}"], nproc=nproc)
-    assert_same_params(final_params(tmp_path / "two", steps), ours)
+                                     f"output_dir={tmp_path / 'two'}"], nproc=nproc, optimizer="sgd")
+    assert_same_update(final_params(tmp_path / "two", steps), ours, {k: start[k] for k in ours}, steps)
     assert_only_rank0_wrote(tmp_path / "two", steps)
     rows = [json.loads(line) for line in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
     assert any("eval/loss" in row for row in rows)
 
 
 @pytest.mark.parametrize("mode", ["ddp", "fsdp"])
-def test_resume_on_two_processes_from_a_one_process_checkpoint(tmp_path, mode):
-    """Under fsdp the whole optimizer state of the checkpoint is re-sharded onto the ranks' parameter shards."""
-    common = ["max_steps=4", "save_steps=2", "eval_steps=4", "warmup_steps=0", "optimizer=adamw",
-              "lr_scheduler=constant"]
+def test_resume_on_two_processes_from_a_one_process_checkpoint(tmp_path, use_sgd, mode):
+    """Under fsdp the whole optimizer state (the momentum) of the checkpoint is re-sharded onto the ranks' parameter
+    shards."""
+    common = ["max_steps=4", "save_steps=2", "eval_steps=4", "warmup_steps=0", "lr_scheduler=constant", SGD_LR]
     full = reward_trainer(tmp_path / "full", "batch_size=8", *common)
     full.train()
     half = reward_trainer(tmp_path / "half", "batch_size=8", *common[1:], "max_steps=2")  # then stopped
     half.train()
     torchrun("train-rm", TINY + ["num_train_pairs=96", "num_eval_pairs=32", "batch_size=4", *common,
-                                 f"distributed={mode}", f"output_dir={tmp_path / 'half'}", "resume=true"])
-    assert_same_params(final_params(tmp_path / "half", 4), final_params(tmp_path / "full", 4))
+                                 f"distributed={mode}", f"output_dir={tmp_path / 'half'}", "resume=true"],
+             optimizer="sgd")
+    assert_same_update(final_params(tmp_path / "half", 4), final_params(tmp_path / "full", 4),
+                       final_params(tmp_path / "full", 2), steps=2)
 
 
-def test_fsdp_checkpoint_is_whole_and_resumes_on_one_process(tmp_path):
+def test_fsdp_checkpoint_is_whole_and_resumes_on_one_process(tmp_path, use_sgd):
     """FSDP gathers the shards into one ordinary checkpoint (weights and named optimizer state), which a
-    single process resumes from and finishes exactly as an uninterrupted single-process run."""
-    common = ["max_steps=4", "save_steps=2", "eval_steps=4", "warmup_steps=0", "optimizer=adamw",
-              "lr_scheduler=constant"]
+    single process resumes from and finishes as an uninterrupted single-process run."""
+    common = ["max_steps=4", "save_steps=2", "eval_steps=4", "warmup_steps=0", "lr_scheduler=constant", SGD_LR]
     full = reward_trainer(tmp_path / "full", "batch_size=8", *common)
+    start = {k: v.detach().clone() for k, v in full.model.state_dict().items()}
     full.train()
     torchrun("train-rm", TINY + ["num_train_pairs=96", "num_eval_pairs=32", "batch_size=4", "distributed=fsdp",
-                                 *common[1:], "max_steps=2", f"output_dir={tmp_path / 'half'}"])
+                                 *common[1:], "max_steps=2", f"output_dir={tmp_path / 'half'}"], optimizer="sgd")
     state = load_trainer_state(tmp_path / "half" / "checkpoint-2")
     assert state["optimizer"]["format"] == "named"
     assert set(state["optimizer"]["state"]) == set(final_params(tmp_path / "half", 2))  # every weight trained
     resumed = reward_trainer(tmp_path / "half", "batch_size=8", *common, "resume=true")
     assert resumed.step == 2
     resumed.train()
-    assert_same_params(final_params(tmp_path / "half", 4), final_params(tmp_path / "full", 4))
+    ours = final_params(tmp_path / "full", 4)
+    assert_same_update(final_params(tmp_path / "half", 4), ours, {k: start[k] for k in ours}, steps=4)
 
 
 # ---- RL ----------------------------------------------------------------------------------------------------------
 
-RL_COMMON = ["advantage=gae", "reward=rule", "reward_fn=rl_update_worker:answer_length", "lr=1e-3", "ppo_epochs=2",
-             "num_minibatches=1", "optimizer=adamw", "mixed_precision=no", "entropy_coef=0.01", "kl_in=loss",
-             "kl_coef=0.1", "seed=3"]
+RL_COMMON = ["advantage=gae", "reward=rule", "reward_fn=rl_update_worker:answer_length", "lr=1e-2", "ppo_epochs=2",
+             "num_minibatches=1", "mixed_precision=no", "entropy_coef=0.01", "kl_in=loss", "kl_coef=0.1", "seed=3"]
 
 
 def save_rollout(ro: dict, path):
@@ -150,7 +190,7 @@ def save_rollout(ro: dict, path):
 
 
 @pytest.mark.parametrize("mode", ["ddp", "fsdp"])
-def test_ppo_update_on_two_ranks_equals_one_process(tmp_path, mode):
+def test_ppo_update_on_two_ranks_equals_one_process(tmp_path, use_sgd, mode):
     """Each rank updates on half the rows of one rollout (halves with different token counts): policy and critic
     end where one process updating on the whole rollout ends. The worker also checks that whitening, score
     normalisation and the baseline over two ranks equal the one-process statistics of the whole batch."""
@@ -161,13 +201,14 @@ def test_ppo_update_on_two_ranks_equals_one_process(tmp_path, mode):
     ro["mask"][0, 1:] = 0  # rank 0's half gets fewer tokens: token means need the global token count
     assert ro["mask"][0::2].sum() != ro["mask"][1::2].sum()
     save_rollout(ro, tmp_path / "rollout.pt")
+    start_policy, start_value = params(one.policy), params(one.value)
     one.update(ro)
 
     torchrun(str(TESTS / "rl_update_worker.py"), [str(tmp_path / "rollout.pt"), *RL_TINY, *RL_COMMON,
                                                    f"distributed={mode}", f"output_dir={tmp_path / 'two'}"])
-    assert_same_params(final_params(tmp_path / "two", 1), params(one.policy))
+    assert_same_update(final_params(tmp_path / "two", 1), params(one.policy), start_policy, steps=2)
     state = load_trainer_state(tmp_path / "two" / "checkpoint-1")
-    assert_same_params(state["value_model"], params(one.value))
+    assert_same_update(state["value_model"], params(one.value), start_value, steps=2)
 
 
 @pytest.mark.parametrize("mode", ["ddp", "fsdp"])

@@ -369,16 +369,35 @@ def test_nonfinite_loss_stops_training(tmp_path):
 
 
 def test_demo_cli_runs_the_whole_pipeline(tmp_path, capsys):
+    """Several seeds in one process, the results file with versions, device and commit, and each seed's result
+    the same as a run of that seed alone (deterministic per seed, nothing carried from one seed to the next)."""
     from fastrm.cli import main
 
-    code = main(["demo", "--output-dir", str(tmp_path), "--sft-steps", "3", "--rm-steps", "3", "--rl-steps", "2",
-                 "--sft", "model.hidden_size=32", "--rm", "model.hidden_size=32", "num_eval_prompts=10"])
+    tiny = ["--sft-steps", "3", "--rm-steps", "3", "--rl-steps", "2", "--sft", "model.hidden_size=32",
+            "--rm", "model.hidden_size=32", "--sft", "num_train_examples=256", "--sft", "num_eval_examples=16",
+            "--rm", "num_train_pairs=256", "--rm", "num_eval_pairs=32", "--rl", "num_train_prompts=64"]
+    docs = tmp_path / "results.md"
+    code = main(["demo", "--output-dir", str(tmp_path / "many"), "--seeds", "0-1", "--write-docs", str(docs),
+                 "--no-progress", *tiny])
     assert code == 0
     out = capsys.readouterr().out
-    assert "after SFT ->" in out and "after RL" in out
-    result = json.loads((tmp_path / "demo_result.json").read_text())
-    assert result["rl_steps"] == 2 and 0.0 <= result["after_rl"]["eval/accuracy"] <= 1.0
-    assert (tmp_path / "rl" / "latest").is_file()
+    assert "seed 1:" in out and "after SFT ->" in out and "after RL" in out
+    results = [json.loads((tmp_path / "many" / f"seed_{s}" / "demo_result.json").read_text()) for s in (0, 1)]
+    assert [r["seed"] for r in results] == [0, 1] and results[1]["rl_steps"] == 2
+    assert 0.0 <= results[1]["after_rl"]["eval/accuracy"] <= 1.0
+    text = docs.read_text()
+    import torch
+    import transformers
+
+    for needle in ("| 0 |", "| 1 |", f"torch {torch.__version__}", f"transformers {transformers.__version__}",
+                   "fastrm commit", "--seeds 0-1"):
+        assert needle in text, needle
+
+    assert main(["demo", "--output-dir", str(tmp_path / "one"), "--seed", "1", "--no-progress", *tiny]) == 0
+    alone = json.loads((tmp_path / "one" / "demo_result.json").read_text())
+    for key in ("rm_heldout_pair_accuracy", "after_sft", "after_rl"):
+        assert alone[key] == results[1][key], key
+    assert (tmp_path / "one" / "rl" / "latest").is_file()
 
 
 def test_ppo_cli_reports_bad_settings(capsys):

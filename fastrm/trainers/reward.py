@@ -18,6 +18,7 @@ import fastrm
 from fastrm import data as fdata
 from fastrm import distributed, lora, training
 from fastrm.config import parse_cli, require, setting
+from fastrm.errors import DataError
 from fastrm.models import load_reward_model, reward_scores
 
 log = logging.getLogger("fastrm")
@@ -27,13 +28,14 @@ EMBEDDED = "embedded"
 
 @dataclass
 class RewardConfig(training.SupervisedSettings):
-    # Preference data (train_data, JSONL; None: the embedded arithmetic task's pairs, noisy annotator)
+    # Preference data (train_data; None: the embedded arithmetic task's pairs, noisy annotator)
+    num_train_pairs: int = setting(6000, "embedded task: training preference pairs generated")
+    num_eval_pairs: int = setting(500, "embedded task: held-out pairs generated (labelled by the truth)")
+    annotator_noise: float = setting(0.1, "embedded task: share of training pairs the simulated annotator flips")
+    center_coef: float = setting(0.0, "weight of the penalty (r_chosen + r_rejected)^2 (keeps rewards centred on 0)")
+    use_margin: bool = setting(False, "subtract each pair's margin field inside the loss")
+    # The shared settings with this trainer's defaults (meanings: training.TrainerSettings)
     eval_fraction: float = 0.1
-    num_train_pairs: int = 6000  # embedded task only
-    num_eval_pairs: int = 500
-    annotator_noise: float = 0.1
-    center_coef: float = 0.0
-    use_margin: bool = False
     output_dir: str = "runs/reward"
     lr: float = setting(1e-5, "peak learning rate (AdamW); pretrained full fine-tuning (TINY_PRESET: the tiny model's)")
 
@@ -67,7 +69,8 @@ class RewardTrainer(training.Trainer):
         self.train_examples, self.kind = self._tokenize(train_rows, "train")
         self.eval_examples, _ = self._tokenize(eval_rows, "eval")
         if not self.train_examples:
-            raise ValueError("no training examples left after tokenization (all dropped?)")
+            raise DataError("no training examples left after tokenization: every row was dropped (truncation=drop "
+                            "with too small a max_length?)")
         self.model = load_reward_model(c.model, self.tokenizer, self.device, quantize=c.lora.quantize)
         self.packing = training.choose_packing(self, self.model, "reward", "reward model")
         if c.lora.enabled:  # adapters on the frozen model, the head trained fully

@@ -43,7 +43,7 @@ from fastrm import data as fdata
 from fastrm import distributed as fdist
 from fastrm import lora, packing, rewards, rl, training
 from fastrm._checks import deferred_finite_checks
-from fastrm.config import ConfigError, require, setting
+from fastrm.config import ConfigError, parse_cli, require, require_path, setting
 from fastrm.generation import decode_completions, generate
 from fastrm.models import (
     TINY,
@@ -69,73 +69,80 @@ class RLConfig(training.TrainerSettings):
                                      "model) | embedded | a tokenizer folder")
     # Prompts (JSONL / Parquet / save_to_disk rows with "prompt", optional numeric "difficulty", any other fields
     # for the reward functions). None: the embedded arithmetic task.
-    train_data: str | None = None
-    eval_data: str | None = None
-    num_train_prompts: int = 2000  # embedded task only
-    num_eval_prompts: int = 200  # held-out prompts answered greedily at each evaluation (0: off)
-    task_max_level: int = 0
-    # Reward: "model" (a checkpoint of `fastrm train-rm`), "rule" (reward_fn), or "both", summed with weights.
-    reward: str = "model"
-    reward_model_path: str | None = None
-    reward_model_8bit: bool = False  # CUDA only
+    train_data: str | None = setting(None, "prompts: JSONL, Parquet or a datasets save_to_disk folder, rows with "
+                                           "prompt (text or chat messages), optional difficulty, and any fields the "
+                                           "reward functions take; null: the embedded arithmetic task")
+    eval_data: str | None = setting(None, "held-out prompts (same formats; null with train_data: no greedy "
+                                          "evaluation)")
+    num_train_prompts: int = setting(2000, "embedded task: training prompts generated")
+    num_eval_prompts: int = setting(200, "held-out prompts answered greedily at each evaluation (0: off)")
+    task_max_level: int = setting(0, "embedded task: hardest level, 0 (one-digit sums) to 4")
+    # Reward
+    reward: str = setting("model", "model (a reward model of fastrm train-rm) | rule (reward_fn) | both (weighted "
+                                   "sum)")
+    reward_model_path: str | None = setting(None, "checkpoint folder of the reward model (reward=model or both)")
+    reward_model_8bit: bool = setting(False, "load the reward model in 8 bits (CUDA only)")
     reward_fn: Any = setting(EMBEDDED, "rule reward functions: 'embedded' (the arithmetic task's checker), "
                              "'package.module:function', or a list of them [mod:f1, mod:f2]; with reward=model, "
                              "used for evaluation only (eval/score) when not 'embedded'")
     reward_weights: list[float] | None = setting(None, "weight of each reward_fn function in the rule score "
                                                        "(default 1.0 each)")
-    reward_model_weight: float = 1.0
-    rule_weight: float = 1.0
-    missing_eos_penalty: float | None = None  # subtracted from the score of completions that never emit EOS
-    reward_norm: str = "none"  # none | batch | running
-    reward_clip: float | None = None  # clip the (normalised) score to [-reward_clip, reward_clip]
-    # Critic for gae: auto (policy copy when advantage=gae, else none) | none | policy | reward | <RM checkpoint>
-    value_model: str = "auto"
-    ref_8bit: bool = False  # load the frozen reference in 8 bits (CUDA, model.name_or_path must be a checkpoint)
+    reward_model_weight: float = setting(1.0, "weight of the reward model's score in the reward")
+    rule_weight: float = setting(1.0, "weight of the rule's score in the reward")
+    missing_eos_penalty: float | None = setting(None, "subtracted from the score of a completion that never emits EOS")
+    reward_norm: str = setting("none", "score normalisation: none | batch | running (mean and std so far)")
+    reward_clip: float | None = setting(None, "clip the (normalised) score to [-reward_clip, reward_clip]")
+    value_model: str = setting("auto", "critic for advantage=gae: auto (a copy of the policy when gae, else none) | "
+                                       "none | policy | reward (the reward model) | a reward-model checkpoint folder")
+    ref_8bit: bool = setting(False, "load the frozen reference in 8 bits (CUDA; model.name_or_path a checkpoint)")
     # Rollouts
     batch_size: int = setting(8, "prompts per step (per device under torchrun)")
-    num_samples: int = 4  # completions per prompt (n)
+    num_samples: int = setting(4, "completions sampled per prompt")
     max_new_tokens: int = setting(256, "longest completion, in tokens")
-    temperature: float = 1.0
-    top_p: float = 1.0
+    temperature: float = setting(1.0, "sampling temperature (log-probs are taken at the same temperature)")
+    top_p: float = setting(1.0, "nucleus sampling: keep the smallest token set with this much probability")
     # Advantages
-    advantage: str = "gae"  # gae | reinforce | reinforce_baseline | rloo | grpo
-    gamma: float = 1.0
-    lam: float = 0.95
-    whiten_advantages: bool = True
-    baseline: str = "moving"  # reinforce_baseline: moving (EMA of past batches) | batch (this batch's mean)
-    baseline_decay: float = 0.9
+    advantage: str = setting("gae", "gae (critic) | reinforce | reinforce_baseline | rloo | grpo")
+    gamma: float = setting(1.0, "discount per token")
+    lam: float = setting(0.95, "GAE lambda")
+    whiten_advantages: bool = setting(True, "normalise advantages to mean 0, std 1 over the batch's tokens")
+    baseline: str = setting("moving", "reinforce_baseline: moving (EMA of past batches) | batch (this batch's mean)")
+    baseline_decay: float = setting(0.9, "reinforce_baseline=moving: EMA decay")
     scale_rewards: str = setting("group", "grpo: divide the centred scores by the std of the group | batch | "
                                           "none (Dr. GRPO, centring only), as TRL's scale_rewards")
     grpo_scale: bool | None = setting(None, "deprecated alias: true = scale_rewards=group, false = none")
     # Objective
-    ppo_epochs: int = 2
-    num_minibatches: int = 1
-    clip_eps: float = 0.2
-    clip_eps_high: float | None = None
-    dual_clip: float | None = None
+    ppo_epochs: int = setting(2, "passes over each rollout")
+    num_minibatches: int = setting(1, "minibatches per pass (one optimizer step each)")
+    clip_eps: float = setting(0.2, "PPO ratio clip: [1 - clip_eps, 1 + clip_eps]")
+    clip_eps_high: float | None = setting(None, "upper clip 1 + clip_eps_high instead (asymmetric, DAPO); null: "
+                                                "clip_eps")
+    dual_clip: float | None = setting(None, "dual-clip constant c > 1 bounding the loss of negative advantages; "
+                                            "null: off")
     loss_agg: str = setting("token-mean", "token-mean | seq-mean-token-mean | seq-mean-token-sum | "
                                           "seq-mean-token-sum-norm (divided by max_new_tokens: Dr. GRPO)")
-    vf_coef: float = 0.5
-    value_clip: float | None = 0.2
-    entropy_coef: float = 0.0
-    kl_coef: float = 0.05
-    kl_estimator: str = "k1"  # k1 | k2 | k3 | abs | k1+ | abs+ | k3+ (straight-through: k2's gradient, kl_in=loss)
-    kl_in: str = "reward"  # reward: per-token penalty in the rewards | loss: a term of the loss
-    adaptive_kl: bool = False
-    kl_target: float = 0.1  # adaptive controller: target of objective/kl (summed over a completion)
-    kl_horizon: int = 10000
+    vf_coef: float = setting(0.5, "weight of the value loss")
+    value_clip: float | None = setting(0.2, "clip the value prediction to old value +- value_clip; null: off")
+    entropy_coef: float = setting(0.0, "weight of the entropy bonus")
+    kl_coef: float = setting(0.05, "weight of the KL to the reference (initial value when adaptive_kl)")
+    kl_estimator: str = setting("k1", "per-token KL estimator: k1 | k2 | k3 | abs | k1+ | abs+ | k3+ (straight-"
+                                      "through: the value of k1/abs/k3, the gradient of k2; kl_in=loss)")
+    kl_in: str = setting("reward", "reward (a per-token penalty in the rewards) | loss (a term of the loss)")
+    adaptive_kl: bool = setting(False, "adapt kl_coef towards kl_target (Ziegler et al. controller)")
+    kl_target: float = setting(0.1, "adaptive_kl: target of objective/kl (summed over a completion)")
+    kl_horizon: int = setting(10000, "adaptive_kl: horizon of the controller, in samples")
     # Curriculum (seed §3.2): prompts easy -> hard, the pool widening over curriculum_steps. Off by default.
-    curriculum: bool = False
-    curriculum_difficulty: str = "auto"  # auto: the data's difficulty (task level), else length | length
-    curriculum_start: float = 0.25
-    curriculum_steps: int = 100
-    curriculum_schedule: str = "linear"  # linear | step
-    curriculum_stages: int = 4
-    # Optimisation (the rest: training.TrainerSettings)
+    curriculum: bool = setting(False, "order prompts easy -> hard, the pool widening over curriculum_steps")
+    curriculum_difficulty: str = setting("auto", "auto (the data's difficulty field, else length) | length")
+    curriculum_start: float = setting(0.25, "share of the easiest prompts in the pool at step 0")
+    curriculum_steps: int = setting(100, "steps until the pool holds every prompt")
+    curriculum_schedule: str = setting("linear", "pool growth: linear | step")
+    curriculum_stages: int = setting(4, "curriculum_schedule=step: number of stages")
+    # Optimisation (the rest: training.TrainerSettings, with this trainer's defaults)
+    lr: float = setting(1e-6, "learning rate of the policy (AdamW)")
+    value_lr: float | None = setting(None, "learning rate of the critic; null: lr")
     output_dir: str = "runs/ppo"
     max_steps: int = 200
-    lr: float = setting(1e-6, "learning rate of the policy (AdamW)")
-    value_lr: float | None = None  # default: lr
 
     # The global batch may change on resume (another number of GPUs): rollouts are sampled, and the prompt
     # order goes on from the same epoch position.
@@ -180,7 +187,8 @@ class RLConfig(training.TrainerSettings):
         require(0 < self.top_p <= 1, "top_p", self.top_p, "must lie in (0, 1]")
         require(0 <= self.gamma <= 1, "gamma", self.gamma, "must lie in [0, 1]")
         require(0 <= self.lam <= 1, "lam", self.lam, "must lie in [0, 1]")
-        require(self.clip_eps > 0, "clip_eps", self.clip_eps, "must be > 0")
+        require(0 < self.clip_eps < 1, "clip_eps", self.clip_eps, "must lie in (0, 1) (the ratio is clipped to "
+                "[1 - clip_eps, 1 + clip_eps])")
         require(self.clip_eps_high is None or self.clip_eps_high > 0, "clip_eps_high", self.clip_eps_high, "must be > 0")
         require(self.dual_clip is None or self.dual_clip > 1, "dual_clip", self.dual_clip, "must be > 1 (or null)")
         require(self.value_clip is None or self.value_clip >= 0, "value_clip", self.value_clip, "must be >= 0")
@@ -209,6 +217,23 @@ class RLConfig(training.TrainerSettings):
                     "8 bits; lora.quantize=8bit quantizes the weights they share")
             require(self.model.name_or_path != TINY, "ref_8bit", self.ref_8bit,
                     "needs model.name_or_path to be a checkpoint (the reference is reloaded from it in 8 bits)")
+        for name in ("ref_8bit", "reward_model_8bit"):
+            require(not getattr(self, name) or torch.cuda.is_available(), name, getattr(self, name),
+                    "8-bit loading needs a CUDA device")
+        require(0 <= self.task_max_level <= training.MAX_TASK_LEVEL, "task_max_level", self.task_max_level,
+                f"must lie in [0, {training.MAX_TASK_LEVEL}]")
+        training.check_tokenizer(self.tokenizer, "tokenizer", fdata.AUTO_TOKENIZER, EMBEDDED)
+        require_path(self.train_data, "train_data")
+        require_path(self.eval_data, "eval_data")
+        if self.reward in ("model", "both"):
+            require_path(self.reward_model_path, "reward_model_path", "folder")
+        if value not in VALUE_MODELS:
+            require_path(value, "value_model", "folder (or auto, none, policy, reward)")
+        for spec in specs:  # importable now, not after the models are built (a .py file: run once, at setup)
+            if spec.rpartition(":")[0].endswith(".py"):
+                require_path(spec.rpartition(":")[0], "reward_fn", "file")
+            else:
+                rewards.load(spec)
 
     def reward_fn_specs(self) -> list:
         return list(self.reward_fn) if isinstance(self.reward_fn, (list, tuple)) else [self.reward_fn]
@@ -731,7 +756,7 @@ class RLTrainer(training.Trainer):
         folder's lock is released when training ends, however it ends."""
         c = self.config
         self.hold_output_dir()
-        bar = tqdm(total=c.max_steps, initial=self.step, desc=f"rl:{c.advantage}",
+        bar = tqdm(total=c.max_steps, initial=self.step, desc=self.progress_desc or f"rl:{c.advantage}",
                    disable=not (c.progress and fdist.is_main()))
         try:
             with deferred_finite_checks():
@@ -838,19 +863,9 @@ class RLTrainer(training.Trainer):
 
 
 def main(argv=None) -> int:
-    import argparse
-
-    from fastrm.config import load_config
-
-    parser = argparse.ArgumentParser(
-        prog="fastrm ppo", description="RL fine-tuning (PPO / REINFORCE / RLOO / GRPO) of an SFT policy against a "
-        "learned reward model and/or a rule. Typical: fastrm ppo model.name_or_path=runs/sft/checkpoint-300 "
-        "reward_model_path=runs/reward/checkpoint-400")
-    parser.add_argument("--config", help="YAML file with RLConfig settings")
-    parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in output_dir")
-    parser.add_argument("overrides", nargs="*", help="key=value settings (dotted keys for nested ones)")
-    args = parser.parse_args(argv)
-    config = load_config(RLConfig, args.config, args.overrides + (["resume=true"] if args.resume else []))
+    config = parse_cli(RLConfig, argv, "fastrm ppo", "RL fine-tuning (PPO / REINFORCE / RLOO / GRPO) of an SFT "
+                       "policy against a learned reward model and/or a rule. Typical: fastrm ppo "
+                       "model.name_or_path=runs/sft/final reward_model_path=runs/reward/final")
     trainer = RLTrainer(config).setup()
     before = trainer.evaluate()
     trainer.train()

@@ -20,6 +20,7 @@ import torch
 from fastrm import data as fdata
 from fastrm import distributed, lora, training
 from fastrm.config import parse_cli, require, setting
+from fastrm.errors import DataError
 from fastrm.models import load_causal_lm, token_logprobs
 
 log = logging.getLogger("fastrm")
@@ -28,10 +29,12 @@ log = logging.getLogger("fastrm")
 @dataclass
 class SFTConfig(training.SupervisedSettings):
     # SFT data (train_data, JSONL of {"prompt","completion"} or {"messages"}; None: the embedded arithmetic task)
-    num_train_examples: int = 4000  # embedded task only
-    num_eval_examples: int = 200
-    eval_generate: int = 100  # held-out prompts answered greedily and scored by the task's checker (0: off)
-    max_new_tokens: int = 6
+    num_train_examples: int = setting(4000, "embedded task: training examples generated")
+    num_eval_examples: int = setting(200, "embedded task: held-out examples generated")
+    eval_generate: int = setting(100, "embedded task: held-out prompts answered greedily and checked at each "
+                                      "evaluation (0: off)")
+    max_new_tokens: int = setting(6, "longest greedy answer generated for eval_generate")
+    # The shared settings with this trainer's defaults (meanings: training.TrainerSettings)
     output_dir: str = "runs/sft"
     lr: float = setting(2e-5, "peak learning rate (AdamW); pretrained full fine-tuning (TINY_PRESET: the tiny model's)")
 
@@ -62,7 +65,8 @@ class SFTTrainer(training.Trainer):
         self.eval_examples = self._tokenize(eval_rows, "eval")
         self.eval_rows = eval_rows
         if not self.train_examples:
-            raise ValueError("no training examples left after tokenization (all dropped?)")
+            raise DataError("no training examples left after tokenization: every row was dropped (truncation=drop "
+                            "with too small a max_length?)")
         self.model = load_causal_lm(c.model, self.tokenizer, self.device, quantize=c.lora.quantize)
         self.packing = training.choose_packing(self, self.model, "causal_lm", "policy")
         if c.lora.enabled:  # adapters on the frozen model
