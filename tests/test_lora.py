@@ -13,6 +13,7 @@ import pytest
 import torch
 from families import build_checkpoints
 from test_families import one_thread, scores_one_by_one  # noqa: F401 (one_thread: an autouse fixture)
+from test_distributed import use_sgd  # noqa: F401 (a fixture: SGD in this process, as the torchrun workers use)
 from test_rl import answer_length
 
 from fastrm import lora
@@ -318,28 +319,35 @@ def test_export_refuses_a_folder_without_an_adapter(checkpoints, tmp_path, capsy
 # ---- torchrun: DDP and FSDP ----------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("mode", ["ddp", "fsdp"])
-def test_ppo_update_with_lora_on_two_ranks_equals_one_process(checkpoints, tmp_path, mode):
+def test_ppo_update_with_lora_on_two_ranks_equals_one_process(checkpoints, tmp_path, use_sgd, mode):
     """One PPO update of a saved rollout (LoRA policy, LoRA critic, the reference by disabling the adapters), each of
-    2 gloo ranks holding half its rows: adapters and critic end where one process updating on all rows ends."""
+    2 gloo ranks holding half its rows: adapters and critic end where one process updating on all rows ends (SGD on
+    both sides, compared as tests/test_distributed.py compares updates)."""
     from safetensors.torch import load_file
-    from test_distributed import TESTS, assert_same_params, save_rollout, torchrun
+    from test_distributed import TESTS, assert_same_update, save_rollout, torchrun
 
     from fastrm.checkpoint import load_trainer_state
 
     args = [a for a in RL if not a.startswith("lora.")] + [
         f"model.name_or_path={checkpoints['llama']}", "advantage=gae", "reward=rule",
-        "reward_fn=rl_update_worker:answer_length", "ppo_epochs=2", "optimizer=adamw", "mixed_precision=no",
+        "reward_fn=rl_update_worker:answer_length", "ppo_epochs=2", "mixed_precision=no",
         "kl_in=loss", "kl_coef=0.1", "seed=3", "lora.r=4", "lora.dropout=0"]  # no dropout: ranks draw apart
     one = RLTrainer(load_config(RLConfig, None, args + [f"output_dir={tmp_path / 'one'}"]),
                     reward_fn=answer_length).setup()
     ro = one.rollout(one.train_rows[:2])  # 4 rows: 2 per rank
     save_rollout(ro, tmp_path / "rollout.pt")
+
+    def adapters():
+        return {k: v.detach().clone() for k, v in peft.get_peft_model_state_dict(one.policy).items()}
+
+    def critic():
+        return {k: v.detach().clone() for k, v in one.value.named_parameters() if v.requires_grad}
+
+    start_adapters, start_critic = adapters(), critic()
     one.update(ro)
 
     torchrun(str(TESTS / "rl_update_worker.py"), [str(tmp_path / "rollout.pt"), *args, f"distributed={mode}",
                                                    f"output_dir={tmp_path / 'two'}"])
     checkpoint = tmp_path / "two" / "checkpoint-1"
-    ours = {k: v.detach() for k, v in peft.get_peft_model_state_dict(one.policy).items()}
-    assert_same_params(load_file(str(checkpoint / "adapter_model.safetensors")), ours)
-    assert_same_params(load_trainer_state(checkpoint)["value_model"],
-                       {k: v.detach() for k, v in one.value.named_parameters() if v.requires_grad})
+    assert_same_update(load_file(str(checkpoint / "adapter_model.safetensors")), adapters(), start_adapters, steps=2)
+    assert_same_update(load_trainer_state(checkpoint)["value_model"], critic(), start_critic, steps=2)

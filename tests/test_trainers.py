@@ -47,7 +47,9 @@ def test_tiny_preset_is_a_layer_under_the_users_settings(tmp_path):
 
     tiny = load_config(RewardConfig)  # model.name_or_path=tiny: the embedded task's small-model settings
     assert (tiny.preset, tiny.lr, tiny.max_length, tiny.batch_size, tiny.warmup_steps) == ("auto", 2e-3, 32, 64, 30)
-    pretrained = load_config(RewardConfig, None, ["model.name_or_path=/models/any"])  # the global defaults
+    checkpoint = tmp_path / "checkpoint"  # settings check that a model folder exists, not what it holds
+    checkpoint.mkdir()
+    pretrained = load_config(RewardConfig, None, [f"model.name_or_path={checkpoint}"])  # the global defaults
     assert (pretrained.lr, pretrained.max_length, pretrained.batch_size, pretrained.warmup_steps) == (1e-5, 1024, 8, 0)
     assert pretrained.warmup_ratio > 0 and pretrained.tokenizer == "auto"
     path = tmp_path / "rm.yaml"
@@ -55,12 +57,12 @@ def test_tiny_preset_is_a_layer_under_the_users_settings(tmp_path):
     config = load_config(RewardConfig, path, ["max_length=64"])  # YAML and overrides win over the preset
     assert (config.lr, config.max_length, config.batch_size) == (0.01, 64, 64)
     assert load_config(RewardConfig, None, ["preset=none"]).lr == 1e-5  # the tiny model without its preset
-    forced = load_config(SFTConfig, None, ["preset=tiny", "model.name_or_path=runs/sft/final"])
+    forced = load_config(SFTConfig, None, ["preset=tiny", f"model.name_or_path={checkpoint}"])
     assert (forced.lr, forced.max_length) == (3e-3, 32)
-    assert load_config(SFTConfig, None, ["model.name_or_path=/m"]).lr == 2e-5
+    assert load_config(SFTConfig, None, [f"model.name_or_path={checkpoint}"]).lr == 2e-5
     rl_tiny = load_config(RLConfig, None, ["reward=rule"])
     assert (rl_tiny.lr, rl_tiny.max_new_tokens, rl_tiny.batch_size) == (1e-4, 6, 16)
-    rl = load_config(RLConfig, None, ["model.name_or_path=/m", "reward=rule"])
+    rl = load_config(RLConfig, None, [f"model.name_or_path={checkpoint}", "reward=rule"])
     assert (rl.lr, rl.max_new_tokens) == (1e-6, 256)
     with pytest.raises(ConfigError, match="setting preset='small'"):
         load_config(RewardConfig, None, ["preset=small"])
