@@ -189,10 +189,13 @@ def load_causal_lm(config: ModelConfig, tokenizer, device: torch.device, quantiz
         raise ConfigError(f"setting model.name_or_path={config.name_or_path!r}: {type(model).__name__} attends to "
                           "later tokens (an encoder's bidirectional attention); SFT and RL need a causal decoder. "
                           "An encoder can be a reward model (fastrm train-rm)")
-    model.fastrm_logits_from_head = logits_are_head_output(model)
+    model.fastrm_logits_from_head, model.fastrm_logit_softcap = head_logits(model)
     if not model.fastrm_logits_from_head:
-        log.info("%s changes its LM head's output (e.g. logit soft-capping): per-token log-probs are taken from its "
-                 "logits, not fused from the hidden states", type(model).__name__)
+        log.info("%s changes its LM head's output (e.g. scales it): per-token log-probs are taken from its logits, "
+                 "not fused from the hidden states", type(model).__name__)
+    elif model.fastrm_logit_softcap is not None:
+        log.info("%s soft-caps its logits at %g: the fused log-probs apply the same cap", type(model).__name__,
+                 model.fastrm_logit_softcap)
     return model
 
 
@@ -236,21 +239,39 @@ def attends_causally(model) -> bool:
 
 
 @torch.no_grad()
-def logits_are_head_output(model) -> bool:
-    """Whether ``model``'s logits are exactly its LM head applied to the backbone's last hidden states, as
-    :func:`token_logprobs` computes them (false for heads followed by soft-capping or scaling: Gemma-2,
-    Cohere, Granite, ...). One forward over 4 tokens, comparing bit for bit what the head wrote and what
-    the model returned."""
+def head_logits(model) -> tuple[bool, float | None]:
+    """How ``model``'s logits follow from its LM head's output on the backbone's last hidden states, so that
+    :func:`token_logprobs` can fuse the head into the log-probs: ``(True, None)`` when the logits are the head's
+    output, ``(True, cap)`` when they are ``cap * tanh(head / cap)`` (Gemma-2/3's ``final_logit_softcapping``,
+    which ``fastrm.linear_logprobs(softcap=cap)`` computes), ``(False, None)`` for anything else (scaled logits:
+    Cohere, Granite, ...). Proven, not assumed from the config: one forward over 4 tokens whose head output is
+    replaced by values spanning [-4 cap, 4 cap] (the weights of a random-init model give logits too small to tell
+    a cap from none), compared with what the model returns."""
     head = model.get_output_embeddings()
     if head is None:
-        return False
-    seen = []
-    hook = head.register_forward_hook(lambda module, args, out: seen.append(out.float()))
+        return False, None
+    cap = getattr(packing.text_config(model), "final_logit_softcapping", None)
+    span = 4 * (cap or 30.0)
+    written = []
+
+    def replace_output(module, args, out):
+        written.append(torch.linspace(-span, span, out.numel(), device=out.device).view_as(out).to(out.dtype))
+        return written[-1]
+
+    hook = head.register_forward_hook(replace_output)
     try:
         logits = _probe_logits(model, [0, 1, 2, 3])
     finally:
         hook.remove()
-    return len(seen) == 1 and seen[0].shape == logits.shape and torch.equal(seen[0], logits)
+    if len(written) != 1 or written[0].shape != logits.shape:
+        return False, None
+    if torch.equal(written[0].float(), logits):
+        return True, None
+    if cap:  # the model's own operations, in its dtype: agreement to its rounding
+        capped = (torch.tanh(written[0] / cap) * cap).float()
+        if torch.allclose(capped, logits, rtol=4 * torch.finfo(written[0].dtype).eps, atol=0):
+            return True, float(cap)
+    return False, None
 
 
 def _finish(model, config: ModelConfig, device: torch.device, quantize: str = "none"):
@@ -331,8 +352,9 @@ def token_logprobs(model, batch: dict, *, temperature: float = 1.0, return_entro
     ``fastrm.linear_logprobs``: the ``[B, T, V]`` logits never exist. Padded batches (``attention_mask``),
     packed rows (``cu_seq_lens``: ``[1, S-1]``, every sequence's first label -100) and bucketed batches
     (:func:`fastrm.packing.bucket`: the padded layout, one forward per bucket). A model whose logits are not its
-    head's output (``fastrm_logits_from_head`` false, see :func:`logits_are_head_output`: soft-capped Gemma-2,
-    ...) gets them from its own forward and ``fastrm.gather_logprobs``."""
+    head's output (``fastrm_logits_from_head`` false, see :func:`head_logits`: scaled logits, an adapted LM head)
+    gets them from its own forward and ``fastrm.gather_logprobs``; soft-capped logits (Gemma-2/3) stay fused, with
+    the model's cap."""
     import fastrm
 
     model = lora.unwrap(model)  # peft: the Hugging Face model, its adapted layers in place
@@ -349,4 +371,5 @@ def token_logprobs(model, batch: dict, *, temperature: float = 1.0, return_entro
     head = model.get_output_embeddings()
     # Prompt and padding rows are skipped before the LM head: worth the one host sync that sizes the chunks.
     return fastrm.linear_logprobs(hidden[:, :-1], head.weight, labels, bias=head.bias, temperature=temperature,
-                                  return_entropy=return_entropy, backend=backend, skip_ignored=True)
+                                  return_entropy=return_entropy, backend=backend, skip_ignored=True,
+                                  softcap=getattr(model, "fastrm_logit_softcap", None))

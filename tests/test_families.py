@@ -135,7 +135,8 @@ def test_sft_logprobs_are_the_reloaded_models(checkpoints, tmp_path, name):
         "num_eval_examples=4", "eval_generate=0", "lr=1e-3"])).setup().train()
     assert trainer.packing.mode == ("packed" if family.packs else "bucketed")
     assert packing.base_attention(trainer.model) == family.attention  # packed: fastrm's varlen over it
-    assert trainer.model.fastrm_logits_from_head == (name != "gemma2")  # Gemma-2 soft-caps its logits
+    assert trainer.model.fastrm_logits_from_head  # every family's log-probs fused from the hidden states
+    assert trainer.model.fastrm_logit_softcap == (30.0 if name == "gemma2" else None)  # Gemma-2's cap, fused too
     eos = trainer.tokenizer.eos_token_id
     assert all(e["input_ids"][-1] == eos for e in trainer.eval_examples)  # SFT learns to stop, in every family
 
@@ -257,3 +258,33 @@ def test_packing_without_fastrm_attention_is_wrong_for_opt_and_the_probe_packs_i
         assert packing.verify_packing(model, "reward")[0]
         with torch.no_grad():
             torch.testing.assert_close(reward_scores(model, packed_batch), padded, atol=1e-5, rtol=1e-5)
+
+
+def test_the_head_probe_fuses_soft_capped_logits_and_refuses_scaled_ones():
+    """Fused log-probs need logits = head output (or Gemma's cap of it): a model that scales its head output
+    (Granite's logits_scaling) must take its log-probs from its logits, and a Gemma-2 without a cap needs none."""
+    import transformers as T
+
+    from fastrm.models import head_logits
+
+    sizes = dict(vocab_size=40, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                 num_key_value_heads=1)
+    torch.manual_seed(0)
+    assert head_logits(T.GraniteForCausalLM(T.GraniteConfig(logits_scaling=2.0, **sizes))) == (False, None)
+    assert head_logits(T.GraniteForCausalLM(T.GraniteConfig(logits_scaling=1.0, **sizes))) == (True, None)
+    assert head_logits(T.Gemma2ForCausalLM(T.Gemma2Config(head_dim=8, **sizes))) == (True, 30.0)
+    assert head_logits(T.Gemma2ForCausalLM(T.Gemma2Config(head_dim=8, final_logit_softcapping=None,
+                                                          **sizes))) == (True, None)
+    gemma = T.Gemma2ForCausalLM(T.Gemma2Config(head_dim=8, final_logit_softcapping=5.0, **sizes))
+    with torch.no_grad():
+        gemma.lm_head.weight.mul_(100)  # logits of several caps, where the cap matters (random init: ~0.01)
+    ids = torch.randint(0, 40, (2, 7))
+    with torch.no_grad():
+        logits = gemma(input_ids=ids).logits
+        ours = token_logprobs(gemma, {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids})
+        gemma.fastrm_logits_from_head, gemma.fastrm_logit_softcap = head_logits(gemma)
+        fused = token_logprobs(gemma, {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids})
+    truth = torch.log_softmax(logits[:, :-1].double(), -1).gather(-1, ids[:, 1:, None]).squeeze(-1)
+    assert gemma.fastrm_logit_softcap == 5.0
+    torch.testing.assert_close(fused.double(), truth, rtol=0, atol=1e-5)
+    assert (ours.double() - truth).abs().max() > 1e-3  # without the cap the fused log-probs would be wrong
