@@ -156,7 +156,7 @@ FAMILIES = [
         vocab_size=rows, num_key_value_heads=2, head_dim=8, max_position_embeddings=128, sliding_window=6,
         **SIZES, **ids),
         "rotary, soft-capped attention and logits, sliding window", True, "eager",
-        "no SDPA in transformers; soft-capped logits: log-probs from the model's logits"),
+        "no SDPA in transformers; soft-capped logits: fused log-probs with its cap"),
     Family("bert", True, bert_tokenizer, lambda rows, ids: T.BertConfig(
         vocab_size=rows, max_position_embeddings=128, **SIZES, **ids),
         "learned absolute", False, "sdpa", "[CLS] text [SEP]; pooler + classifier head"),
