@@ -4,7 +4,7 @@
    it is mediocre and RL has room to improve;
 2. **reward model** (``fastrm train-rm``): trained on the same task's preference pairs from a noisy
    simulated annotator;
-3. **RL** (``fastrm ppo``, RLOO): the SFT policy optimises 0.5 x the learned reward model's score + the
+3. **RL** (``fastrm ppo``, RLOO): the SFT policy optimises 0.1 x the learned reward model's score + the
    task's rule reward, with a KL penalty to the SFT policy. (The learned reward alone is hackable by this
    policy — see docs/reward_hacking.md; ``--rl reward=model`` reproduces that.)
 
@@ -48,15 +48,15 @@ SFT = {**SUPERVISED, "num_train_examples": 4000, "num_eval_examples": 200, "eval
 RM = {**SUPERVISED, "num_train_pairs": 6000, "num_eval_pairs": 500, "eval_fraction": 0.1, "annotator_noise": 0.1,
       "center_coef": 0.0, "use_margin": False, "lr": 2e-3, "warmup_steps": 30, "log_steps": 20}
 RL = {**COMMON, "tokenizer": "auto", "train_data": None, "eval_data": None, "task_max_level": 0,
-      "num_train_prompts": 2000, "num_eval_prompts": 100, "reward": "both", "reward_model_weight": 0.5,
+      "num_train_prompts": 2000, "num_eval_prompts": 100, "reward": "both", "reward_model_weight": 0.1,
       "rule_weight": 1.0, "reward_fn": "embedded", "reward_model_8bit": False, "missing_eos_penalty": 1.0,
       "reward_norm": "none", "reward_clip": None, "value_model": "auto", "ref_8bit": False, "batch_size": 32,
       "num_samples": 4, "max_new_tokens": 4, "temperature": 0.7, "top_p": 1.0, "advantage": "rloo", "gamma": 1.0,
       "lam": 0.95, "whiten_advantages": True, "ppo_epochs": 1, "num_minibatches": 1, "clip_eps": 0.2,
       "clip_eps_high": None, "dual_clip": None, "loss_agg": "token-mean", "entropy_coef": 0.0, "kl_coef": 0.05,
-      "kl_estimator": "k1", "kl_in": "reward", "adaptive_kl": False, "curriculum": False, "lr": 5e-4,
-      "lr_scheduler": "constant", "warmup_steps": 0, "log_steps": 10, "eval_steps": 100_000}
-STEPS = {"sft": 60, "rm": 300, "rl": 400}
+      "kl_estimator": "k1", "kl_in": "reward", "adaptive_kl": False, "curriculum": False, "lr": 1e-3,
+      "lr_scheduler": "cosine", "warmup_steps": 0, "log_steps": 10, "eval_steps": 100_000}
+STEPS = {"sft": 50, "rm": 300, "rl": 400}
 
 
 def overrides(settings: dict) -> list[str]:

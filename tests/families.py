@@ -128,7 +128,7 @@ class Family:
     config: Callable[[int, dict], object]  # (embedding rows, special token ids) -> a transformers config
     positions: str  # rotary | learned | absolute+offset | ...
     packs: bool  # packed=auto packs its reward / SFT batches (the probe proves them exact); else length buckets
-    attention: str  # what attn_implementation=auto picks on a CPU
+    attention: str  # what attn_implementation=auto picks on a CPU with transformers 5.24 (the tests ask the class)
     note: str = ""
 
 
