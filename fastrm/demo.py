@@ -5,8 +5,8 @@
 2. **reward model** (``fastrm train-rm``): trained on the same task's preference pairs from a noisy
    simulated annotator;
 3. **RL** (``fastrm ppo``, RLOO): the SFT policy optimises 0.1 x the learned reward model's score + the
-   task's rule reward, with a KL penalty to the SFT policy. (The learned reward alone is hackable by this
-   policy — see docs/reward_hacking.md; ``--rl reward=model`` reproduces that.)
+   task's rule reward, with a KL penalty to the SFT policy. (The learned reward alone is a weaker signal this
+   policy can game — see docs/reward_hacking.md; ``--rl reward=model`` runs it.)
 
 The ground-truth task score (greedy answers to all 100 one-digit sums, checked by the task's checker) is
 printed after SFT and after RL. Every setting of every stage is given here explicitly, so the demo's result
@@ -240,8 +240,8 @@ triton {env['triton']}, tokenizers {env['tokenizers']}; {env['platform']}; fastr
 Wall times are of this run on this machine (the demo uses at most {THREADS} threads); other jobs on the machine
 slow them down.
 
-The learned reward alone (`--rl reward=model`) is hackable by this policy: see `docs/reward_hacking.md`. That is
-why the demo adds the rule reward.
+The learned reward alone (`--rl reward=model`) is a weaker signal that this policy can game: see
+`docs/reward_hacking.md`. That is why the demo adds the rule reward.
 """
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text)
