@@ -175,7 +175,14 @@ if HAS_TRITON:
                 p = tl.exp(z - lse)
                 # d logprob / dz = onehot - p
                 if MULTI_LABEL:
-                    onehot = tl.sum(tl.where(offs[:, None] == label[None, :], g_label[None, :], 0.0), axis=1)
+                    # One candidate at a time (scalar loads, cached): a [BLOCK_V, BLOCK_K] compare would hold
+                    # BLOCK_K times the chunk in registers, which spills on triton 3.6.
+                    onehot = tl.zeros([BLOCK_V], tl.float32)
+                    for j in range(0, n_labels):
+                        label_j = tl.load(labels_ptr + row * n_labels + j).to(tl.int64)
+                        g_j = tl.load(grad_logprobs_ptr + row * n_labels + j, mask=label_j != ignore_index,
+                                      other=0.0)
+                        onehot += tl.where(offs == label_j, g_j, 0.0)
                 else:
                     onehot = tl.where(offs == label, g_logprob, 0.0)
                 g = onehot - g_logprob * p

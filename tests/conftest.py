@@ -19,6 +19,27 @@ import pytest  # noqa: E402
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def pytest_configure(config):
+    """Stop at once, with the fix, where this triton's interpreter cannot run under this numpy: triton 3.6's turns
+    1-element arrays into Python ints with int(), which numpy >= 2.4 refuses (every Triton test would fail with
+    "only 0-dimensional arrays can be converted to Python scalars"). Later triton squeezes first."""
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        return
+    import inspect
+
+    import numpy
+    import triton
+    from triton.runtime import interpreter
+
+    try:
+        int(numpy.zeros(1))
+    except TypeError:
+        if "int(self.handle.data))" in inspect.getsource(interpreter):
+            raise pytest.UsageError(
+                f"triton {triton.__version__}'s interpreter (TRITON_INTERPRET=1, the CPU kernel tests) cannot run "
+                f"under numpy {numpy.__version__}: pip install 'numpy<2.4', or a newer triton") from None
+
+
 @pytest.fixture(autouse=True)
 def _fresh_seed(request):
     # A different but reproducible seed per test (crc32, not hash(): str hashes change every process).
