@@ -175,13 +175,15 @@ if HAS_TRITON:
                 p = tl.exp(z - lse)
                 # d logprob / dz = onehot - p
                 if MULTI_LABEL:
-                    # One candidate at a time (scalar loads, cached): a [BLOCK_V, BLOCK_K] compare would hold
-                    # BLOCK_K times the chunk in registers, which spills on triton 3.6.
+                    # One candidate at a time, unrolled (scalar loads, cached): a [BLOCK_V, BLOCK_K] compare
+                    # holds BLOCK_K times the chunk in registers and spills on triton 3.6; a runtime loop
+                    # carries the chunk through shared memory.
                     onehot = tl.zeros([BLOCK_V], tl.float32)
-                    for j in range(0, n_labels):
-                        label_j = tl.load(labels_ptr + row * n_labels + j).to(tl.int64)
-                        g_j = tl.load(grad_logprobs_ptr + row * n_labels + j, mask=label_j != ignore_index,
-                                      other=0.0)
+                    for j in tl.static_range(BLOCK_K):
+                        label_j = tl.load(labels_ptr + row * n_labels + j, mask=j < n_labels,
+                                          other=ignore_index).to(tl.int32)  # < V: int32 compares are cheaper
+                        g_j = tl.load(grad_logprobs_ptr + row * n_labels + j,
+                                      mask=(j < n_labels) & (label_j != ignore_index), other=0.0)
                         onehot += tl.where(offs == label_j, g_j, 0.0)
                 else:
                     onehot = tl.where(offs == label, g_logprob, 0.0)
