@@ -128,44 +128,43 @@ class Family:
     config: Callable[[int, dict], object]  # (embedding rows, special token ids) -> a transformers config
     positions: str  # rotary | learned | absolute+offset | ...
     packs: bool  # packed=auto packs its reward / SFT batches (the probe proves them exact); else length buckets
-    attention: str  # what attn_implementation=auto picks on a CPU with transformers 5.24 (the tests ask the class)
     note: str = ""
 
 
 FAMILIES = [
     Family("llama", False, llama_tokenizer, lambda rows, ids: T.LlamaConfig(
         vocab_size=rows, num_key_value_heads=2, max_position_embeddings=128, **SIZES, **ids),
-        "rotary", True, "sdpa", "BOS, pad = <unk>"),
+        "rotary", True, "BOS, pad = <unk>"),
     Family("qwen2", False, qwen2_tokenizer, lambda rows, ids: T.Qwen2Config(
         vocab_size=rows, num_key_value_heads=2, max_position_embeddings=128, **SIZES, **ids),
-        "rotary", True, "sdpa", "no BOS; pad = EOS, so reward sequences end without EOS"),
+        "rotary", True, "no BOS; pad = EOS, so reward sequences end without EOS"),
     Family("mistral", False, llama_tokenizer, lambda rows, ids: T.MistralConfig(
         vocab_size=rows, num_key_value_heads=2, max_position_embeddings=128, sliding_window=6, **SIZES, **ids),
-        "rotary, sliding window 6", True, "sdpa", "sequences longer than the window"),
+        "rotary, sliding window 6", True, "sequences longer than the window"),
     Family("gpt_neox", False, gpt_neox_tokenizer, lambda rows, ids: T.GPTNeoXConfig(
         vocab_size=rows, max_position_embeddings=128, rotary_pct=0.5, **SIZES, **ids),
-        "partial rotary, parallel residual", True, "sdpa", "no BOS; its own pad"),
+        "partial rotary, parallel residual", True, "no BOS; its own pad"),
     Family("gpt2", False, gpt2_tokenizer, lambda rows, ids: T.GPT2Config(
         vocab_size=rows, n_embd=32, n_inner=64, n_layer=2, n_head=4, n_positions=128, **ids),
-        "learned absolute", True, "sdpa", "no BOS; pad = EOS = <|endoftext|>"),
+        "learned absolute", True, "no BOS; pad = EOS = <|endoftext|>"),
     Family("opt", False, opt_tokenizer, lambda rows, ids: T.OPTConfig(
         vocab_size=rows, hidden_size=32, ffn_dim=64, num_hidden_layers=2, num_attention_heads=4,
         word_embed_proj_dim=32, max_position_embeddings=128, **ids),
-        "learned absolute (offset 2)", True, "sdpa", "its own mask ignores position ids: fastrm's varlen attention"),
+        "learned absolute (offset 2)", True, "its own mask ignores position ids: fastrm's varlen attention"),
     Family("gemma2", False, gemma_tokenizer, lambda rows, ids: T.Gemma2Config(
         vocab_size=rows, num_key_value_heads=2, head_dim=8, max_position_embeddings=128, sliding_window=6,
         **SIZES, **ids),
-        "rotary, soft-capped attention and logits, sliding window", True, "eager",
+        "rotary, soft-capped attention and logits, sliding window", True,
         "no SDPA in transformers; soft-capped logits: fused log-probs with its cap"),
     Family("bert", True, bert_tokenizer, lambda rows, ids: T.BertConfig(
         vocab_size=rows, max_position_embeddings=128, **SIZES, **ids),
-        "learned absolute", False, "sdpa", "[CLS] text [SEP]; pooler + classifier head"),
+        "learned absolute", False, "[CLS] text [SEP]; pooler + classifier head"),
     Family("roberta", True, roberta_tokenizer, lambda rows, ids: T.RobertaConfig(
         vocab_size=rows, max_position_embeddings=130, **SIZES, **ids),
-        "learned absolute (offset by pad)", False, "sdpa", "<s> text </s>; classification head on <s>"),
+        "learned absolute (offset by pad)", False, "<s> text </s>; classification head on <s>"),
     Family("deberta_v2", True, deberta_v2_tokenizer, lambda rows, ids: T.DebertaV2Config(
         vocab_size=rows, max_position_embeddings=128, **SIZES, **ids),
-        "relative (disentangled)", False, "eager", "no SDPA in transformers; Unigram tokenizer"),
+        "relative (disentangled)", False, "no SDPA in transformers; Unigram tokenizer"),
 ]
 BY_NAME = {f.name: f for f in FAMILIES}
 DECODERS = [f.name for f in FAMILIES if not f.encoder]
