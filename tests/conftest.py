@@ -26,13 +26,16 @@ def pytest_configure(config):
     if os.environ.get("TRITON_INTERPRET") != "1":
         return
     import inspect
+    import warnings
 
     import numpy
     import triton
     from triton.runtime import interpreter
 
     try:
-        int(numpy.zeros(1))
+        with warnings.catch_warnings():  # numpy < 2.4 only deprecates it
+            warnings.simplefilter("ignore", DeprecationWarning)
+            int(numpy.zeros(1))
     except TypeError:
         if "int(self.handle.data))" in inspect.getsource(interpreter):
             raise pytest.UsageError(
