@@ -19,14 +19,27 @@ def _run(code, cwd):
 def test_fastrm_kernels_imports_from_anywhere(cwd):
     result = _run("import fastrm.kernels.logprobs as k, fastrm; print(k.__file__)", cwd)
     assert result.returncode == 0, result.stderr
-    assert Path(result.stdout.strip()).parent == ROOT / "kernels"
+    assert Path(result.stdout.strip()).parent == ROOT / "fastrm" / "kernels"
 
 
-def test_no_top_level_kernels_module_is_installed():
-    # `kernels` is Hugging Face's package name; transformers probes for it. Ours must not answer.
-    result = _run("import importlib.util; s = importlib.util.find_spec('kernels'); print(s.origin if s else None)", "/")
+def test_no_top_level_module_of_the_repo_shadows_an_installed_package():
+    # `python -m pytest` / `python -m fastrm` put the repo root first on sys.path: any importable name there wins
+    # over site-packages (transformers >= 5.25 imports PyPI's `kernels` at model load). Only the package itself,
+    # tests and benchmarks may sit there; none of those names is one of our dependencies'.
+    importable = {p.stem for p in ROOT.glob("*.py")} | {p.name for p in ROOT.iterdir()
+                                                        if p.is_dir() and (p / "__init__.py").exists()}
+    assert importable <= {"fastrm", "tests", "benchmarks"}, sorted(importable)
+
+
+@pytest.mark.parametrize("cwd", [ROOT, Path("/")])
+def test_transformers_hub_kernels_import_from_the_repo_root(cwd):
+    # what broke on transformers 5.25: its hub_kernels integration does `from kernels import ...` at model load
+    code = ("import importlib.util, transformers.integrations.hub_kernels as h; s = importlib.util.find_spec('kernels');"
+            " print(s.origin if s else '')")
+    result = _run(code, cwd)
     assert result.returncode == 0, result.stderr
-    assert str(ROOT) not in result.stdout
+    origin = result.stdout.strip()
+    assert not origin or Path(origin).parent != ROOT / "kernels", origin
 
 
 def test_public_api_is_exported():
@@ -52,9 +65,11 @@ def test_ci_runs_the_readme_test_command():
 
 
 def test_cli_help_lists_commands():  # timeouts guard against a hang only (a loaded machine imports torch slowly)
-    result = subprocess.run([sys.executable, "-m", "fastrm", "--help"], capture_output=True, text=True, timeout=600)
+    result = subprocess.run([sys.executable, "-m", "fastrm", "--help"], capture_output=True, text=True, timeout=600,
+                            cwd=ROOT)
     assert result.returncode == 0 and "selfcheck" in result.stdout
-    bad = subprocess.run([sys.executable, "-m", "fastrm", "nope"], capture_output=True, text=True, timeout=600)
+    bad = subprocess.run([sys.executable, "-m", "fastrm", "nope"], capture_output=True, text=True, timeout=600,
+                         cwd=ROOT)
     assert bad.returncode == 2 and "unknown command" in bad.stderr
 
 
