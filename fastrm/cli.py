@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 import traceback
@@ -78,12 +79,25 @@ def main(argv=None) -> int:
     return code
 
 
-def quiet_transformers():
-    """No per-save / per-load progress bars and INFO logs from transformers under fastrm's own bar and log."""
+class _DropHubKernelNotice(logging.Filter):
+    """bitsandbytes (>= 0.50, CPUs with AVX512-BF16) tries to fetch an optional CPU 4-bit GEMM from the Hugging Face
+    hub at import, and warns when it cannot ('pip install kernels'): it then runs its own CPU path, so the warning
+    asks nothing of a fastrm user, and read at start-up it looks like a failure."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "kernels-community" not in record.getMessage()
+
+
+def quiet_third_parties():
+    """No per-save / per-load progress bars and INFO logs from transformers under fastrm's own bar and log, and no
+    third-party warning a user cannot act on."""
     import transformers
 
     transformers.utils.logging.set_verbosity_warning()
     transformers.utils.logging.disable_progress_bar()
+    bnb_cpu = logging.getLogger("bitsandbytes.backends.cpu.ops")
+    if not any(isinstance(f, _DropHubKernelNotice) for f in bnb_cpu.filters):
+        bnb_cpu.addFilter(_DropHubKernelNotice())
 
 
 def run_command(argv=None) -> int:
@@ -107,8 +121,8 @@ def run_command(argv=None) -> int:
     from fastrm.training import NonFiniteLossError
 
     module, function = COMMANDS[command][0].split(":")
-    if command in ("sft", "train-rm", "ppo", "demo"):
-        quiet_transformers()
+    if command in ("sft", "train-rm", "ppo", "demo", "export"):
+        quiet_third_parties()
     try:
         return getattr(importlib.import_module(module), function)(rest)
     except (UserError, NonFiniteLossError, CheckpointWriteError, KeyboardInterrupt) as err:

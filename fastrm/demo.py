@@ -144,10 +144,10 @@ def parse_seeds(text: str) -> list[int]:
 
 def quiet_libraries():
     """Only the demo's own lines: no per-save / per-load bars or logs from transformers, no INFO logs of fastrm."""
-    from fastrm.cli import quiet_transformers
+    from fastrm.cli import quiet_third_parties
     from fastrm.training import setup_logging
 
-    quiet_transformers()
+    quiet_third_parties()
     import transformers
 
     transformers.utils.logging.set_verbosity_error()

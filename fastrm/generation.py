@@ -9,11 +9,7 @@ def encode_prompts(tokenizer, prompts: list[str], device) -> dict:
     """Left-padded ``input_ids`` / ``attention_mask``: each prompt after the head of the tokenizer's
     :class:`~fastrm.data.SequenceTemplate` (BOS if it adds one; a prompt whose text already starts with it, as
     chat templates write it, keeps one), as the data layer lays out a training sequence's prompt."""
-    from fastrm.data import sequence_template
-
-    template = sequence_template(tokenizer)
-    ids = [list(template.head) + template.strip(tokenizer(p, add_special_tokens=False)["input_ids"], [])[0]
-           for p in prompts]
+    ids = prompt_token_ids(tokenizer, prompts)
     length = max(len(x) for x in ids)
     pad = tokenizer.pad_token_id
     input_ids = torch.full((len(ids), length), pad, dtype=torch.long)
@@ -22,6 +18,16 @@ def encode_prompts(tokenizer, prompts: list[str], device) -> dict:
         input_ids[i, length - len(x):] = torch.tensor(x, dtype=torch.long)
         attention_mask[i, length - len(x):] = 1
     return {"input_ids": input_ids.to(device), "attention_mask": attention_mask.to(device)}
+
+
+def prompt_token_ids(tokenizer, prompts: list[str]) -> list[list[int]]:
+    """Each prompt's token ids as the policy reads them: the head of the tokenizer's
+    :class:`~fastrm.data.SequenceTemplate`, then the prompt's own tokens."""
+    from fastrm.data import sequence_template
+
+    template = sequence_template(tokenizer)
+    return [list(template.head) + template.strip(tokenizer(p, add_special_tokens=False)["input_ids"], [])[0]
+            for p in prompts]
 
 
 @torch.no_grad()

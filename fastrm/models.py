@@ -373,3 +373,30 @@ def token_logprobs(model, batch: dict, *, temperature: float = 1.0, return_entro
     return fastrm.linear_logprobs(hidden[:, :-1], head.weight, labels, bias=head.bias, temperature=temperature,
                                   return_entropy=return_entropy, backend=backend, skip_ignored=True,
                                   softcap=getattr(model, "fastrm_logit_softcap", None))
+
+
+_POSITION_TABLE = re.compile(r"(^|\.)(wpe|embed_positions|position_embeddings)$")
+
+
+def learned_positions(model) -> int | None:
+    """The longest sequence a model with a learned absolute position table can take (GPT-2's ``wpe``, OPT's
+    ``embed_positions``, BERT's ``position_embeddings``), or None where positions are computed (rotary, ALiBi,
+    relative), which never index past a table. Longer input would fail with a bare ``IndexError`` mid-run, so
+    trainers compare this to their longest sequence at start."""
+    inputs = model.get_input_embeddings()
+    for name, module in lora.unwrap(model).named_modules():
+        if module is inputs or not isinstance(module, torch.nn.Embedding) or not _POSITION_TABLE.search(name):
+            continue
+        # OPT's table starts at row `offset`; RoBERTa-style tables (a padding row) at padding_idx + 1
+        first = getattr(module, "offset", 0) or (module.padding_idx + 1 if module.padding_idx is not None else 0)
+        return module.num_embeddings - first
+    return None
+
+
+def check_positions(model, longest: int, setting: str, value, what: str):
+    """A ConfigError naming ``setting=value`` when ``longest`` tokens (``what`` says how they arise) exceed the
+    model's learned position table."""
+    limit = learned_positions(model)
+    if limit is not None and longest > limit:
+        raise ConfigError(f"setting {setting}={value}: {what} is {longest} tokens, but {type(lora.unwrap(model)).__name__} "
+                          f"has learned positions for {limit} tokens only; lower {setting} (at most {limit})")

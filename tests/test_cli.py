@@ -4,6 +4,7 @@ only with ``--debug``), and every setting is checked before anything is loaded o
 
 import dataclasses
 import json
+import logging
 import re
 
 import pytest
@@ -183,3 +184,17 @@ def test_constant_schedule_honours_the_warmup():
         optimizer.step()
         scheduler.step()
     assert lrs == [0.0, 0.5, 1.0, 1.0]
+
+
+def test_start_up_drops_the_bitsandbytes_hub_kernel_notice(caplog):
+    """bitsandbytes 0.50 warns 'pip install kernels' on AVX512-BF16 CPUs when its optional hub GEMM cannot be
+    fetched; nothing for a user to do, so the commands that load models silence that one message, not the logger."""
+    from fastrm.cli import quiet_third_parties
+
+    quiet_third_parties()
+    logger = logging.getLogger("bitsandbytes.backends.cpu.ops")
+    with caplog.at_level(logging.WARNING, logger=logger.name):
+        logger.warning("Failed to load CPU gemm_4bit_forward from kernels-community: %s. Please make sure you "
+                       "already `pip install kernels`", "offline")
+        logger.warning("another bitsandbytes warning")
+    assert [r.getMessage() for r in caplog.records] == ["another bitsandbytes warning"]

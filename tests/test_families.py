@@ -8,6 +8,7 @@ scores, per-token log-probs, and the reward model's scores of RL rollouts."""
 
 import json
 import math
+import re
 
 import pytest
 import torch
@@ -201,6 +202,32 @@ def test_one_rl_iteration_scores_rollouts_as_the_reward_model(checkpoints, rewar
 
 
 # ---- settings ------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", ["gpt2", "opt"])
+def test_ppo_past_a_learned_position_table_stops_at_start_naming_both_numbers(checkpoints, tmp_path, name):
+    """128 learned positions, the default max_new_tokens=256: one line at setup, not an IndexError mid-run."""
+    args = ["tensorboard=false", "progress=false", "device=cpu", "backend=torch", f"model.name_or_path={checkpoints[name]}",
+            "reward=rule", "advantage=rloo", "num_train_prompts=4", "num_eval_prompts=2"]
+    with pytest.raises(ConfigError, match=r"setting max_new_tokens=256: the longest prompt \((\d+) tokens\) \+ "
+                                          r"max_new_tokens is \d+ tokens, .* learned positions for 128 tokens only") as err:
+        RLTrainer(load_config(RLConfig, None, args + [f"output_dir={tmp_path / 'a'}"])).setup()
+    assert "\n" not in str(err.value)
+    longest = int(re.search(r"longest prompt \((\d+)", str(err.value)).group(1))
+    # exactly at the table's end it runs
+    RLTrainer(load_config(RLConfig, None, args + [f"output_dir={tmp_path / 'b'}", f"max_new_tokens={128 - longest}",
+                                                  "max_steps=1", "batch_size=2", "num_samples=2"])).setup().train()
+
+
+@pytest.mark.parametrize("name,config_class,trainer_class,size", [("gpt2", SFTConfig, SFTTrainer, "num_train_examples"),
+                                                                  ("bert", RewardConfig, RewardTrainer, "num_train_pairs")])
+def test_max_length_past_a_learned_position_table_stops_at_start(checkpoints, tmp_path, name, config_class,
+                                                                  trainer_class, size):
+    args = [f"output_dir={tmp_path}", f"model.name_or_path={checkpoints[name]}", "device=cpu", f"{size}=8"]
+    with pytest.raises(ConfigError, match=r"setting max_length=1024: .* learned positions for 128 tokens only; "
+                                          r"lower max_length \(at most 128\)"):
+        trainer_class(load_config(config_class, None, args)).setup()
+
+
 
 def test_a_tokenizer_larger_than_the_embedding_is_an_error_naming_both_sizes(checkpoints, tmp_path):
     import transformers as T

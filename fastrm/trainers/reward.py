@@ -19,7 +19,7 @@ from fastrm import data as fdata
 from fastrm import distributed, lora, training
 from fastrm.config import parse_cli, require, setting
 from fastrm.errors import DataError
-from fastrm.models import load_reward_model, reward_scores
+from fastrm.models import check_positions, load_reward_model, reward_scores
 
 log = logging.getLogger("fastrm")
 
@@ -73,6 +73,7 @@ class RewardTrainer(training.Trainer):
                             "with too small a max_length?)")
         self.model = load_reward_model(c.model, self.tokenizer, self.device, quantize=c.lora.quantize)
         self.packing = training.choose_packing(self, self.model, "reward", "reward model")
+        check_positions(self.model, c.max_length, "max_length", c.max_length, "the longest sequence (max_length)")
         if c.lora.enabled:  # adapters on the frozen model, the head trained fully
             self.model = lora.add_adapters(self.model, c.lora, "reward")
         training.prepare_optimization(self)

@@ -44,11 +44,12 @@ from fastrm import distributed as fdist
 from fastrm import lora, packing, rewards, rl, training
 from fastrm._checks import deferred_finite_checks
 from fastrm.config import ConfigError, parse_cli, require, require_path, setting
-from fastrm.generation import decode_completions, generate
+from fastrm.generation import decode_completions, generate, prompt_token_ids
 from fastrm.models import (
     TINY,
     ModelConfig,
     backbone_hidden,
+    check_positions,
     load_causal_lm,
     load_reward_model,
     reward_scores,
@@ -314,6 +315,7 @@ class RLTrainer(training.Trainer):
             self.reward_template = fdata.sequence_template(self.reward_tokenizer, reward=True)
             self.reward_same_tokens = self.reward_tokenizer.get_vocab() == self.tokenizer.get_vocab()
             self.reward_packing = training.choose_packing(self, self.reward_model, "reward", "reward model")
+        self._check_positions()
         self.rules = self._load_rules()
         self.value = self._build_value_model()
         # Resumed weights go into the whole models, before FSDP shards them (see training.prepare_optimization).
@@ -399,6 +401,23 @@ class RLTrainer(training.Trainer):
                                            fdata.source_name(self.eval_data or self.train_data))
         self.columns = list(dict.fromkeys(k for r in train + evaluation for k in r["columns"]))
         return train, evaluation
+
+    def _check_positions(self):
+        """Models with a learned position table (GPT-2, OPT, BERT, ...) index it up to prompt + completion: a
+        prompt set and max_new_tokens they cannot take stop here, not mid-run. The reward model's sequences add
+        its own template's special tokens (an upper bound when it re-tokenizes the texts)."""
+        c = self.config
+        prompts = [r["prompt"] for r in self.train_rows + self.eval_rows]
+        longest = max(map(len, prompt_token_ids(self.tokenizer, prompts)))
+        what = f"the longest prompt ({longest} tokens) + max_new_tokens"
+        check_positions(self.policy, longest + c.max_new_tokens, "max_new_tokens", c.max_new_tokens, what)
+        if self.reward_model is not None:
+            template = self.reward_template
+            if not self.reward_same_tokens:
+                longest = max(len(self.reward_tokenizer(p, add_special_tokens=False)["input_ids"]) for p in prompts)
+            longest += len(template.head) + len(template.tail)
+            check_positions(self.reward_model, longest + c.max_new_tokens, "max_new_tokens", c.max_new_tokens,
+                            f"for the reward model, {what} + its special tokens")
 
     def _load_rules(self) -> list[rewards.RewardFunction]:
         """The rule reward functions: for the reward (reward=rule|both) and for eval/score. With reward=model, a

@@ -21,7 +21,7 @@ from fastrm import data as fdata
 from fastrm import distributed, lora, training
 from fastrm.config import parse_cli, require, setting
 from fastrm.errors import DataError
-from fastrm.models import load_causal_lm, token_logprobs
+from fastrm.models import check_positions, load_causal_lm, token_logprobs
 
 log = logging.getLogger("fastrm")
 
@@ -69,6 +69,7 @@ class SFTTrainer(training.Trainer):
                             "with too small a max_length?)")
         self.model = load_causal_lm(c.model, self.tokenizer, self.device, quantize=c.lora.quantize)
         self.packing = training.choose_packing(self, self.model, "causal_lm", "policy")
+        check_positions(self.model, c.max_length, "max_length", c.max_length, "the longest sequence (max_length)")
         if c.lora.enabled:  # adapters on the frozen model
             self.model = lora.add_adapters(self.model, c.lora, "causal")
         training.prepare_optimization(self)
