@@ -1,4 +1,4 @@
-"""Data layer: load and validate rows, tokenize them, and collate batches (padded or padding-free).
+"""Data layer: load and validate rows, tokenize them, and order them into batches (collation: :mod:`fastrm.layout`).
 
 Row formats (``detect_format`` names them; extra keys are ignored):
 
@@ -50,10 +50,10 @@ from typing import Any, Iterator, Sequence
 import torch
 
 from fastrm.errors import ConfigError, DataError
+from fastrm.layout import IGNORE_INDEX
 
 logger = logging.getLogger(__name__)
 
-IGNORE_INDEX = -100
 
 FORMAT_TASK = {
     "preference": "preference",
@@ -809,158 +809,6 @@ def tokenize_sft(rows, tokenizer, max_length: int | None = None, truncation: str
     return examples, report
 
 
-# ============================================================================ collators
-
-
-def _check_examples(examples, name: str):
-    if not examples:
-        raise ValueError(f"{name}: got an empty batch")
-
-
-def _round_up(n: int, multiple: int | None) -> int:
-    if not multiple:
-        return n
-    return -(-n // multiple) * multiple
-
-
-def _pad(seqs: list[list[int]], value: int, length: int) -> torch.Tensor:
-    out = torch.full((len(seqs), length), value, dtype=torch.long)
-    for i, s in enumerate(seqs):
-        if s:
-            out[i, :len(s)] = torch.as_tensor(s, dtype=torch.long)
-    return out
-
-
-def _attention_mask(seqs: list[list[int]], length: int) -> torch.Tensor:
-    lengths = torch.tensor([len(s) for s in seqs], dtype=torch.long)
-    return (torch.arange(length).unsqueeze(0) < lengths.unsqueeze(1)).long()
-
-
-def _margins(examples) -> torch.Tensor | None:
-    if not any(e.get("margin") is not None for e in examples):
-        return None
-    # A pair without a margin has margin 0 (the loss without a margin).
-    return torch.tensor([float(e.get("margin") or 0.0) for e in examples], dtype=torch.float32)
-
-
-def _pack(seqs: list[list[int]]) -> dict:
-    lengths = [len(s) for s in seqs]
-    if min(lengths) == 0:
-        raise ValueError("cannot pack an empty sequence")
-    flat = [t for s in seqs for t in s]
-    cu = torch.zeros(len(seqs) + 1, dtype=torch.int32)
-    cu[1:] = torch.cumsum(torch.tensor(lengths, dtype=torch.int64), 0).to(torch.int32)
-    position_ids = torch.cat([torch.arange(n, dtype=torch.long) for n in lengths])
-    return {
-        "input_ids": torch.tensor(flat, dtype=torch.long).unsqueeze(0),
-        "position_ids": position_ids.unsqueeze(0),
-        "seq_ends": cu[1:].to(torch.long) - 1,
-        "cu_seq_lens": cu,
-        "max_length": max(lengths),
-    }
-
-
-def collate_padded(seqs: list[list[int]], pad_id: int, pad_to_multiple_of: int | None = None) -> dict:
-    """``{"input_ids": [N, L], "attention_mask": [N, L]}`` of token sequences, right-padded with ``pad_id``."""
-    if not seqs:
-        raise ValueError("collate_padded: got no sequences")
-    length = _round_up(max(len(s) for s in seqs), pad_to_multiple_of)
-    return {"input_ids": _pad(seqs, pad_id, length), "attention_mask": _attention_mask(seqs, length)}
-
-
-def collate_packed(seqs: list[list[int]]) -> dict:
-    """Padding-free: token sequences in one row, as :func:`collate_preference_packed` lays them out (``input_ids``,
-    ``position_ids`` restarting at 0, ``cu_seq_lens``, ``seq_ends``, ``max_length``)."""
-    if not seqs:
-        raise ValueError("collate_packed: got no sequences")
-    return _pack(seqs)
-
-
-def collate_preference_padded(examples: Sequence[dict], pad_id: int, pad_to_multiple_of: int | None = None) -> dict:
-    """``{"input_ids": [2B, L], "attention_mask": [2B, L], "margin"?: [B] float32}``, right-padded with
-    ``pad_id``; rows ``0..B-1`` are the chosen sequences and rows ``B..2B-1`` the rejected ones."""
-    _check_examples(examples, "collate_preference_padded")
-    batch = collate_padded([e["chosen_ids"] for e in examples] + [e["rejected_ids"] for e in examples], pad_id,
-                           pad_to_multiple_of)
-    margin = _margins(examples)
-    if margin is not None:
-        batch["margin"] = margin
-    return batch
-
-
-def collate_preference_packed(examples: Sequence[dict]) -> dict:
-    """Padding-free: all 2B sequences (B chosen, then B rejected) concatenated into one row.
-
-    ``{"input_ids": [1, S], "position_ids": [1, S] (0 at each sequence start), "seq_ends": [2B] long
-    (index of each sequence's last token), "cu_seq_lens": [2B+1] int32, "max_length": int,
-    "margin"?: [B]}``; S is the total token count.
-    """
-    _check_examples(examples, "collate_preference_packed")
-    batch = _pack([e["chosen_ids"] for e in examples] + [e["rejected_ids"] for e in examples])
-    margin = _margins(examples)
-    if margin is not None:
-        batch["margin"] = margin
-    return batch
-
-
-def _ranking_sequences(examples: Sequence[dict], dummy_id: int | None, name: str):
-    """The ``B*K`` sequences of a K-way batch (row ``b*K + k`` = response k of example b; a missing response is
-    a 1-token dummy) and the ``[B, K]`` ranks (-1 where missing)."""
-    _check_examples(examples, name)
-    k = max(len(e["response_ids"]) for e in examples)
-    seqs, ranks = [], torch.full((len(examples), k), -1, dtype=torch.long)
-    for b, e in enumerate(examples):
-        if len(e["response_ids"]) != len(e["ranks"]):
-            raise ValueError(f"{name}: example {b} has {len(e['response_ids'])} responses but {len(e['ranks'])} ranks")
-        dummy = [e["response_ids"][0][0] if dummy_id is None else dummy_id]
-        seqs.extend(e["response_ids"])
-        seqs.extend([dummy] * (k - len(e["response_ids"])))
-        ranks[b, :len(e["ranks"])] = torch.as_tensor(e["ranks"], dtype=torch.long)
-    return seqs, ranks
-
-
-def collate_ranking_padded(examples: Sequence[dict], pad_id: int, dummy_id: int | None = None,
-                           pad_to_multiple_of: int | None = None) -> dict:
-    """``{"input_ids": [B*K, L], "attention_mask": [B*K, L], "ranks": [B, K] long}``; row ``b*K + k``
-    is response k of example b. K is the largest response count in the batch; a missing response
-    gets rank -1 and a 1-token dummy sequence (``dummy_id``, default: the example's first token,
-    i.e. BOS) with attention on that token, so no row is fully masked."""
-    seqs, ranks = _ranking_sequences(examples, dummy_id, "collate_ranking_padded")
-    length = _round_up(max(len(s) for s in seqs), pad_to_multiple_of)
-    return {"input_ids": _pad(seqs, pad_id, length), "attention_mask": _attention_mask(seqs, length), "ranks": ranks}
-
-
-def collate_ranking_packed(examples: Sequence[dict], dummy_id: int | None = None) -> dict:
-    """Padding-free K-way batch: the ``B*K`` sequences of :func:`collate_ranking_padded` (same order, same
-    1-token dummies) in one row, as :func:`collate_preference_packed` lays them out, and ``"ranks": [B, K]``."""
-    seqs, ranks = _ranking_sequences(examples, dummy_id, "collate_ranking_packed")
-    return {**_pack(seqs), "ranks": ranks}
-
-
-def collate_sft_padded(examples: Sequence[dict], pad_id: int, pad_to_multiple_of: int | None = None) -> dict:
-    """``{"input_ids": [B, L], "labels": [B, L] (-100 on prompt and padding), "attention_mask": [B, L]}``."""
-    _check_examples(examples, "collate_sft_padded")
-    seqs = [e["input_ids"] for e in examples]
-    length = _round_up(max(len(s) for s in seqs), pad_to_multiple_of)
-    return {"input_ids": _pad(seqs, pad_id, length),
-            "labels": _pad([e["labels"] for e in examples], IGNORE_INDEX, length),
-            "attention_mask": _attention_mask(seqs, length)}
-
-
-def collate_sft_packed(examples: Sequence[dict]) -> dict:
-    """Padding-free SFT: ``{"input_ids": [1, S], "labels": [1, S], "position_ids": [1, S],
-    "cu_seq_lens": [B+1] int32, "max_length": int, "seq_ends": [B]}``. The first label of every
-    sequence is -100 too, so nothing is learned across a sequence boundary."""
-    _check_examples(examples, "collate_sft_packed")
-    batch = _pack([e["input_ids"] for e in examples])
-    labels = []
-    for e in examples:
-        labels.append(IGNORE_INDEX)
-        labels.extend(e["labels"][1:])
-    batch["labels"] = torch.tensor(labels, dtype=torch.long).unsqueeze(0)
-    return batch
-
-
 # ============================================================================ batching
 
 
@@ -1002,14 +850,6 @@ __all__ = [
     "LoadReport",
     "SequenceTemplate",
     "TokenizeReport",
-    "collate_padded",
-    "collate_packed",
-    "collate_preference_packed",
-    "collate_preference_padded",
-    "collate_ranking_packed",
-    "collate_ranking_padded",
-    "collate_sft_packed",
-    "collate_sft_padded",
     "detect_format",
     "epoch_order",
     "extract_prompt",
@@ -1025,13 +865,6 @@ __all__ = [
     "tokenize_sft",
     "validate_row",
 ]
-
-
-def count_tokens(batch: dict) -> int:
-    """Real (non-pad) tokens in a collated batch: every token of a packed row, the mask's ones otherwise."""
-    if "attention_mask" in batch:
-        return int(batch["attention_mask"].sum())
-    return int(batch["input_ids"].numel())
 
 
 def load_train_eval(train_data, eval_data, eval_fraction: float, seed: int, skip_malformed: bool = False, *,

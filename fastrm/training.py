@@ -272,19 +272,13 @@ def use_bf16_autocast(mixed_precision: str, device: torch.device) -> bool:
     return mixed_precision == "bf16" or (mixed_precision == "auto" and device.type == "cuda")
 
 
-def choose_packing(trainer, model, kind: str, name: str) -> packing.Packing:
+def packing_for(trainer, model, kind: str, name: str) -> packing.Packing:
     """The ``packed`` setting decided for one of the trainer's models (:func:`fastrm.packing.choose_packing`), at
     load time: before data-parallel wrapping, and probed under the autocast that training will use."""
     bf16 = use_bf16_autocast(trainer.config.mixed_precision, trainer.device)
     return packing.choose_packing(model, trainer.config.packed, kind, name=name,
                                   special_ids=getattr(trainer.tokenizer, "all_special_ids", ()),
                                   autocast_dtype=torch.bfloat16 if bf16 else None)
-
-
-def to_device(batch: dict, device: torch.device, decision: packing.Packing) -> dict:
-    """A collated batch on ``device``, with its length buckets when ``decision`` says so."""
-    batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-    return packing.bucket(batch) if decision.mode == "bucketed" else batch
 
 
 def autocast(enabled: bool, device: torch.device):
@@ -720,7 +714,6 @@ def fit(trainer, desc: str, postfix: dict):
     from tqdm.auto import tqdm
 
     from fastrm._checks import deferred_finite_checks
-    from fastrm.data import count_tokens
 
     c = trainer.config
     trainer.hold_output_dir()
@@ -738,7 +731,7 @@ def fit(trainer, desc: str, postfix: dict):
                         loss, metrics = trainer.compute_loss(batch)
                         (loss / c.grad_accum_steps).backward()
                     losses.append(loss.detach())
-                    window.add(metrics, count_tokens(batch))
+                    window.add(metrics, batch.num_tokens)
                 grad_norm = clip_gradients(trainer.model, c.max_grad_norm)
                 (grad_norm,) = trainer.guard.check_step(losses, {"gradient norm": grad_norm})
                 apply_update(trainer.optimizer, trainer.scheduler)

@@ -23,7 +23,7 @@ def main():
     rank = distributed.rank()
 
     half = {k: (v[rank::2] if isinstance(v, torch.Tensor) else v) for k, v in saved["rollout"].items()}
-    half["batch"] = {k: v[rank::2] for k, v in saved["rollout"]["batch"].items()}
+    half["batch"] = saved["rollout"]["batch"].select(slice(rank, None, 2))
     trainer.update(half)
     trainer.step = 1
     trainer.save()

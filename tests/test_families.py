@@ -16,6 +16,7 @@ from families import BY_NAME, DECODERS, ENCODERS, FAMILIES, build_checkpoint, bu
 from fastrm import data as fdata
 from fastrm import packing
 from fastrm.config import ConfigError, load_config
+from fastrm.layout import collate_preference
 from fastrm.generation import decode_completions, generate
 from fastrm.models import reward_scores, token_logprobs
 from fastrm.trainers.reward import RewardConfig, RewardTrainer
@@ -157,11 +158,7 @@ def test_sft_logprobs_are_the_reloaded_models(checkpoints, tmp_path, name):
             logp = torch.log_softmax(model(input_ids=ids).logits[0, :-1].double(), -1)
             labels = torch.tensor(e["labels"][1:])
             ref = torch.where(labels != -100, logp.gather(-1, labels.clamp_min(0)[:, None])[:, 0], 0.0)
-            if trainer.packing.mode == "packed":  # one row: this example's tokens, after the earlier ones
-                start = sum(len(x["input_ids"]) for x in examples[:i])
-                mine = ours[0, start:start + len(ids[0]) - 1]
-            else:
-                mine = ours[i, :len(ids[0]) - 1]
+            mine = ours[i, :len(ids[0]) - 1]  # every layout's log-probs come back padded (right-padded rows)
             torch.testing.assert_close(mine.double(), ref, atol=1e-5, rtol=1e-5)
 
 
@@ -254,12 +251,12 @@ def test_packing_without_fastrm_attention_is_wrong_for_opt_and_the_probe_packs_i
         model = AutoModelForSequenceClassification.from_pretrained(checkpoints[name], num_labels=1).eval()
         model.config.pad_token_id = tokenizer.pad_token_id
         examples, _ = fdata.tokenize_preference(rows, tokenizer)
-        packed_batch = fdata.collate_preference_packed(examples)
+        packed_batch = collate_preference(examples, tokenizer.pad_token_id, "packed").sequences
         with torch.no_grad():
-            padded = reward_scores(model, fdata.collate_preference_padded(examples, tokenizer.pad_token_id))
-            hidden = model.base_model(input_ids=packed_batch["input_ids"], position_ids=packed_batch["position_ids"],
+            padded = reward_scores(model, collate_preference(examples, tokenizer.pad_token_id).sequences)
+            hidden = model.base_model(input_ids=packed_batch.input_ids, position_ids=packed_batch.position_ids,
                                       use_cache=False)
-            own_packing = model.score(hidden.last_hidden_state[0, packed_batch["seq_ends"]]).squeeze(-1)
+            own_packing = model.score(hidden.last_hidden_state[0, packed_batch.seq_ends]).squeeze(-1)
         assert torch.allclose(own_packing, padded, atol=1e-5, rtol=1e-5) == (name != "opt")
         assert packing.verify_packing(model, "reward")[0]
         with torch.no_grad():

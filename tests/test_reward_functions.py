@@ -139,7 +139,7 @@ def test_columns_reach_weighted_functions_and_every_score_is_logged(tmp_path):
     assert call1["prompts"] == ["1+1=", "1+1=", "2+3=", "2+3="] and call1["completions"] == ro["completions"]
     assert call1["answer"] == ["2", "2", "5", "5"] and call1["task"] == ["sum", "sum", "copy", "copy"]
     mask = ro["mask"].bool()
-    completion_ids = [ro["batch"]["input_ids"][i, ro["prompt_len"]:][mask[i]].tolist() for i in range(4)]
+    completion_ids = [ro["batch"].input_ids[i, ro["prompt_len"]:][mask[i]].tolist() for i in range(4)]
     assert call1["completion_ids"] == completion_ids == call2["completion_ids"]
     overlap_scores = [len(set(c) & set(a)) for c, a in zip(call1["completions"], call1["answer"])]
     length_scores = [len(ids) / 10 for ids in completion_ids]

@@ -10,6 +10,7 @@ import torch
 from fastrm import rl
 from fastrm.config import ConfigError, load_config
 from fastrm.data import load_tokenizer
+from fastrm.layout import PaddedBatch
 from fastrm.models import ModelConfig, load_reward_model
 from fastrm.trainers.rl import RLConfig, RLTrainer
 
@@ -159,13 +160,13 @@ def test_minibatch_loss_equals_hand_computation(tmp_path):
     # by hand: full logits, log_softmax(logits / T), no fused ops
     batch, P, mask = ro["batch"], ro["prompt_len"], ro["mask"].bool()
     with torch.no_grad():
-        logits = trainer.policy(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                                position_ids=batch["position_ids"]).logits.float() / 0.7
-        ref_logits = trainer.ref(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                                 position_ids=batch["position_ids"]).logits.float() / 0.7
-        values = trainer.value({k: batch[k] for k in ("input_ids", "attention_mask", "position_ids")})
+        logits = trainer.policy(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                                position_ids=batch.position_ids).logits.float() / 0.7
+        ref_logits = trainer.ref(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                                 position_ids=batch.position_ids).logits.float() / 0.7
+        values = trainer.value(PaddedBatch(batch.input_ids, batch.attention_mask, position_ids=batch.position_ids))
     logp_all = torch.log_softmax(logits[:, P - 1:-1], -1)
-    tokens = batch["input_ids"][:, P:]
+    tokens = batch.input_ids[:, P:]
     logp = logp_all.gather(-1, tokens[..., None])[..., 0]
     ref_logp = torch.log_softmax(ref_logits[:, P - 1:-1], -1).gather(-1, tokens[..., None])[..., 0]
     entropy = -(logp_all.exp() * logp_all).sum(-1)
@@ -289,7 +290,7 @@ def test_learned_reward_model_path(tmp_path):
     expected = []
     for i in range(4):
         prompt_ids = tokenizer(ro["prompts"][i])["input_ids"]
-        completion = ro["batch"]["input_ids"][i, ro["prompt_len"]:][ro["mask"][i].bool()].tolist()
+        completion = ro["batch"].input_ids[i, ro["prompt_len"]:][ro["mask"][i].bool()].tolist()
         with torch.no_grad():
             expected.append(loaded(input_ids=torch.tensor([prompt_ids + completion])).logits.item())
     assert float(ro["stats"]["reward/model"]) == pytest.approx(sum(expected) / 4, abs=1e-5)

@@ -19,6 +19,7 @@ from fastrm import data as fdata
 from fastrm import distributed, lora, training
 from fastrm.config import parse_cli, require, setting
 from fastrm.errors import DataError
+from fastrm.layout import collate_preference, collate_ranking
 from fastrm.models import load_reward_model, reward_scores
 
 log = logging.getLogger("fastrm")
@@ -66,19 +67,19 @@ class RewardTrainer(training.Trainer):
         training.start_run(self)
         self.tokenizer = fdata.load_tokenizer(c.tokenizer, c.model.name_or_path)
         train_rows, eval_rows = self._load_rows()
-        self.train_examples, self.kind = self._tokenize(train_rows, "train")
+        self.train_examples, self.data_format = self._tokenize(train_rows, "train")
         self.eval_examples, _ = self._tokenize(eval_rows, "eval")
         if not self.train_examples:
             raise DataError("no training examples left after tokenization: every row was dropped (truncation=drop "
                             "with too small a max_length?)")
         self.model = load_reward_model(c.model, self.tokenizer, self.device, quantize=c.lora.quantize)
-        self.packing = training.choose_packing(self, self.model, "reward", "reward model")
+        self.packing = training.packing_for(self, self.model, "reward", "reward model")
         if c.lora.enabled:  # adapters on the frozen model, the head trained fully
             self.model = lora.add_adapters(self.model, c.lora, "reward")
         training.prepare_optimization(self)
         log.info("reward model: %s, %s, %d train / %d eval %s examples, %s batches, device=%s",
                  type(lora.unwrap(self.model)).__name__, training.parameter_counts(self.model),
-                 len(self.train_examples), len(self.eval_examples), self.kind, self.packing.mode, self.device)
+                 len(self.train_examples), len(self.eval_examples), self.data_format, self.packing.mode, self.device)
         return self
 
     def _load_rows(self):
@@ -100,36 +101,30 @@ class RewardTrainer(training.Trainer):
         c = self.config
         if not rows:
             return [], "pairwise"
-        kind = "ranking" if fdata.detect_format(rows[0]) == "ranking" else "pairwise"
-        tokenize = fdata.tokenize_ranking if kind == "ranking" else fdata.tokenize_preference
+        data_format = "ranking" if fdata.detect_format(rows[0]) == "ranking" else "pairwise"
+        tokenize = fdata.tokenize_ranking if data_format == "ranking" else fdata.tokenize_preference
         examples, stats = tokenize(rows, self.tokenizer, c.max_length, truncation=c.truncation)
         training.log_tokenized(split, stats, c.max_length)
-        return examples, kind
+        return examples, data_format
 
     # ---- one step ---------------------------------------------------------------------------------------------
 
     def collate(self, examples):
-        pad, packed = self.tokenizer.pad_token_id, self.packing.mode == "packed"
-        if self.kind == "ranking":
-            batch = fdata.collate_ranking_packed(examples) if packed else fdata.collate_ranking_padded(examples, pad)
-        elif packed:
-            batch = fdata.collate_preference_packed(examples)
-        else:
-            batch = fdata.collate_preference_padded(examples, pad)
-        return training.to_device(batch, self.device, self.packing)
+        collate = collate_ranking if self.data_format == "ranking" else collate_preference
+        return collate(examples, self.tokenizer.pad_token_id, self.packing.mode, self.device)
 
     def compute_loss(self, batch):
         """Loss and detached metrics of one batch."""
         c = self.config
         with training.autocast(self.autocast, self.device):
-            scores = self.parallel(reward_scores, batch)
-        if self.kind == "ranking":
-            ranks = batch["ranks"]
+            scores = self.parallel(reward_scores, batch.sequences)
+        if self.data_format == "ranking":
+            ranks = batch.ranks
             loss, accuracy = fastrm.ranking_loss(scores.view(ranks.shape), ranks, return_accuracy=True,
                                                  backend=c.backend)
             return loss, {"loss": loss.detach(), "rewards/accuracies": accuracy}
-        chosen, rejected = scores.chunk(2)
-        margin = batch.get("margin") if c.use_margin else None
+        chosen, rejected = batch.split(scores)
+        margin = batch.margin if c.use_margin else None
         loss, accuracy = fastrm.pairwise_ranking_loss(chosen, rejected, margin=margin, center_coef=c.center_coef,
                                                       return_accuracy=True, backend=c.backend)
         return loss, {

@@ -41,19 +41,20 @@ from tqdm.auto import tqdm
 
 from fastrm import data as fdata
 from fastrm import distributed as fdist
-from fastrm import lora, packing, rewards, rl, training
+from fastrm import lora, rewards, rl, training
 from fastrm._checks import deferred_finite_checks
 from fastrm.config import ConfigError, parse_cli, require, require_path, setting
 from fastrm.generation import decode_completions, generate
+from fastrm.layout import IGNORE_INDEX, Batch, PaddedBatch, arrange, collate_sequences
 from fastrm.models import (
     TINY,
     ModelConfig,
-    backbone_hidden,
     load_causal_lm,
     load_reward_model,
     reward_scores,
     token_logprobs,
 )
+from fastrm.packing import Packing
 from fastrm.ops.ppo import AGG_MODES, KL_KINDS, kl_penalty, ppo_policy_loss, value_loss
 
 log = logging.getLogger("fastrm")
@@ -251,11 +252,10 @@ class TokenValueModel(nn.Module):
         super().__init__()
         self.backbone, self.head = backbone, head
 
-    def forward(self, batch: dict) -> torch.Tensor:
-        """``[B, T]`` values of a padded or bucketed batch, ``[1, S]`` of a packed row."""
-        if "buckets" in batch:
-            return packing.per_bucket(self.forward, batch, per_token=True)
-        return self.head(backbone_hidden(self.backbone, batch)).squeeze(-1).float()
+    def forward(self, batch: Batch) -> torch.Tensor:
+        """``[N, T]`` values of a batch in any layout (:mod:`fastrm.layout`), in the padded layout."""
+        return batch.run(lambda b: self.head(b.forward(self.backbone).last_hidden_state).squeeze(-1).float(),
+                         per_token=True)
 
 
 def _call(model, *args):
@@ -291,14 +291,13 @@ class RLTrainer(training.Trainer):
         # Policy, and the frozen reference: a copy of the initial policy (or the same checkpoint in 8 bits); with
         # LoRA, the policy with its adapters disabled (peft's disable_adapter), no second copy of the weights.
         self.policy = load_causal_lm(c.model, self.tokenizer, self.device, quantize=c.lora.quantize)
-        self.policy_packing = training.choose_packing(self, self.policy, "causal_lm", "policy")
+        self.policy_packing = training.packing_for(self, self.policy, "causal_lm", "policy")
         if c.lora.enabled:
             self.policy = lora.add_adapters(self.policy, c.lora, "causal")
             self.ref = None
         elif c.ref_8bit:
             self.ref = load_causal_lm(replace(c.model, load_in_8bit=True), self.tokenizer, self.device)
-            if self.policy_packing.mode == "packed":  # the policy's architecture, proven by its probe
-                packing.enable_varlen(self.ref)
+            self.policy_packing.adopt(self.ref)  # the policy's architecture, proven by its probe
         else:
             self.ref = copy.deepcopy(self.policy)  # with the policy's attention
         if self.ref is not None:
@@ -313,7 +312,7 @@ class RLTrainer(training.Trainer):
             # match, else prompt and completion are re-tokenized from text by the reward model's tokenizer.
             self.reward_template = fdata.sequence_template(self.reward_tokenizer, reward=True)
             self.reward_same_tokens = self.reward_tokenizer.get_vocab() == self.tokenizer.get_vocab()
-            self.reward_packing = training.choose_packing(self, self.reward_model, "reward", "reward model")
+            self.reward_packing = training.packing_for(self, self.reward_model, "reward", "reward model")
         self.rules = self._load_rules()
         self.value = self._build_value_model()
         # Resumed weights go into the whole models, before FSDP shards them (see training.prepare_optimization).
@@ -456,7 +455,7 @@ class RLTrainer(training.Trainer):
             if not isinstance(getattr(rm, "score", None), nn.Linear):
                 raise ConfigError(f"setting value_model={c.value_model!r}: {type(rm).__name__} has no per-token "
                                   "'score' head to read values at every position; use value_model=policy")
-            self.value_packing = training.choose_packing(self, rm, "backbone", "critic")
+            self.value_packing = training.packing_for(self, rm, "backbone", "critic")
             backbone, head = getattr(rm, rm.base_model_prefix), rm.score
             if c.lora.enabled:
                 backbone = lora.add_adapters_in_place(backbone, c.lora)
@@ -472,29 +471,21 @@ class RLTrainer(training.Trainer):
     def _autocast(self):
         return training.autocast(self.autocast, self.device)
 
-    def _sequences(self, gen: dict) -> dict:
+    def _sequences(self, gen: dict) -> PaddedBatch:
         """Prompt (left-padded) + completion as one batch for the forward passes, with position ids that
         skip the left padding (as generate used) and labels on the completion tokens only."""
         input_ids = torch.cat([gen["prompt_ids"], gen["completion_ids"]], dim=1)
         attention_mask = torch.cat([gen["prompt_mask"], gen["completion_mask"]], dim=1)
         position_ids = (attention_mask.cumsum(1) - 1).clamp_min(0)
-        labels = input_ids.masked_fill(attention_mask == 0, fdata.IGNORE_INDEX)
-        labels[:, : gen["prompt_ids"].shape[1]] = fdata.IGNORE_INDEX
-        return {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids,
-                "labels": labels}
+        labels = input_ids.masked_fill(attention_mask == 0, IGNORE_INDEX)
+        labels[:, : gen["prompt_ids"].shape[1]] = IGNORE_INDEX
+        return PaddedBatch(input_ids, attention_mask, labels, position_ids)
 
-    def _forward(self, model: fdist.Parallel, fn, batch: dict, decision: packing.Packing, **kwargs):
+    def _forward(self, model: fdist.Parallel, fn, batch: PaddedBatch, decision: Packing, **kwargs):
         """``fn(model, batch)``, per-token outputs, on the rollout ``batch`` laid out as ``decision`` says (one
         packed row, or length buckets: completions of different lengths pay for no padding); the outputs come
         back in the padded layout of ``batch``."""
-        if decision.mode == "packed":
-            packed = packing.pack(batch)
-            out = model(fn, packed, **kwargs)
-            return tuple(packing.unpack(o, packed) for o in out) if isinstance(out, tuple) \
-                else packing.unpack(out, packed)
-        if decision.mode == "bucketed":
-            batch = packing.bucket(batch)
-        return model(fn, batch, **kwargs)
+        return model(fn, arrange(batch, decision.mode), **kwargs)
 
     def _logprobs(self, model: fdist.Parallel, batch, prompt_len, return_entropy=False):
         """``[B, C]`` log-probs of the completion tokens (and entropies)."""
@@ -521,9 +512,7 @@ class RLTrainer(training.Trainer):
         buckets or one padded batch, as decided for the reward model); ``rows[i]`` is the prompt row completion i
         answers."""
         seqs = self._reward_inputs([r["prompt"] for r in rows], gen, completions)
-        batch = fdata.collate_packed(seqs) if self.reward_packing.mode == "packed" else \
-            fdata.collate_padded(seqs, self.reward_tokenizer.pad_token_id)
-        batch = training.to_device(batch, self.device, self.reward_packing)
+        batch = collate_sequences(seqs, self.reward_tokenizer.pad_token_id, self.reward_packing.mode, self.device)
         with self._autocast():
             return self.reward_p(reward_scores, batch).float()
 
@@ -657,7 +646,7 @@ class RLTrainer(training.Trainer):
     def compute_loss(self, ro: dict, idx: torch.Tensor) -> tuple[torch.Tensor, dict]:
         """The loss of one minibatch (rows ``idx`` of a rollout) and its detached metrics."""
         c = self.config
-        batch = {k: v[idx] for k, v in ro["batch"].items()}
+        batch = ro["batch"].select(idx)
         mask, adv = ro["mask"][idx], ro["advantages"][idx]
         logprobs, entropy = self._logprobs(self.policy_p, batch, ro["prompt_len"], return_entropy=True)
         pol = ppo_policy_loss(logprobs, ro["old_logprobs"][idx], adv, mask, clip_eps=c.clip_eps,

@@ -21,6 +21,7 @@ from fastrm import data as fdata
 from fastrm import distributed, lora, training
 from fastrm.config import parse_cli, require, setting
 from fastrm.errors import DataError
+from fastrm.layout import collate_sft
 from fastrm.models import load_causal_lm, token_logprobs
 
 log = logging.getLogger("fastrm")
@@ -68,7 +69,7 @@ class SFTTrainer(training.Trainer):
             raise DataError("no training examples left after tokenization: every row was dropped (truncation=drop "
                             "with too small a max_length?)")
         self.model = load_causal_lm(c.model, self.tokenizer, self.device, quantize=c.lora.quantize)
-        self.packing = training.choose_packing(self, self.model, "causal_lm", "policy")
+        self.packing = training.packing_for(self, self.model, "causal_lm", "policy")
         if c.lora.enabled:  # adapters on the frozen model
             self.model = lora.add_adapters(self.model, c.lora, "causal")
         training.prepare_optimization(self)
@@ -97,16 +98,12 @@ class SFTTrainer(training.Trainer):
         return examples
 
     def collate(self, examples):
-        if self.packing.mode == "packed":
-            batch = fdata.collate_sft_packed(examples)
-        else:
-            batch = fdata.collate_sft_padded(examples, self.tokenizer.pad_token_id)
-        return training.to_device(batch, self.device, self.packing)
+        return collate_sft(examples, self.tokenizer.pad_token_id, self.packing.mode, self.device)
 
     def compute_loss(self, batch):
         with training.autocast(self.autocast, self.device):
             logprobs = self.parallel(token_logprobs, batch, backend=self.config.backend)
-        n_tokens = (batch["labels"][:, 1:] != fdata.IGNORE_INDEX).sum().clamp_min(1)
+        n_tokens = batch.predicted_tokens.clamp_min(1)
         loss = -logprobs.sum() / n_tokens
         if self.model.training:  # data parallel: the mean over all ranks' tokens, as one process takes it
             loss = loss * distributed.token_weight(n_tokens)
