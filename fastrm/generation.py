@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import torch
 
+from fastrm.tokenization import sequence_template
+
 
 def encode_prompts(tokenizer, prompts: list[str], device) -> dict:
     """Left-padded ``input_ids`` / ``attention_mask``: each prompt after the head of the tokenizer's
     :class:`~fastrm.data.SequenceTemplate` (BOS if it adds one; a prompt whose text already starts with it, as
     chat templates write it, keeps one), as the data layer lays out a training sequence's prompt."""
-    from fastrm.data import sequence_template
-
     template = sequence_template(tokenizer)
     ids = [list(template.head) + template.strip(tokenizer(p, add_special_tokens=False)["input_ids"], [])[0]
            for p in prompts]

@@ -18,14 +18,15 @@ from pathlib import Path
 import torch
 
 from fastrm import lora
-from fastrm.config import ConfigError, require, setting
+from fastrm.config import TINY, ConfigError, require_setting, setting
 from fastrm.layout import Batch, text_config
 from fastrm.ops.linear_logprobs import linear_logprobs
 from fastrm.ops.logprobs import gather_logprobs
 
 log = logging.getLogger("fastrm")
 
-TINY = "tiny"
+__all__ = ["TINY", "ModelConfig", "backbone_hidden", "load_causal_lm", "load_reward_model", "reward_scores",
+           "token_logprobs"]
 
 
 @dataclass
@@ -44,16 +45,16 @@ class ModelConfig:
     load_in_8bit: bool = setting(False, "load in 8 bits (bitsandbytes); frozen models only, needs CUDA")
 
     def validate(self, prefix: str = "model"):
-        require(self.hidden_size % self.num_heads == 0, f"{prefix}.hidden_size", self.hidden_size,
+        require_setting(self.hidden_size % self.num_heads == 0, f"{prefix}.hidden_size", self.hidden_size,
                 f"must be divisible by {prefix}.num_heads={self.num_heads}")
         for name in ("hidden_size", "num_layers", "num_heads", "intermediate_size", "max_position_embeddings"):
-            require(getattr(self, name) >= 1, f"{prefix}.{name}", getattr(self, name), "must be >= 1")
-        require(self.attn_implementation in ("auto", "flash_attention_2", "sdpa", "eager"),
+            require_setting(getattr(self, name) >= 1, f"{prefix}.{name}", getattr(self, name), "must be >= 1")
+        require_setting(self.attn_implementation in ("auto", "flash_attention_2", "sdpa", "eager"),
                 f"{prefix}.attn_implementation", self.attn_implementation, "must be auto, flash_attention_2, sdpa or eager")
-        require(self.attn_implementation != "flash_attention_2" or importlib.util.find_spec("flash_attn") is not None,
+        require_setting(self.attn_implementation != "flash_attention_2" or importlib.util.find_spec("flash_attn") is not None,
                 f"{prefix}.attn_implementation", self.attn_implementation,
                 "flash-attn is not installed (pip install 'fastrm[flash]'), or use sdpa")
-        require(not self.load_in_8bit or torch.cuda.is_available(), f"{prefix}.load_in_8bit", self.load_in_8bit,
+        require_setting(not self.load_in_8bit or torch.cuda.is_available(), f"{prefix}.load_in_8bit", self.load_in_8bit,
                 "8-bit loading needs a CUDA device")
         check_model_path(self.name_or_path, f"{prefix}.name_or_path")
 
@@ -67,7 +68,7 @@ def check_model_path(name_or_path: str, setting: str):
     """``tiny``, an existing local folder, or a name in Hugging Face hub form (resolved by transformers from its
     cache); anything else that does not exist is a mistyped path."""
     if name_or_path != TINY and not Path(name_or_path).expanduser().is_dir():
-        require(is_hub_name(name_or_path), setting, name_or_path,
+        require_setting(is_hub_name(name_or_path), setting, name_or_path,
                 f"no such folder (and not {TINY!r} or a hub name org/name)")
 
 

@@ -48,7 +48,7 @@ SETTING_HELP = ("padding-free batches: auto (packed rows where exact for the mod
 
 # ============================================================================ exact for this model?
 
-KINDS = ("reward", "causal_lm", "backbone")
+HEADS = ("reward", "causal_lm", "backbone")  # what a probed model ends in: its output is compared too
 PROBE_LENGTHS = (5, 17, 11, 26)
 # Largest relative difference (max |packed - padded| / max |padded|, over hidden states, outputs and input
 # gradients) still counted as equal. Packing only reorders float sums (other matmul shapes, attention per
@@ -136,17 +136,17 @@ def _capture_embeddings(model):
         handle.remove()
 
 
-def _probe_outputs(model, kind: str, batch: dict, packed: bool, weights: dict):
-    """Hidden states of the real tokens, the kind's output, and the gradient of a fixed random function of
+def _probe_outputs(model, head: str, batch: PaddedBatch, packed: bool, weights: dict):
+    """Hidden states of the real tokens, the head's output, and the gradient of a fixed random function of
     both with respect to the input embeddings (real tokens), for a padded or packed batch."""
     inputs = pack(batch) if packed else batch
     real = batch.attention_mask.reshape(-1) != 0
     with _capture_embeddings(model) as captured:
         hidden = backbone_hidden(base_model(model), inputs)  # the padded layout either way
         hidden = hidden.reshape(-1, hidden.shape[-1])[real]
-        if kind == "reward":  # padded: the Hugging Face model's own forward, as any tool scores the checkpoint
+        if head == "reward":  # padded: the Hugging Face model's own forward, as any tool scores the checkpoint
             out = reward_scores(model, inputs)
-        elif kind == "causal_lm":
+        elif head == "causal_lm":
             out = token_logprobs(model, inputs)
         else:
             out = hidden.new_zeros(())
@@ -192,24 +192,24 @@ def _probe(model, kind: str, special_ids, autocast_dtype) -> tuple[float, float,
     return diffs[worst], PROBE_TOLERANCE.get(dtype, 3e-2), worst
 
 
-def verify_packing(model, kind: str, *, special_ids=(), autocast_dtype: torch.dtype | None = None) -> tuple[bool, str]:
-    """Whether packed rows are exact for ``model`` (``kind``: reward | causal_lm | backbone), and why.
+def verify_packing(model, head: str, *, special_ids=(), autocast_dtype: torch.dtype | None = None) -> tuple[bool, str]:
+    """Whether packed rows are exact for ``model`` (``head``: reward | causal_lm | backbone), and why.
 
     Switches the model to variable-length attention (:func:`enable_varlen`), then runs a probe: a few random
     sequences of different lengths ending in EOS, padded and packed, in eval mode; the hidden states of every
-    real token, the kind's output (reward scores as the Hugging Face forward reads them / next-token
+    real token, the head's output (reward scores as the Hugging Face forward reads them / next-token
     log-probs) and the gradients with respect to the input embeddings must agree (``PROBE_TOLERANCE``), and
     every attention layer must have attended per sequence. With ``autocast_dtype`` the probe also runs under
     autocast, as training will (the half-precision kernels). Not exact: the model gets its own attention
     back and the reason is returned."""
-    if kind not in KINDS:
-        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    if head not in HEADS:
+        raise ValueError(f"head must be one of {HEADS}, got {head!r}")
     try:
         enable_varlen(model)
         checks = [None] + ([autocast_dtype] if autocast_dtype is not None else [])
         summary = []
         for dtype in checks:
-            diff, tol, worst = _probe(model, kind, special_ids, dtype)
+            diff, tol, worst = _probe(model, head, special_ids, dtype)
             where = f" under {str(dtype)[6:]} autocast" if dtype is not None else ""
             if not diff <= tol:
                 raise PackingUnsupported(f"packed {worst} differ from padded by {diff:.2g}{where} (relative; "
@@ -224,7 +224,7 @@ def verify_packing(model, kind: str, *, special_ids=(), autocast_dtype: torch.dt
     return True, f"probe: packed equals padded, max relative difference {', '.join(summary)}"
 
 
-def choose_packing(model, setting: str, kind: str, *, special_ids=(), autocast_dtype: torch.dtype | None = None,
+def choose_packing(model, setting: str, head: str, *, special_ids=(), autocast_dtype: torch.dtype | None = None,
                    name: str = "model") -> Packing:
     """The load-time decision for one model (``setting``: auto | true | bucketed | false), logged in one line.
 
@@ -239,7 +239,7 @@ def choose_packing(model, setting: str, kind: str, *, special_ids=(), autocast_d
     elif setting == "bucketed":
         decision = Packing("bucketed", "packed=bucketed")
     else:
-        exact, why = verify_packing(model, kind, special_ids=special_ids, autocast_dtype=autocast_dtype)
+        exact, why = verify_packing(model, head, special_ids=special_ids, autocast_dtype=autocast_dtype)
         if exact:
             device = next(model.parameters()).device
             half = autocast_dtype is not None or next(model.parameters()).dtype in (torch.float16, torch.bfloat16)

@@ -13,14 +13,11 @@ from fastrm.data import (
     extract_prompt,
     iterate_batches,
     load_rows,
-    load_tokenizer,
     num_batches,
-    tokenize_preference,
-    tokenize_ranking,
-    tokenize_sft,
 )
 from fastrm.layout import collate_preference, collate_ranking, collate_sft
 from fastrm.tasks import build_tokenizer, make_preference_data, make_ranking_data, make_sft_data, write_jsonl
+from fastrm.tokenization import load_tokenizer, tokenize_preference, tokenize_ranking, tokenize_sft
 
 
 @pytest.fixture(scope="module")

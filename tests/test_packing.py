@@ -17,8 +17,8 @@ from torch import nn
 from transformers.models.llama.modeling_llama import eager_attention_forward  # noqa: F401 - _eager_function finds it
 
 from fastrm import layout, packing
-from fastrm.layout import varlen
 from fastrm.config import ConfigError, load_config
+from fastrm.layout import varlen
 from fastrm.models import backbone_hidden, reward_scores, token_logprobs
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -398,7 +398,7 @@ def test_choose_packing_auto_falls_back_true_refuses_and_one_line_is_logged(capl
 @pytest.mark.parametrize("value,expected", [("auto", "auto"), ("true", "true"), ("True", "true"), ("no", "false"),
                                             ("bucketed", "bucketed")])
 def test_packed_setting_values(value, expected):
-    from fastrm.trainers.reward import RewardConfig
+    from fastrm.trainers.reward_model import RewardConfig
 
     assert load_config(RewardConfig, None, [f"packed={value}"]).packed == expected
 
@@ -411,7 +411,7 @@ def test_packed_setting_rejects_other_values():
 
 
 def test_reward_trainer_bucketed_steps_equal_packed_steps(tmp_path):
-    from fastrm.trainers.reward import RewardConfig, RewardTrainer
+    from fastrm.trainers.reward_model import RewardConfig, RewardTrainer
 
     losses = {}
     for mode in ("true", "bucketed"):
@@ -431,9 +431,9 @@ def test_reward_trainer_bucketed_steps_equal_packed_steps(tmp_path):
 
 def test_rl_rollout_forwards_are_the_same_packed_bucketed_and_padded(tmp_path):
     """Old / reference log-probs, critic values and reward-model scores of one rollout, in every layout."""
-    from fastrm.data import load_tokenizer
     from fastrm.generation import generate
     from fastrm.models import ModelConfig, load_reward_model
+    from fastrm.tokenization import load_tokenizer
     from fastrm.trainers.rl import RLConfig, RLTrainer
 
     tokenizer = load_tokenizer("embedded")

@@ -6,12 +6,12 @@ import json
 import pytest
 import torch
 
-from fastrm import data as fdata
-from fastrm import training
+from fastrm import checkpoint as ckpt
+from fastrm import guard
 from fastrm.config import ConfigError, load_config
 from fastrm.layout import collate_preference, collate_sft
 from fastrm.models import reward_scores, token_logprobs
-from fastrm.trainers.reward import RewardConfig, RewardTrainer
+from fastrm.trainers.reward_model import RewardConfig, RewardTrainer
 from fastrm.trainers.sft import SFTConfig, SFTTrainer
 
 TINY = ["model.hidden_size=32", "model.num_layers=1", "model.num_heads=2", "model.intermediate_size=64",
@@ -245,10 +245,10 @@ def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypat
         return (loss * float("nan") if trainer.step == 4 else loss), metrics
 
     monkeypatch.setattr(trainer, "compute_loss", poisoned)
-    with pytest.raises(training.NonFiniteLossError, match="non-finite loss.* at step 5 .*checkpoint-3"):
+    with pytest.raises(guard.NonFiniteLossError, match="non-finite loss.* at step 5 .*checkpoint-3"):
         trainer.train()
-    assert training.latest_checkpoint(tmp_path).name == "checkpoint-3"
-    state = training.load_trainer_state(tmp_path / "checkpoint-3")
+    assert ckpt.latest_checkpoint(tmp_path).name == "checkpoint-3"
+    state = ckpt.load_trainer_state(tmp_path / "checkpoint-3")
     assert state["step"] == 3
     resumed = reward_trainer(tmp_path, "max_steps=8", "resume=true")
     assert resumed.step == 3

@@ -308,7 +308,8 @@ def packed_forward(module: nn.Module, row, **extra):
         inputs[PLAN_KWARG] = VarlenPlan.from_cu_seq_lens(row.cu_seq_lens)
     else:
         raise PackingUnsupported(f"{type(module).__name__} runs attention {impl!r}: a packed row needs "
-                                 "fastrm.layout.enable_varlen(model) (the trainers do it through fastrm.packing.choose_packing)")
+                                 "fastrm.layout.enable_varlen(model) (the trainers do it through "
+                                 "fastrm.packing.choose_packing)")
     with _packed_call():
         return module(**inputs)
 
