@@ -12,10 +12,10 @@ ways to run them:
     one right-padded batch through the Hugging Face forward (reward: the sequence-classification head;
     SFT: backbone + ``fastrm.linear_logprobs``).
 ``packed``
-    fastrm's packed row (``fastrm.data.collate_*_packed``) with variable-length attention
-    (``fastrm.packing``: flash-attn / torch varlen on CUDA, the model's SDPA per length bucket otherwise).
+    fastrm's packed row (``fastrm.layout.collate_*(..., "packed")``) with variable-length attention
+    (``fastrm.layout.varlen``: flash-attn / torch varlen on CUDA, the model's SDPA per length bucket otherwise).
 ``bucketed``
-    the padded batch run as length-bucketed padded micro-batches (``fastrm.packing.bucket``).
+    the padded batch run as length-bucketed padded micro-batches (``fastrm.layout.bucket``).
 ``packed-sdpa-mask``
     the same packed row through plain SDPA: transformers builds a ``[S, S]`` block-diagonal mask from the
     position ids. This is what ``DataCollatorWithFlattening`` / TRL's ``padding_free`` give without flash-attn,
@@ -44,6 +44,7 @@ import random
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 from torch import nn
@@ -53,8 +54,8 @@ if __package__ in (None, ""):  # run as a file: make the `benchmarks` package im
 from benchmarks import common  # noqa: E402
 from benchmarks.common import Case, Provider  # noqa: E402
 
-from fastrm import data as fdata  # noqa: E402
-from fastrm import packing  # noqa: E402
+from fastrm import layout, packing  # noqa: E402
+from fastrm.layout import IGNORE_INDEX  # noqa: E402
 from fastrm.models import backbone_hidden, reward_scores, token_logprobs  # noqa: E402
 
 LENGTHS = ("short", "long", "longtail")
@@ -116,35 +117,34 @@ def reward_step(model, batch):
 
 def packed_reward_sdpa_mask(model, batch):
     """Today's padding-free recipe without flash-attn: the packed row through plain SDPA (a [S, S] mask)."""
-    hidden = model.model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False)
-    return model.score(hidden.last_hidden_state[0, batch["seq_ends"]]).squeeze(-1).float()
+    hidden = model.model(input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False)
+    return model.score(hidden.last_hidden_state[0, batch.seq_ends]).squeeze(-1).float()
 
 
 def sft_step(model, batch):
-    logprobs = token_logprobs(model, batch, backend="torch")
-    return logprobs.sum(1) if "cu_seq_lens" not in batch else _sequence_sums(logprobs, batch["cu_seq_lens"])
+    return token_logprobs(model, batch, backend="torch").sum(1)  # every layout's log-probs come back padded
 
 
 def packed_sft_sdpa_mask(model, batch):
     import fastrm
 
-    hidden = model.model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False)
+    hidden = model.model(input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False)
     head = model.get_output_embeddings()
-    logprobs = fastrm.linear_logprobs(hidden.last_hidden_state[:, :-1], head.weight, batch["labels"][:, 1:],
+    logprobs = fastrm.linear_logprobs(hidden.last_hidden_state[:, :-1], head.weight, batch.labels[:, 1:],
                                       backend="torch")
-    return _sequence_sums(logprobs, batch["cu_seq_lens"])
+    return _sequence_sums(logprobs, batch.cu_seq_lens)
 
 
 def padded_reference(task: str):
     """The float64 truth: the padded Hugging Face forward, log-softmax in full for SFT."""
     def reward(model, batch):
-        return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.squeeze(-1)
+        return model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits.squeeze(-1)
 
     def sft(model, batch):
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
-        labels = batch["labels"][:, 1:]
+        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, :-1]
+        labels = batch.labels[:, 1:]
         logprobs = torch.log_softmax(logits, -1).gather(-1, labels.clamp_min(0).unsqueeze(-1)).squeeze(-1)
-        return (logprobs * (labels != fdata.IGNORE_INDEX)).sum(1)
+        return (logprobs * (labels != IGNORE_INDEX)).sum(1)
 
     return reward if task == "reward" else sft
 
@@ -167,7 +167,7 @@ def make_examples(task: str, lengths: list[int], seed: int) -> list[dict]:
     if task == "reward":
         half = len(seqs) // 2
         return [{"chosen_ids": c, "rejected_ids": r, "prompt_len": 1} for c, r in zip(seqs[:half], seqs[half:])]
-    return [{"input_ids": s, "labels": [fdata.IGNORE_INDEX] * (len(s) // 2) + s[len(s) // 2:], "prompt_len": len(s) // 2}
+    return [{"input_ids": s, "labels": [IGNORE_INDEX] * (len(s) // 2) + s[len(s) // 2:], "prompt_len": len(s) // 2}
             for s in seqs]
 
 
@@ -185,17 +185,15 @@ class Bench:
                                             autocast_dtype=self.autocast)
         if not exact:
             raise RuntimeError(f"packing is not exact for the benchmark model: {why}")
-        to = lambda batch: {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}  # noqa: E731
         if task == "reward":
-            padded = to(fdata.collate_preference_padded(examples, PAD))
-            packed = to(fdata.collate_preference_packed(examples))
+            collate = lambda mode: layout.collate_preference(examples, PAD, mode, device).sequences  # noqa: E731
         else:
-            padded = to(fdata.collate_sft_padded(examples, PAD))
-            packed = to(fdata.collate_sft_packed(examples))
-        self.batches = {PADDED: padded, "packed": packed, "bucketed": packing.bucket(padded)}
-        tokens = int(padded["attention_mask"].sum())
-        self.extra = {"tokens": tokens, "padded_tokens": int(padded["attention_mask"].numel()),
-                      "buckets": len(self.batches["bucketed"]["buckets"])}
+            collate = lambda mode: layout.collate_sft(examples, PAD, mode, device)  # noqa: E731
+        padded, packed = collate(PADDED), collate("packed")
+        self.batches = {PADDED: padded, "packed": packed, "bucketed": layout.bucket(padded)}
+        tokens = padded.num_tokens
+        self.extra = {"tokens": tokens, "padded_tokens": int(padded.attention_mask.numel()),
+                      "buckets": len(self.batches["bucketed"].buckets)}
         step = reward_step if task == "reward" else sft_step
         sdpa_mask = packed_reward_sdpa_mask if task == "reward" else packed_sft_sdpa_mask
         self.names = [n for n, _ in self.model.named_parameters()]
@@ -208,8 +206,9 @@ class Bench:
                      f"(--max-mask-tokens): its [S, S] attention scores alone are 4 S^2 bytes per head and layer")
         collator = _trl_collator() if task == "sft" else None
         if collator is not None and tokens <= max_mask_tokens:
-            trl_batch = to(collator([{"input_ids": e["input_ids"], "labels": e["labels"]} for e in examples]))
-            trl_batch["cu_seq_lens"] = packed["cu_seq_lens"]
+            trl_batch = collator([{"input_ids": e["input_ids"], "labels": e["labels"]} for e in examples])
+            trl_batch = SimpleNamespace(**{k: v.to(device) if isinstance(v, torch.Tensor) else v
+                                           for k, v in trl_batch.items()}, cu_seq_lens=packed.cu_seq_lens)
             self.providers.append(self._provider("trl-padding-free", self.plain, packed_sft_sdpa_mask, trl_batch))
         elif task == "sft" and collator is None:
             run.note("trl-padding-free skipped: TRL is not installed (pip install trl)")

@@ -7,7 +7,7 @@ and breaks CUDA graphs, so where they run depends on the device and ``FASTRM_CHE
 * ``1`` (default): on CPU the check reads the values and raises at once (no sync to pay there). On any
   other device it never waits: the failed condition is kept on the device (one tiny kernel) and raised,
   with the same message, by :func:`raise_deferred_errors` -- which the trainers call where they read values
-  anyway, once per step (:meth:`fastrm.training.DivergenceGuard.check_step`). Kernels stay memory-safe on such input
+  anyway, once per step (:meth:`fastrm.guard.DivergenceGuard.check_step`). Kernels stay memory-safe on such input
   (an out-of-range label reads nothing and gives a NaN log-prob), so the loss they feed turns NaN.
 * ``sync``: read and raise at once on every device (one sync per check; for debugging).
 * ``assert``: device-side asserts (``torch._assert_async``) off the CPU: no sync, but a failure ends the

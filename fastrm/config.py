@@ -20,10 +20,15 @@ from fastrm.errors import ConfigError
 
 T = TypeVar("T")
 
-__all__ = ["ConfigError", "require", "setting", "load_config", "parse_cli", "settings_help", "describe_settings"]
+# model.name_or_path=tiny: the small Llama fastrm builds from scratch for the embedded task (never downloaded). A
+# setting's value, read by the layers that load models (models), tokenizers (data) and adapters (lora).
+TINY = "tiny"
+
+__all__ = ["ConfigError", "require_setting", "setting", "load_config", "parse_cli", "settings_help",
+           "describe_settings"]
 
 
-def require(condition: bool, setting: str, value, expected: str):
+def require_setting(condition: bool, setting: str, value, expected: str):
     if not condition:
         raise ConfigError(f"setting {setting}={value!r}: {expected}")
 
@@ -31,16 +36,16 @@ def require(condition: bool, setting: str, value, expected: str):
 def require_writable_dir(path: str, setting: str = "output_dir"):
     """``path`` is a folder fastrm can create and write into (checked without creating anything)."""
     folder = Path(path).expanduser()
-    require(not folder.exists() or folder.is_dir(), setting, path, "is a file, not a folder")
+    require_setting(not folder.exists() or folder.is_dir(), setting, path, "is a file, not a folder")
     existing = next(p for p in (folder, *folder.absolute().parents) if p.exists())
-    require(existing.is_dir() and os.access(existing, os.W_OK | os.X_OK), setting, path,
+    require_setting(existing.is_dir() and os.access(existing, os.W_OK | os.X_OK), setting, path,
             f"cannot write there ({existing} is not a writable folder)")
 
 
 def require_path(path: str | None, setting: str, what: str = "file or folder"):
     """``path`` (when set) exists."""
     if path is not None:
-        require(Path(path).expanduser().exists(), setting, path, f"no such {what}")
+        require_setting(Path(path).expanduser().exists(), setting, path, f"no such {what}")
 
 
 def setting(default, meaning: str):

@@ -1,4 +1,4 @@
-"""Data layer: load and validate rows, tokenize them, and collate batches (padded or padding-free).
+"""Data layer: load and validate rows, tokenize them, and order them into batches (collation: :mod:`fastrm.layout`).
 
 Row formats (``detect_format`` names them; extra keys are ignored):
 
@@ -28,12 +28,7 @@ dicts. Parquet and ``save_to_disk`` folders are read with the ``datasets`` libra
 ``DatasetDict`` one split is taken (``split=``, the trainers' ``train_split`` / ``eval_split``). In rows read
 through ``datasets`` a null field counts as absent (Arrow gives every row every column).
 
-Every tokenized sequence is ``head + prompt + response + tail``, the tokenizer's own
-:class:`SequenceTemplate`: ``BOS + ... + EOS`` for a decoder (BOS only if its tokenizer adds one),
-``[CLS] ... [SEP]`` for a BERT-style encoder; a head or EOS the chat template already emits is not
-doubled. Over ``max_length`` a sequence keeps its response and loses prompt tokens from the left, then
-(only if the response alone is too long) response tokens from the right; ``truncation="drop"`` drops
-the example instead. Both are counted in the returned :class:`TokenizeReport`.
+Tokenization and the sequence template: :mod:`fastrm.tokenization`; collation: :mod:`fastrm.layout`.
 """
 
 from __future__ import annotations
@@ -50,10 +45,10 @@ from typing import Any, Iterator, Sequence
 import torch
 
 from fastrm.errors import ConfigError, DataError
+from fastrm.layout import IGNORE_INDEX
 
 logger = logging.getLogger(__name__)
 
-IGNORE_INDEX = -100
 
 FORMAT_TASK = {
     "preference": "preference",
@@ -79,16 +74,6 @@ class LoadReport:
     skipped: int = 0
     errors: list[str] = field(default_factory=list)  # the first ``max_errors_kept`` skip messages
     formats: dict[str, int] = field(default_factory=dict)  # rows kept per format
-
-
-@dataclass
-class TokenizeReport:
-    """What a ``tokenize_*`` call did: ``n_rows`` in, ``n_examples`` out, how many were cut or dropped."""
-
-    n_rows: int = 0
-    n_examples: int = 0
-    truncated: int = 0
-    dropped: int = 0
 
 
 # ============================================================================ formats and validation
@@ -135,7 +120,7 @@ def _check_text(row: dict, key: str) -> str:
     return value
 
 
-def _check_messages(value, key: str, *, last_assistant: bool = False) -> list:
+def check_messages(value, key: str, *, last_assistant: bool = False) -> list:
     if not isinstance(value, list):
         raise ValueError(f"{key!r} must be a list of {{'role', 'content'}} messages, got {type(value).__name__}")
     if not value:
@@ -168,7 +153,7 @@ def _check_margin(row: dict):
         raise ValueError(f"'margin' must be finite, got {margin}")
 
 
-def _common_prefix_len(a: Sequence, b: Sequence) -> int:
+def common_prefix_len(a: Sequence, b: Sequence) -> int:
     n = 0
     for x, y in zip(a, b):
         if x != y:
@@ -188,7 +173,7 @@ def extract_prompt(row: dict) -> dict:
     chosen, rejected = row["chosen"], row["rejected"]
     if chosen == rejected:
         raise ValueError("'chosen' and 'rejected' are identical")
-    p = _common_prefix_len(chosen, rejected)
+    p = common_prefix_len(chosen, rejected)
     if isinstance(chosen, str) and p > 0 and chosen[p - 1] == " ":
         p -= 1
     p = max(0, min(p, len(chosen) - 1, len(rejected) - 1))
@@ -206,10 +191,10 @@ def _validate_prompt(row) -> str:
         if fmt == "prompt":
             _check_text(row, "prompt")
         else:
-            _check_messages(row["prompt"], "prompt")
+            check_messages(row["prompt"], "prompt")
     elif "messages" in row:
         fmt = "conversational_prompt"
-        _check_messages(row["messages"], "messages")
+        check_messages(row["messages"], "messages")
     else:
         raise ValueError("needs 'prompt' (a string, or a list of {'role', 'content'} messages) or 'messages', "
                          f"got keys {sorted(row)}")
@@ -240,14 +225,14 @@ def _validate(row, task: str | None = None) -> str:
             if key not in row:
                 raise ValueError(f"missing key {key!r}")
         if "prompt" in row:
-            _check_messages(row["prompt"], "prompt")
-            _check_messages(row["chosen"], "chosen", last_assistant=True)
-            _check_messages(row["rejected"], "rejected", last_assistant=True)
+            check_messages(row["prompt"], "prompt")
+            check_messages(row["chosen"], "chosen", last_assistant=True)
+            check_messages(row["rejected"], "rejected", last_assistant=True)
             if row["chosen"] == row["rejected"]:
                 raise ValueError("'chosen' and 'rejected' are identical")
         else:
-            _check_messages(row["chosen"], "chosen", last_assistant=True)
-            _check_messages(row["rejected"], "rejected", last_assistant=True)
+            check_messages(row["chosen"], "chosen", last_assistant=True)
+            check_messages(row["rejected"], "rejected", last_assistant=True)
             extract_prompt(row)
         _check_margin(row)
     elif fmt == "ranking":
@@ -256,7 +241,7 @@ def _validate(row, task: str | None = None) -> str:
                 raise ValueError(f"missing key {key!r}")
         conversational = isinstance(row["prompt"], list)
         if conversational:
-            _check_messages(row["prompt"], "prompt")
+            check_messages(row["prompt"], "prompt")
         else:
             _check_text(row, "prompt")
         responses, ranks = row["responses"], row["ranks"]
@@ -270,7 +255,7 @@ def _validate(row, task: str | None = None) -> str:
             raise ValueError(f"'responses' needs at least 2 entries, got {len(responses)}")
         for i, r in enumerate(responses):
             if conversational and isinstance(r, list):
-                _check_messages(r, f"responses[{i}]", last_assistant=True)
+                check_messages(r, f"responses[{i}]", last_assistant=True)
             elif not isinstance(r, str):
                 raise ValueError(f"'responses'[{i}] must be a string, got {type(r).__name__}")
             elif not r.strip():
@@ -288,13 +273,13 @@ def _validate(row, task: str | None = None) -> str:
         _validate_prompt(row)
     else:  # conversational_sft
         if "messages" in row:
-            _check_messages(row["messages"], "messages", last_assistant=True)
+            check_messages(row["messages"], "messages", last_assistant=True)
         else:
             for key in ("prompt", "completion"):
                 if key not in row:
                     raise ValueError(f"missing key {key!r}")
-            _check_messages(row["prompt"], "prompt")
-            _check_messages(row["completion"], "completion", last_assistant=True)
+            check_messages(row["prompt"], "prompt")
+            check_messages(row["completion"], "completion", last_assistant=True)
     return fmt
 
 
@@ -467,500 +452,6 @@ def load_rows(source, task: str | None = None, *, split: str = DEFAULT_SPLIT, sk
     return (rows, report) if return_report else rows
 
 
-# ============================================================================ tokenization
-
-
-EMBEDDED_TOKENIZER = "embedded"
-AUTO_TOKENIZER = "auto"
-
-
-def load_tokenizer(spec=EMBEDDED_TOKENIZER, model_name_or_path: str | None = None):
-    """``"embedded"`` (or None): the built-in task's character tokenizer
-    (:func:`fastrm.tasks.arithmetic.build_tokenizer`); ``"auto"``: the tokenizer saved with the checkpoint
-    ``model_name_or_path`` (the embedded one for the ``tiny`` model); else a tokenizer folder. Loaded offline with
-    ``AutoTokenizer.from_pretrained(path, local_files_only=True)``: nothing is downloaded.
-
-    A tokenizer without a pad token gets one (logged): its unknown token when it has one distinct from EOS, else
-    its EOS token (see :func:`sequence_template` for what that means for a reward model).
-    """
-    if spec == AUTO_TOKENIZER:
-        from fastrm.models import TINY
-
-        if model_name_or_path in (None, TINY):
-            spec = EMBEDDED_TOKENIZER
-        else:
-            spec = model_name_or_path
-            if Path(spec).is_dir() and not any((Path(spec) / f).is_file() for f in TOKENIZER_FILES):
-                raise ConfigError(f"tokenizer=auto: the checkpoint {spec} has no tokenizer files "
-                                  f"({', '.join(TOKENIZER_FILES)}); set tokenizer=<folder with the model's tokenizer>")
-    if spec is None or spec == EMBEDDED_TOKENIZER:
-        from fastrm.models import TINY
-        from fastrm.tasks.arithmetic import build_tokenizer
-
-        if model_name_or_path not in (None, TINY):
-            logger.warning("tokenizer=embedded with the checkpoint %s: the embedded task's 47-token tokenizer was "
-                           "not made for it (tokenizer=auto uses the checkpoint's own)", model_name_or_path)
-        return build_tokenizer()
-    from transformers import AutoTokenizer
-
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(str(spec), local_files_only=True)
-    except (OSError, ValueError) as err:
-        raise ConfigError(f"tokenizer {str(spec)!r} is neither {EMBEDDED_TOKENIZER!r} nor a local tokenizer folder "
-                          f"or cached checkpoint (fastrm never downloads; save the tokenizer with save_pretrained "
-                         f"first): {str(err).splitlines()[0]}") from None
-    ensure_pad_token(tokenizer, str(spec))
-    return tokenizer
-
-
-TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json", "vocab.txt", "vocab.json", "tokenizer.model")
-
-
-def ensure_pad_token(tokenizer, name: str = "the tokenizer"):
-    """Give a tokenizer without a pad token one: its unknown token if it has one that is not EOS (Llama-2,
-    Mistral), else EOS (GPT-2, GPT-NeoX, Llama-3 style, where EOS is the only special token)."""
-    if tokenizer.pad_token_id is not None:
-        return
-    unk, eos = tokenizer.unk_token_id, tokenizer.eos_token_id
-    if unk is not None and unk != eos:
-        tokenizer.pad_token = tokenizer.unk_token
-    elif eos is not None:
-        tokenizer.pad_token = tokenizer.eos_token
-    else:
-        raise ConfigError(f"{name} has no pad, unknown or EOS token to pad batches with; set tokenizer.pad_token")
-    logger.info("%s has no pad token: padding with %r (id %d)", name, tokenizer.pad_token, tokenizer.pad_token_id)
-
-
-@dataclass(frozen=True)
-class SequenceTemplate:
-    """How one text becomes a model input: ``head + text + tail``, as the model family writes it.
-
-    ``head`` and ``tail`` are the special tokens the tokenizer's own template puts around a text: BOS for
-    Llama / Mistral / Gemma, nothing for GPT-2 / Qwen2, ``[CLS]`` ... ``[SEP]`` for BERT, ``<s>`` ... ``</s>``
-    for RoBERTa. A decoder template has no tail, so fastrm ends a sequence with EOS: the model sees where an
-    answer ends and an SFT policy learns to stop (``tail_is_eos``)."""
-
-    head: tuple[int, ...]
-    tail: tuple[int, ...]
-    eos: int | None
-    tail_is_eos: bool
-
-    def strip(self, prompt: list[int], response: list[int]) -> tuple[list[int], list[int]]:
-        """``prompt`` without a head a chat template already wrote, ``response`` without its tail or EOS, so
-        neither is doubled when the template's own are added."""
-        n = len(self.head)
-        if n and prompt[:n] == list(self.head):
-            prompt = prompt[n:]
-        t = len(self.tail)
-        if t and response[-t:] == list(self.tail):
-            response = response[:-t]
-        elif self.eos is not None and response and response[-1] == self.eos:
-            response = response[:-1]
-        return prompt, response
-
-
-def _own_special_tokens(tokenizer) -> tuple[list[int], list[int]]:
-    """The special tokens ``tokenizer`` adds before and after a text (``add_special_tokens=True``)."""
-    probe = "a"
-    bare = list(tokenizer(probe, add_special_tokens=False)["input_ids"])
-    full = list(tokenizer(probe, add_special_tokens=True)["input_ids"])
-    for i in range(len(full) - len(bare) + 1):
-        if full[i:i + len(bare)] == bare:
-            return full[:i], full[i + len(bare):]
-    raise ValueError(f"cannot find the special-token template of {type(tokenizer).__name__}: {probe!r} encodes "
-                     f"to {bare} alone and {full} with special tokens")
-
-
-def sequence_template(tokenizer, *, reward: bool = False) -> SequenceTemplate:
-    """The :class:`SequenceTemplate` of ``tokenizer``; ``reward=True`` for sequences a reward model scores.
-
-    A decoder whose pad token is its EOS (GPT-2 style) scores without the EOS tail: a sequence-classification
-    head reads the last token that is not pad, so it would skip that EOS anyway, and a token after the one read
-    changes nothing under causal attention; without it, padded and packed batches read the same token.
-    Policies (``reward=False``) need EOS to learn when to stop: a tokenizer without one is an error."""
-    head, own_tail = _own_special_tokens(tokenizer)
-    eos = tokenizer.eos_token_id
-    if eos is None and not reward:
-        raise ConfigError("the tokenizer has no eos_token: a policy could never learn to end its answer (an encoder's "
-                          "tokenizer? encoders can be reward models); set tokenizer.eos_token before tokenizing")
-    if own_tail:
-        return SequenceTemplate(tuple(head), tuple(own_tail), eos, tail_is_eos=False)
-    if eos is None:
-        return SequenceTemplate(tuple(head), (), None, tail_is_eos=False)
-    if reward and tokenizer.pad_token_id == eos:
-        return SequenceTemplate(tuple(head), (), eos, tail_is_eos=False)
-    return SequenceTemplate(tuple(head), (eos,), eos, tail_is_eos=True)
-
-
-def _render(tokenizer, prompt_msgs: list, response_msgs: list) -> tuple[str, str]:
-    """``(prompt_text, response_text)`` of a conversation through the tokenizer's chat template.
-
-    The prompt is rendered with the generation prompt; the response is what the full conversation
-    adds after it. For a template whose generation prompt is not a prefix of the full rendering, the
-    split falls back to the longest common prefix.
-    """
-    if not getattr(tokenizer, "chat_template", None):
-        raise ValueError("conversational rows need a tokenizer with a chat_template")
-    full = tokenizer.apply_chat_template(prompt_msgs + response_msgs, tokenize=False)
-    if not prompt_msgs:
-        return "", full
-    prompt = tokenizer.apply_chat_template(prompt_msgs, tokenize=False, add_generation_prompt=True)
-    if full.startswith(prompt):
-        return prompt, full[len(prompt):]
-    p = _common_prefix_len(prompt, full)
-    return full[:p], full[p:]
-
-
-def render_chat_prompt(tokenizer, messages: list) -> str:
-    """The text a policy continues for a conversational prompt: the chat template with the generation prompt.
-    (A BOS the template writes is not doubled on encoding: :func:`fastrm.generation.encode_prompts`.)"""
-    if not getattr(tokenizer, "chat_template", None):
-        raise ValueError("conversational prompts need a tokenizer with a chat_template")
-    return tokenizer.apply_chat_template(_check_messages(messages, "prompt"), tokenize=False,
-                                         add_generation_prompt=True)
-
-
-def _as_assistant(response) -> list:
-    return response if isinstance(response, list) else [{"role": "assistant", "content": response}]
-
-
-def _texts(row: dict, fmt: str, tokenizer) -> tuple[str, list[str]]:
-    """``(prompt_text, [response_text, ...])`` of a validated row."""
-    if fmt == "implicit_preference" or (fmt == "conversational_preference" and "prompt" not in row):
-        row = extract_prompt(row)
-        fmt = "conversational_preference" if isinstance(row["chosen"], list) else "preference"
-    if fmt == "preference":
-        return row["prompt"], [row["chosen"], row["rejected"]]
-    if fmt == "conversational_preference":
-        prompt, chosen = _render(tokenizer, row["prompt"], row["chosen"])
-        _, rejected = _render(tokenizer, row["prompt"], row["rejected"])
-        return prompt, [chosen, rejected]
-    if fmt == "ranking":
-        if isinstance(row["prompt"], list):
-            rendered = [_render(tokenizer, row["prompt"], _as_assistant(r)) for r in row["responses"]]
-            return rendered[0][0], [r for _, r in rendered]
-        return row["prompt"], list(row["responses"])
-    if fmt == "sft":
-        return row["prompt"], [row["completion"]]
-    if "messages" in row:
-        prompt, completion = _render(tokenizer, row["messages"][:-1], row["messages"][-1:])
-    else:
-        prompt, completion = _render(tokenizer, row["prompt"], row["completion"])
-    return prompt, [completion]
-
-
-def _encode_all(tokenizer, texts: list[str]) -> list[list[int]]:
-    if not texts:
-        return []
-    return [list(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
-
-
-@dataclass
-class _Fitted:
-    head: list[int]
-    prompt: list[int]
-    responses: list[list[int]]
-    tails: list[list[int]]
-    truncated: bool
-
-    def sequences(self) -> list[list[int]]:
-        return [self.head + self.prompt + r + t for r, t in zip(self.responses, self.tails)]
-
-    @property
-    def prompt_len(self) -> int:
-        return len(self.head) + len(self.prompt)
-
-
-def _fit(prompt: list[int], responses: list[list[int]], template: SequenceTemplate, max_length: int | None,
-         mode: str, *, tail_on_cut: bool) -> _Fitted | None:
-    """Lay out ``head + prompt + response + tail`` (see :class:`SequenceTemplate`) for responses sharing one
-    prompt, within max_length.
-
-    The prompt is cut from the left just enough for the longest response, so all responses still see
-    the same prompt; a response longer than the whole budget is cut from the right. ``tail_on_cut``:
-    whether a cut response still ends with the tail (yes for reward models, which read the EOS position,
-    and for encoders, whose ``[SEP]`` is structural; no for SFT, which must not learn to stop mid-answer).
-    Returns None if ``mode == "drop"`` and the example does not fit.
-    """
-    head, tail = list(template.head), list(template.tail)
-    responses = [template.strip(prompt, r)[1] for r in responses]  # the tail is added below, once
-    prompt = template.strip(prompt, [])[0]
-    fitted = _Fitted(head, prompt, responses, [tail for _ in responses], truncated=False)
-    if max_length is None:
-        return fitted
-    budget = max_length - len(head) - len(tail)
-    longest = max(len(r) for r in responses)
-    if len(prompt) + longest <= budget:
-        return fitted
-    if mode == "drop":
-        return None
-    keep = max(0, budget - longest)
-    fitted.prompt = prompt[len(prompt) - keep:] if keep else []
-    fitted.truncated = True
-    if longest > budget:
-        new_responses, new_tails = [], []
-        for r in responses:
-            if len(r) > budget:
-                if tail_on_cut:
-                    new_responses.append(r[:budget]), new_tails.append(tail)
-                else:
-                    new_responses.append(r[:budget + len(tail)]), new_tails.append([])
-            else:
-                new_responses.append(r), new_tails.append(tail)
-        fitted.responses, fitted.tails = new_responses, new_tails
-    return fitted
-
-
-def _prepare(rows, tokenizer, max_length, truncation, task: str):
-    if truncation not in TRUNCATION_MODES:
-        raise ValueError(f"truncation must be one of {TRUNCATION_MODES}, got {truncation!r}")
-    template = sequence_template(tokenizer, reward=task != "sft")
-    if max_length is not None:
-        need = len(template.head) + len(template.tail) + 1
-        if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < need:
-            raise ConfigError(f"max_length must be None or an int >= {need} (the tokenizer's {len(template.head)} "
-                              f"leading and {len(template.tail)} trailing special tokens + 1), got {max_length!r}")
-    if isinstance(rows, (str, os.PathLike)):
-        rows = load_rows(rows, task)
-    rows = list(rows)
-    texts, layout = [], []
-    for i, row in enumerate(rows, start=1):
-        try:
-            fmt = _validate(row, task)
-            prompt, responses = _texts(row, fmt, tokenizer)
-        except ValueError as e:
-            raise DataError(f"row {i}: {e}") from None
-        layout.append((len(texts), len(responses)))
-        texts.append(prompt)
-        texts.extend(responses)
-    ids = _encode_all(tokenizer, texts)
-    encoded = [(ids[start], ids[start + 1:start + 1 + k]) for start, k in layout]
-    return rows, encoded, template
-
-
-def _tokenize_responses(rows, tokenizer, max_length, truncation, task: str, make_example):
-    """One prompt, several responses per row (preference pairs, K-way rankings): fit each row to
-    ``max_length`` (responses keep their EOS when cut), count truncations and drops, and build each
-    example with ``make_example(row, fitted)``."""
-    rows, encoded, template = _prepare(rows, tokenizer, max_length, truncation, task)
-    report = TokenizeReport(n_rows=len(rows))
-    examples = []
-    for row, (prompt, responses) in zip(rows, encoded):
-        fitted = _fit(prompt, responses, template, max_length, truncation, tail_on_cut=True)
-        if fitted is None:
-            report.dropped += 1
-            continue
-        report.truncated += fitted.truncated
-        examples.append(make_example(row, fitted))
-    report.n_examples = len(examples)
-    logger.debug("tokenize_%s: %s", task, report)
-    return examples, report
-
-
-def tokenize_preference(rows, tokenizer, max_length: int | None = None, truncation: str = "truncate"):
-    """Tokenize preference rows (any preference format) into ``{"chosen_ids", "rejected_ids",
-    "prompt_len", "margin"?}`` examples (lists of ints; ``prompt_len`` counts BOS + kept prompt tokens,
-    shared by both sequences).
-
-    ``rows``: validated rows or a JSONL path. Returns ``(examples, TokenizeReport)``.
-    """
-    def example(row, fitted):
-        chosen, rejected = fitted.sequences()
-        ex = {"chosen_ids": chosen, "rejected_ids": rejected, "prompt_len": fitted.prompt_len}
-        if row.get("margin") is not None:
-            ex["margin"] = float(row["margin"])
-        return ex
-
-    return _tokenize_responses(rows, tokenizer, max_length, truncation, "preference", example)
-
-
-def tokenize_ranking(rows, tokenizer, max_length: int | None = None, truncation: str = "truncate"):
-    """Tokenize K-way rows into ``{"response_ids": [K lists], "ranks": [K], "prompt_len"}`` examples.
-
-    Returns ``(examples, TokenizeReport)``.
-    """
-    def example(row, fitted):
-        return {"response_ids": fitted.sequences(), "ranks": list(row["ranks"]), "prompt_len": fitted.prompt_len}
-
-    return _tokenize_responses(rows, tokenizer, max_length, truncation, "ranking", example)
-
-
-def tokenize_sft(rows, tokenizer, max_length: int | None = None, truncation: str = "truncate"):
-    """Tokenize SFT rows into ``{"input_ids", "labels", "prompt_len"}``; ``labels`` is -100 on BOS and
-    prompt tokens (for ``messages`` rows: everything before the last assistant turn), the token ids
-    elsewhere (the completion and its EOS; a completion cut by truncation gets no EOS).
-
-    Returns ``(examples, TokenizeReport)``.
-    """
-    rows, encoded, template = _prepare(rows, tokenizer, max_length, truncation, "sft")
-    report = TokenizeReport(n_rows=len(rows))
-    examples = []
-    for prompt, responses in encoded:
-        fitted = _fit(prompt, responses, template, max_length, truncation, tail_on_cut=False)
-        if fitted is None:
-            report.dropped += 1
-            continue
-        report.truncated += fitted.truncated
-        (input_ids,) = fitted.sequences()
-        n = fitted.prompt_len
-        examples.append({"input_ids": input_ids, "labels": [IGNORE_INDEX] * n + input_ids[n:], "prompt_len": n})
-    report.n_examples = len(examples)
-    logger.debug("tokenize_sft: %s", report)
-    return examples, report
-
-
-# ============================================================================ collators
-
-
-def _check_examples(examples, name: str):
-    if not examples:
-        raise ValueError(f"{name}: got an empty batch")
-
-
-def _round_up(n: int, multiple: int | None) -> int:
-    if not multiple:
-        return n
-    return -(-n // multiple) * multiple
-
-
-def _pad(seqs: list[list[int]], value: int, length: int) -> torch.Tensor:
-    out = torch.full((len(seqs), length), value, dtype=torch.long)
-    for i, s in enumerate(seqs):
-        if s:
-            out[i, :len(s)] = torch.as_tensor(s, dtype=torch.long)
-    return out
-
-
-def _attention_mask(seqs: list[list[int]], length: int) -> torch.Tensor:
-    lengths = torch.tensor([len(s) for s in seqs], dtype=torch.long)
-    return (torch.arange(length).unsqueeze(0) < lengths.unsqueeze(1)).long()
-
-
-def _margins(examples) -> torch.Tensor | None:
-    if not any(e.get("margin") is not None for e in examples):
-        return None
-    # A pair without a margin has margin 0 (the loss without a margin).
-    return torch.tensor([float(e.get("margin") or 0.0) for e in examples], dtype=torch.float32)
-
-
-def _pack(seqs: list[list[int]]) -> dict:
-    lengths = [len(s) for s in seqs]
-    if min(lengths) == 0:
-        raise ValueError("cannot pack an empty sequence")
-    flat = [t for s in seqs for t in s]
-    cu = torch.zeros(len(seqs) + 1, dtype=torch.int32)
-    cu[1:] = torch.cumsum(torch.tensor(lengths, dtype=torch.int64), 0).to(torch.int32)
-    position_ids = torch.cat([torch.arange(n, dtype=torch.long) for n in lengths])
-    return {
-        "input_ids": torch.tensor(flat, dtype=torch.long).unsqueeze(0),
-        "position_ids": position_ids.unsqueeze(0),
-        "seq_ends": cu[1:].to(torch.long) - 1,
-        "cu_seq_lens": cu,
-        "max_length": max(lengths),
-    }
-
-
-def collate_padded(seqs: list[list[int]], pad_id: int, pad_to_multiple_of: int | None = None) -> dict:
-    """``{"input_ids": [N, L], "attention_mask": [N, L]}`` of token sequences, right-padded with ``pad_id``."""
-    if not seqs:
-        raise ValueError("collate_padded: got no sequences")
-    length = _round_up(max(len(s) for s in seqs), pad_to_multiple_of)
-    return {"input_ids": _pad(seqs, pad_id, length), "attention_mask": _attention_mask(seqs, length)}
-
-
-def collate_packed(seqs: list[list[int]]) -> dict:
-    """Padding-free: token sequences in one row, as :func:`collate_preference_packed` lays them out (``input_ids``,
-    ``position_ids`` restarting at 0, ``cu_seq_lens``, ``seq_ends``, ``max_length``)."""
-    if not seqs:
-        raise ValueError("collate_packed: got no sequences")
-    return _pack(seqs)
-
-
-def collate_preference_padded(examples: Sequence[dict], pad_id: int, pad_to_multiple_of: int | None = None) -> dict:
-    """``{"input_ids": [2B, L], "attention_mask": [2B, L], "margin"?: [B] float32}``, right-padded with
-    ``pad_id``; rows ``0..B-1`` are the chosen sequences and rows ``B..2B-1`` the rejected ones."""
-    _check_examples(examples, "collate_preference_padded")
-    batch = collate_padded([e["chosen_ids"] for e in examples] + [e["rejected_ids"] for e in examples], pad_id,
-                           pad_to_multiple_of)
-    margin = _margins(examples)
-    if margin is not None:
-        batch["margin"] = margin
-    return batch
-
-
-def collate_preference_packed(examples: Sequence[dict]) -> dict:
-    """Padding-free: all 2B sequences (B chosen, then B rejected) concatenated into one row.
-
-    ``{"input_ids": [1, S], "position_ids": [1, S] (0 at each sequence start), "seq_ends": [2B] long
-    (index of each sequence's last token), "cu_seq_lens": [2B+1] int32, "max_length": int,
-    "margin"?: [B]}``; S is the total token count.
-    """
-    _check_examples(examples, "collate_preference_packed")
-    batch = _pack([e["chosen_ids"] for e in examples] + [e["rejected_ids"] for e in examples])
-    margin = _margins(examples)
-    if margin is not None:
-        batch["margin"] = margin
-    return batch
-
-
-def _ranking_sequences(examples: Sequence[dict], dummy_id: int | None, name: str):
-    """The ``B*K`` sequences of a K-way batch (row ``b*K + k`` = response k of example b; a missing response is
-    a 1-token dummy) and the ``[B, K]`` ranks (-1 where missing)."""
-    _check_examples(examples, name)
-    k = max(len(e["response_ids"]) for e in examples)
-    seqs, ranks = [], torch.full((len(examples), k), -1, dtype=torch.long)
-    for b, e in enumerate(examples):
-        if len(e["response_ids"]) != len(e["ranks"]):
-            raise ValueError(f"{name}: example {b} has {len(e['response_ids'])} responses but {len(e['ranks'])} ranks")
-        dummy = [e["response_ids"][0][0] if dummy_id is None else dummy_id]
-        seqs.extend(e["response_ids"])
-        seqs.extend([dummy] * (k - len(e["response_ids"])))
-        ranks[b, :len(e["ranks"])] = torch.as_tensor(e["ranks"], dtype=torch.long)
-    return seqs, ranks
-
-
-def collate_ranking_padded(examples: Sequence[dict], pad_id: int, dummy_id: int | None = None,
-                           pad_to_multiple_of: int | None = None) -> dict:
-    """``{"input_ids": [B*K, L], "attention_mask": [B*K, L], "ranks": [B, K] long}``; row ``b*K + k``
-    is response k of example b. K is the largest response count in the batch; a missing response
-    gets rank -1 and a 1-token dummy sequence (``dummy_id``, default: the example's first token,
-    i.e. BOS) with attention on that token, so no row is fully masked."""
-    seqs, ranks = _ranking_sequences(examples, dummy_id, "collate_ranking_padded")
-    length = _round_up(max(len(s) for s in seqs), pad_to_multiple_of)
-    return {"input_ids": _pad(seqs, pad_id, length), "attention_mask": _attention_mask(seqs, length), "ranks": ranks}
-
-
-def collate_ranking_packed(examples: Sequence[dict], dummy_id: int | None = None) -> dict:
-    """Padding-free K-way batch: the ``B*K`` sequences of :func:`collate_ranking_padded` (same order, same
-    1-token dummies) in one row, as :func:`collate_preference_packed` lays them out, and ``"ranks": [B, K]``."""
-    seqs, ranks = _ranking_sequences(examples, dummy_id, "collate_ranking_packed")
-    return {**_pack(seqs), "ranks": ranks}
-
-
-def collate_sft_padded(examples: Sequence[dict], pad_id: int, pad_to_multiple_of: int | None = None) -> dict:
-    """``{"input_ids": [B, L], "labels": [B, L] (-100 on prompt and padding), "attention_mask": [B, L]}``."""
-    _check_examples(examples, "collate_sft_padded")
-    seqs = [e["input_ids"] for e in examples]
-    length = _round_up(max(len(s) for s in seqs), pad_to_multiple_of)
-    return {"input_ids": _pad(seqs, pad_id, length),
-            "labels": _pad([e["labels"] for e in examples], IGNORE_INDEX, length),
-            "attention_mask": _attention_mask(seqs, length)}
-
-
-def collate_sft_packed(examples: Sequence[dict]) -> dict:
-    """Padding-free SFT: ``{"input_ids": [1, S], "labels": [1, S], "position_ids": [1, S],
-    "cu_seq_lens": [B+1] int32, "max_length": int, "seq_ends": [B]}``. The first label of every
-    sequence is -100 too, so nothing is learned across a sequence boundary."""
-    _check_examples(examples, "collate_sft_packed")
-    batch = _pack([e["input_ids"] for e in examples])
-    labels = []
-    for e in examples:
-        labels.append(IGNORE_INDEX)
-        labels.extend(e["labels"][1:])
-    batch["labels"] = torch.tensor(labels, dtype=torch.long).unsqueeze(0)
-    return batch
-
-
 # ============================================================================ batching
 
 
@@ -1000,38 +491,15 @@ __all__ = [
     "FORMATS",
     "IGNORE_INDEX",
     "LoadReport",
-    "SequenceTemplate",
-    "TokenizeReport",
-    "collate_padded",
-    "collate_packed",
-    "collate_preference_packed",
-    "collate_preference_padded",
-    "collate_ranking_packed",
-    "collate_ranking_padded",
-    "collate_sft_packed",
-    "collate_sft_padded",
     "detect_format",
     "epoch_order",
     "extract_prompt",
     "iterate_batches",
     "load_rows",
-    "load_tokenizer",
     "load_train_eval",
     "num_batches",
-    "prepare_prompts",
-    "sequence_template",
-    "tokenize_preference",
-    "tokenize_ranking",
-    "tokenize_sft",
     "validate_row",
 ]
-
-
-def count_tokens(batch: dict) -> int:
-    """Real (non-pad) tokens in a collated batch: every token of a packed row, the mask's ones otherwise."""
-    if "attention_mask" in batch:
-        return int(batch["attention_mask"].sum())
-    return int(batch["input_ids"].numel())
 
 
 def load_train_eval(train_data, eval_data, eval_fraction: float, seed: int, skip_malformed: bool = False, *,
@@ -1052,26 +520,3 @@ def load_train_eval(train_data, eval_data, eval_fraction: float, seed: int, skip
         return train, []
     order = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed)).tolist()
     return [train[i] for i in order[n_eval:]], [train[i] for i in order[:n_eval]]
-
-
-def prepare_prompts(rows: Sequence[dict], tokenizer, source: str = "prompts") -> list[dict]:
-    """RL prompt rows (validated, task ``"prompt"``) as ``{"prompt": the text the policy continues (a
-    conversational prompt rendered with the chat template and its generation prompt), "conversation": the
-    messages or None, "difficulty"?: float, "columns": every other field}``. ``columns`` go to the reward
-    functions as keyword arguments (:mod:`fastrm.rewards`)."""
-    out = []
-    for i, row in enumerate(rows, start=1):
-        key = "prompt" if "prompt" in row else "messages"
-        prompt = row[key]
-        conversation = prompt if isinstance(prompt, list) else None
-        if conversation is not None:
-            try:
-                prompt = render_chat_prompt(tokenizer, conversation)
-            except Exception as err:  # noqa: BLE001 (a template's own raise_exception is a jinja error)
-                raise ValueError(f"{source}, row {i}: {err}") from None
-        prepared = {"prompt": prompt, "conversation": conversation,
-                    "columns": {k: v for k, v in row.items() if k != "prompt"}}
-        if row.get("difficulty") is not None:
-            prepared["difficulty"] = float(row["difficulty"])
-        out.append(prepared)
-    return out

@@ -25,6 +25,14 @@ import sys
 import time
 from pathlib import Path
 
+from fastrm import distributed
+from fastrm.config import load_config
+from fastrm.errors import ConfigError
+from fastrm.runtime import quiet_third_parties, setup_logging
+from fastrm.trainers.reward_model import RewardConfig, RewardTrainer
+from fastrm.trainers.rl import RLConfig, RLTrainer
+from fastrm.trainers.sft import SFTConfig, SFTTrainer
+
 log = logging.getLogger("fastrm")
 
 # The demo runs on at most this many CPU threads: the tiny models gain nothing from more, and the same thread
@@ -75,11 +83,6 @@ def run(output_dir: str, seed: int, sft_steps: int = STEPS["sft"], rm_steps: int
         rl_steps: int = STEPS["rl"], rl_overrides=(), progress: bool = False, sft_overrides=(),
         rm_overrides=(), label: str = "") -> dict:
     """The three stages for one seed; returns (and writes to ``output_dir/demo_result.json``) the figures."""
-    from fastrm.config import load_config
-    from fastrm.trainers.reward import RewardConfig, RewardTrainer
-    from fastrm.trainers.rl import RLConfig, RLTrainer
-    from fastrm.trainers.sft import SFTConfig, SFTTrainer
-
     out = Path(output_dir)
     common = {"seed": seed, "progress": progress}
     timings = {}
@@ -128,8 +131,6 @@ def run(output_dir: str, seed: int, sft_steps: int = STEPS["sft"], rm_steps: int
 
 def parse_seeds(text: str) -> list[int]:
     """``"3"``, ``"0-4"`` or ``"0,2,5"``."""
-    from fastrm.errors import ConfigError
-
     seeds = []
     try:
         for part in text.split(","):
@@ -144,9 +145,6 @@ def parse_seeds(text: str) -> list[int]:
 
 def quiet_libraries():
     """Only the demo's own lines: no per-save / per-load bars or logs from transformers, no INFO logs of fastrm."""
-    from fastrm.cli import quiet_third_parties
-    from fastrm.training import setup_logging
-
     quiet_third_parties()
     import transformers
 
@@ -271,9 +269,6 @@ def main(argv=None) -> int:
     parser.add_argument("--rl", action="append", default=[], metavar="KEY=VALUE",
                         help="an RLConfig setting for stage 3 (repeatable; same as a bare KEY=VALUE)")
     args = parser.parse_intermixed_args(argv)
-    from fastrm import distributed
-    from fastrm.errors import ConfigError
-
     if distributed.launched_by_torchrun():
         raise ConfigError("fastrm demo is a single-process CPU walk-through; under torchrun launch the stages "
                           "themselves: fastrm sft, fastrm train-rm, fastrm ppo (see the README's Multi-GPU section)")

@@ -32,6 +32,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from fastrm.config import ConfigError, require_setting
+
 log = logging.getLogger("fastrm")
 
 SETTINGS = ("auto", "ddp", "fsdp")
@@ -39,11 +41,9 @@ SETTINGS = ("auto", "ddp", "fsdp")
 
 def validate_setting(value: str, optimizer: str = "auto"):
     """Checks of the ``distributed`` setting and what it rules out."""
-    from fastrm.config import require
-
-    require(value in SETTINGS, "distributed", value, "must be auto, ddp or fsdp")
+    require_setting(value in SETTINGS, "distributed", value, "must be auto, ddp or fsdp")
     if value == "fsdp":
-        require(optimizer != "adamw8bit", "optimizer", optimizer,
+        require_setting(optimizer != "adamw8bit", "optimizer", optimizer,
                 "adamw8bit (bitsandbytes) cannot step FSDP2's sharded DTensor parameters; use adamw or auto "
                 "(which picks adamw under fsdp) - sharding already divides the optimizer state by world_size")
 
@@ -67,8 +67,6 @@ def is_initialized() -> bool:
 def init_from_env(setting: str = "auto") -> str | None:
     """Join the process group torchrun describes. Returns the data-parallel mode of this run: ``"ddp"``,
     ``"fsdp"``, or ``None`` (one process, nothing to wrap)."""
-    from fastrm.config import ConfigError
-
     if setting != "auto" and not launched_by_torchrun():
         raise ConfigError(f"setting distributed={setting!r}: needs the process group torchrun sets up; launch "
                           f"with torchrun --nproc-per-node N -m fastrm ... (or use distributed=auto)")
@@ -207,25 +205,6 @@ def cleanup():
     if is_initialized():
         dist.barrier()
         dist.destroy_process_group()
-
-
-def exit_process(code: int):
-    """End a torchrun worker: leave the process group, flush, and exit without interpreter finalization.
-
-    Measured here (CPU, gloo, torch 2.13): about 1 run in 10 under load aborted with SIGABRT ("terminate called
-    without an active exception") *after* ``destroy_process_group`` had returned on every rank, while Python
-    finalised, failing a job whose work was done and written. ``os._exit`` skips that finalisation; every file
-    fastrm writes is closed or flushed before this point."""
-    import sys
-
-    from fastrm.checkpoint import release_locks
-
-    release_locks()  # os._exit skips atexit
-    cleanup()
-    logging.shutdown()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
 
 
 # ---- wrapping models ------------------------------------------------------------------------------------------------

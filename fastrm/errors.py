@@ -6,7 +6,7 @@ shows one) and exits with :data:`EXIT_USER_ERROR`. Anything else escaping a comm
 traceback and exits with 1.
 
 Exit codes of ``fastrm``: 0 done; 1 a bug (traceback); 2 a user error, nothing trained (:data:`EXIT_USER_ERROR`);
-3 training diverged (:data:`EXIT_NON_FINITE`, :class:`fastrm.training.NonFiniteLossError`); 4 a checkpoint could
+3 training diverged (:data:`EXIT_NON_FINITE`, :class:`fastrm.guard.NonFiniteLossError`); 4 a checkpoint could
 not be written (:data:`EXIT_CHECKPOINT_WRITE`, :class:`fastrm.checkpoint.CheckpointWriteError`); 130 interrupted.
 """
 

@@ -18,6 +18,9 @@ import torch
 from fastrm import checkpoint as ckpt
 from fastrm import lora
 from fastrm.config import ConfigError
+from fastrm.models import ModelConfig, load_causal_lm, load_reward_model
+from fastrm.runtime import setup_logging
+from fastrm.tokenization import TOKENIZER_FILES, load_tokenizer
 
 log = logging.getLogger("fastrm")
 
@@ -25,9 +28,6 @@ log = logging.getLogger("fastrm")
 def export(adapter: str | Path, output: str | Path, overwrite: bool = False) -> Path:
     """Merge the LoRA adapter in the folder ``adapter`` into its base and write model + tokenizer to ``output``
     (through a temporary folder renamed into place). Returns ``output``."""
-    from fastrm.data import load_tokenizer
-    from fastrm.models import ModelConfig, load_causal_lm, load_reward_model
-
     adapter, output = Path(adapter), Path(output)
     config = lora.adapter_config(str(adapter))
     if config is None:
@@ -58,14 +58,10 @@ def export(adapter: str | Path, output: str | Path, overwrite: bool = False) -> 
 
 
 def _has_tokenizer(folder: Path) -> bool:
-    from fastrm.data import TOKENIZER_FILES
-
     return any((folder / name).is_file() for name in TOKENIZER_FILES)
 
 
 def main(argv=None) -> int:
-    from fastrm.training import setup_logging
-
     parser = argparse.ArgumentParser(
         prog="fastrm export", description="Merge a LoRA adapter (output_dir/final or a checkpoint of a run with "
         "lora.r > 0) into its base model and write a plain checkpoint folder (model + tokenizer) that "

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from fastrm.tokenization import sequence_template
+
 
 def encode_prompts(tokenizer, prompts: list[str], device) -> dict:
     """Left-padded ``input_ids`` / ``attention_mask``: each prompt after the head of the tokenizer's
@@ -23,8 +25,6 @@ def encode_prompts(tokenizer, prompts: list[str], device) -> dict:
 def prompt_token_ids(tokenizer, prompts: list[str]) -> list[list[int]]:
     """Each prompt's token ids as the policy reads them: the head of the tokenizer's
     :class:`~fastrm.data.SequenceTemplate`, then the prompt's own tokens."""
-    from fastrm.data import sequence_template
-
     template = sequence_template(tokenizer)
     return [list(template.head) + template.strip(tokenizer(p, add_special_tokens=False)["input_ids"], [])[0]
             for p in prompts]

@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from fastrm.config import ConfigError, require, setting
+from fastrm.config import TINY, ConfigError, require_setting, setting
 
 log = logging.getLogger("fastrm")
 
@@ -56,32 +56,30 @@ class LoraSettings:
         return self.r > 0
 
     def validate(self, prefix: str = "lora"):
-        require(self.r >= 0, f"{prefix}.r", self.r, "must be >= 0 (0: no adapters, full fine-tuning)")
-        require(self.alpha > 0, f"{prefix}.alpha", self.alpha, "must be > 0")
-        require(0 <= self.dropout < 1, f"{prefix}.dropout", self.dropout, "must lie in [0, 1)")
+        require_setting(self.r >= 0, f"{prefix}.r", self.r, "must be >= 0 (0: no adapters, full fine-tuning)")
+        require_setting(self.alpha > 0, f"{prefix}.alpha", self.alpha, "must be > 0")
+        require_setting(0 <= self.dropout < 1, f"{prefix}.dropout", self.dropout, "must lie in [0, 1)")
         targets = self.target_modules
-        require((isinstance(targets, str) and targets.strip() != "")
+        require_setting((isinstance(targets, str) and targets.strip() != "")
                 or (isinstance(targets, (list, tuple)) and len(targets) > 0
                     and all(isinstance(t, str) and t for t in targets)),
                 f"{prefix}.target_modules", targets, "must be all-linear, a non-empty list of module names or a "
                 "regular expression")
-        require(self.quantize in QUANTIZE, f"{prefix}.quantize", self.quantize, "must be none, 8bit or 4bit")
-        require(self.quantize == "none" or self.enabled, f"{prefix}.quantize", self.quantize,
+        require_setting(self.quantize in QUANTIZE, f"{prefix}.quantize", self.quantize, "must be none, 8bit or 4bit")
+        require_setting(self.quantize == "none" or self.enabled, f"{prefix}.quantize", self.quantize,
                 f"needs {prefix}.r > 0: quantized weights are frozen, so only adapters on them can train")
 
 
 def validate_with(settings: LoraSettings, model_name_or_path: str, distributed: str):
     """Checks of ``lora.*`` against the model and the data-parallel mode (a trainer's ``validate``)."""
-    from fastrm.models import TINY
-
     settings.validate()
     if settings.enabled:
         require_peft(f"setting lora.r={settings.r}")
-        require(model_name_or_path != TINY, "lora.r", settings.r,
+        require_setting(model_name_or_path != TINY, "lora.r", settings.r,
                 "LoRA adapts a pretrained checkpoint's frozen weights; model.name_or_path=tiny is built from random "
                 "weights that no saved adapter could be reloaded onto. Set model.name_or_path to a checkpoint, or "
                 "lora.r=0")
-    require(settings.quantize == "none" or distributed != "fsdp", "lora.quantize", settings.quantize,
+    require_setting(settings.quantize == "none" or distributed != "fsdp", "lora.quantize", settings.quantize,
             "quantized (bitsandbytes) weights cannot be sharded by FSDP; use distributed=ddp: the frozen weights are "
             "replicated, but only the adapters have gradients and optimizer states")
 

@@ -17,12 +17,16 @@ from pathlib import Path
 
 import torch
 
-from fastrm import lora, packing
-from fastrm.config import ConfigError, require, setting
+from fastrm import lora
+from fastrm.config import TINY, ConfigError, require_setting, setting
+from fastrm.layout import Batch, text_config
+from fastrm.ops.linear_logprobs import linear_logprobs
+from fastrm.ops.logprobs import gather_logprobs
 
 log = logging.getLogger("fastrm")
 
-TINY = "tiny"
+__all__ = ["TINY", "ModelConfig", "backbone_hidden", "load_causal_lm", "load_reward_model", "reward_scores",
+           "token_logprobs"]
 
 
 @dataclass
@@ -41,16 +45,16 @@ class ModelConfig:
     load_in_8bit: bool = setting(False, "load in 8 bits (bitsandbytes); frozen models only, needs CUDA")
 
     def validate(self, prefix: str = "model"):
-        require(self.hidden_size % self.num_heads == 0, f"{prefix}.hidden_size", self.hidden_size,
+        require_setting(self.hidden_size % self.num_heads == 0, f"{prefix}.hidden_size", self.hidden_size,
                 f"must be divisible by {prefix}.num_heads={self.num_heads}")
         for name in ("hidden_size", "num_layers", "num_heads", "intermediate_size", "max_position_embeddings"):
-            require(getattr(self, name) >= 1, f"{prefix}.{name}", getattr(self, name), "must be >= 1")
-        require(self.attn_implementation in ("auto", "flash_attention_2", "sdpa", "eager"),
+            require_setting(getattr(self, name) >= 1, f"{prefix}.{name}", getattr(self, name), "must be >= 1")
+        require_setting(self.attn_implementation in ("auto", "flash_attention_2", "sdpa", "eager"),
                 f"{prefix}.attn_implementation", self.attn_implementation, "must be auto, flash_attention_2, sdpa or eager")
-        require(self.attn_implementation != "flash_attention_2" or importlib.util.find_spec("flash_attn") is not None,
+        require_setting(self.attn_implementation != "flash_attention_2" or importlib.util.find_spec("flash_attn") is not None,
                 f"{prefix}.attn_implementation", self.attn_implementation,
                 "flash-attn is not installed (pip install 'fastrm[flash]'), or use sdpa")
-        require(not self.load_in_8bit or torch.cuda.is_available(), f"{prefix}.load_in_8bit", self.load_in_8bit,
+        require_setting(not self.load_in_8bit or torch.cuda.is_available(), f"{prefix}.load_in_8bit", self.load_in_8bit,
                 "8-bit loading needs a CUDA device")
         check_model_path(self.name_or_path, f"{prefix}.name_or_path")
 
@@ -64,7 +68,7 @@ def check_model_path(name_or_path: str, setting: str):
     """``tiny``, an existing local folder, or a name in Hugging Face hub form (resolved by transformers from its
     cache); anything else that does not exist is a mistyped path."""
     if name_or_path != TINY and not Path(name_or_path).expanduser().is_dir():
-        require(is_hub_name(name_or_path), setting, name_or_path,
+        require_setting(is_hub_name(name_or_path), setting, name_or_path,
                 f"no such folder (and not {TINY!r} or a hub name org/name)")
 
 
@@ -250,7 +254,7 @@ def head_logits(model) -> tuple[bool, float | None]:
     head = model.get_output_embeddings()
     if head is None:
         return False, None
-    cap = getattr(packing.text_config(model), "final_logit_softcapping", None)
+    cap = getattr(text_config(model), "final_logit_softcapping", None)
     span = 4 * (cap or 30.0)
     written = []
 
@@ -290,89 +294,48 @@ def base_model(model):
     return getattr(model, model.base_model_prefix)
 
 
-def forward(module, batch: dict):
-    """``module``'s output on a padded batch (``attention_mask``, optional ``position_ids``) or a packed row
-    (``cu_seq_lens``: attention per sequence, :func:`fastrm.packing.packed_forward`)."""
-    if "cu_seq_lens" in batch:
-        return packing.packed_forward(module, batch)
-    inputs = {"input_ids": batch["input_ids"], "use_cache": False}
-    inputs.update({k: batch[k] for k in ("attention_mask", "position_ids") if k in batch})
-    return module(**inputs)
+def backbone_hidden(backbone, batch: Batch) -> torch.Tensor:
+    """Last hidden states ``[N, T, H]`` of a batch in any layout (:mod:`fastrm.layout`), in the padded layout."""
+    return batch.run(lambda b: b.forward(backbone).last_hidden_state, per_token=True)
 
 
-def backbone_hidden(backbone, batch: dict) -> torch.Tensor:
-    """Last hidden states: ``[B, T, H]`` of a padded batch, ``[1, S, H]`` of a packed row (see :func:`forward`)."""
-    return forward(backbone, batch).last_hidden_state
+def reward_scores(model, batch: Batch) -> torch.Tensor:
+    """Scalar reward per sequence, float32 ``[N]``, for a batch in any layout (:mod:`fastrm.layout`).
 
-
-def _score_positions(model, batch: dict) -> torch.Tensor:
-    """Where the head reads each packed sequence: as the Hugging Face forward does on a padded batch, the
-    rightmost token that is not the pad token (its first token if all are), else the last token."""
-    pad = packing.first_id(packing.text_config(model).pad_token_id)
-    if pad is None:
-        return batch["seq_ends"]
-    cu = batch["cu_seq_lens"].long()
-    lengths = cu[1:] - cu[:-1]
-    ids = batch["input_ids"][0]
-    sequence = torch.repeat_interleave(torch.arange(len(lengths), device=ids.device), lengths)
-    positions = torch.where(ids != pad, torch.arange(ids.numel(), device=ids.device), cu[:-1][sequence])
-    return positions.new_full((len(lengths),), -1).scatter_reduce(0, sequence, positions, "amax")
-
-
-def reward_scores(model, batch: dict) -> torch.Tensor:
-    """Scalar reward per sequence, float32 ``[N]``.
-
-    Padded batches (``attention_mask``) go through the model's own forward, whatever its head (a decoder's
-    last non-pad token, an encoder's ``[CLS]`` pooler, ...): the score is the Hugging Face model's. Packed rows (``cu_seq_lens``,
-    from :func:`fastrm.data.collate_preference_packed` or :func:`fastrm.packing.pack`) run the backbone once
-    with attention per sequence and apply the last-token ``score`` head where the padded forward reads it:
-    no FLOP on padding. Bucketed batches (:func:`fastrm.packing.bucket`) run one padded forward per bucket.
-    A model must pass :func:`fastrm.packing.choose_packing` before it takes packed rows."""
+    Padded batches go through the model's own forward, whatever its head (a decoder's last non-pad token, an
+    encoder's ``[CLS]`` pooler, ...): the score is the Hugging Face model's. Packed rows run the backbone once with
+    attention per sequence and apply the last-token ``score`` head where the padded forward reads it: no FLOP on
+    padding. Bucketed batches run one padded forward per bucket. A model must pass
+    :func:`fastrm.packing.choose_packing` before it takes packed rows."""
     model = lora.unwrap(model)  # peft: the Hugging Face model, its adapted layers in place
-    if "buckets" in batch:
-        return packing.per_bucket(lambda sub: reward_scores(model, sub), batch, per_token=False)
-    if "cu_seq_lens" in batch:
-        head = getattr(model, "score", None)
-        # A head LoRA trains whole sits in peft's ModulesToSaveWrapper, which calls its trainable copy.
-        if not isinstance(getattr(head, "original_module", head), torch.nn.Linear):
-            raise packing.PackingUnsupported(
-                f"{type(model).__name__} has no last-token `score` head (its head reads another token, e.g. a "
-                "pooled first token): packed rows cannot be scored")
-        hidden = backbone_hidden(base_model(model), batch)
-        return head(hidden[0, _score_positions(model, batch)]).squeeze(-1).float()
-    extra = {"use_cache": False} if getattr(model.config, "use_cache", None) is not None else {}
-    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **extra)
-    return out.logits.squeeze(-1).float()
+    return batch.run(lambda b: b.sequence_scores(model), per_token=False)
 
 
-def token_logprobs(model, batch: dict, *, temperature: float = 1.0, return_entropy: bool = False,
+def token_logprobs(model, batch: Batch, *, temperature: float = 1.0, return_entropy: bool = False,
                    backend: str | None = None):
-    """Log-prob of each next token ``labels[t + 1]`` given the prefix, float32 ``[B, T-1]`` (0 where the
-    label is -100), straight from the last hidden states through the LM head with
-    ``fastrm.linear_logprobs``: the ``[B, T, V]`` logits never exist. Padded batches (``attention_mask``),
-    packed rows (``cu_seq_lens``: ``[1, S-1]``, every sequence's first label -100) and bucketed batches
-    (:func:`fastrm.packing.bucket`: the padded layout, one forward per bucket). A model whose logits are not its
-    head's output (``fastrm_logits_from_head`` false, see :func:`head_logits`: scaled logits, an adapted LM head)
-    gets them from its own forward and ``fastrm.gather_logprobs``; soft-capped logits (Gemma-2/3) stay fused, with
-    the model's cap."""
-    import fastrm
-
+    """Log-prob of each next token ``labels[t + 1]`` given the prefix, float32 ``[N, T-1]`` in the padded layout
+    (0 where the label is -100) for a batch in any layout (:mod:`fastrm.layout`), straight from the last hidden
+    states through the LM head with ``fastrm.linear_logprobs``: the ``[N, T, V]`` logits never exist. A model whose
+    logits are not its head's output (``fastrm_logits_from_head`` false, see :func:`head_logits`: scaled logits, an
+    adapted LM head) gets them from its own forward and ``fastrm.gather_logprobs``; soft-capped logits (Gemma-2/3)
+    stay fused, with the model's cap."""
     model = lora.unwrap(model)  # peft: the Hugging Face model, its adapted layers in place
-    if "buckets" in batch:
-        return packing.per_bucket(lambda sub: token_logprobs(model, sub, temperature=temperature,
-                                                             return_entropy=return_entropy, backend=backend),
-                                  batch, per_token=True)
-    labels = batch["labels"][:, 1:]
+    return batch.run(lambda b: _forward_logprobs(model, b, temperature, return_entropy, backend), per_token=True)
+
+
+def _forward_logprobs(model, batch, temperature: float, return_entropy: bool, backend: str | None):
+    """:func:`token_logprobs` of what the model takes in one forward (a padded batch or a packed row)."""
+    labels = batch.labels[:, 1:]
     if not getattr(model, "fastrm_logits_from_head", True):
-        logits = forward(model, batch).logits
-        return fastrm.gather_logprobs(logits[:, :-1], labels, temperature=temperature, return_entropy=return_entropy,
-                                      backend=backend)
-    hidden = backbone_hidden(base_model(model), batch)
+        logits = batch.forward(model).logits
+        return gather_logprobs(logits[:, :-1], labels, temperature=temperature, return_entropy=return_entropy,
+                               backend=backend)
+    hidden = batch.forward(base_model(model)).last_hidden_state
     head = model.get_output_embeddings()
     # Prompt and padding rows are skipped before the LM head: worth the one host sync that sizes the chunks.
-    return fastrm.linear_logprobs(hidden[:, :-1], head.weight, labels, bias=head.bias, temperature=temperature,
-                                  return_entropy=return_entropy, backend=backend, skip_ignored=True,
-                                  softcap=getattr(model, "fastrm_logit_softcap", None))
+    return linear_logprobs(hidden[:, :-1], head.weight, labels, bias=head.bias, temperature=temperature,
+                           return_entropy=return_entropy, backend=backend, skip_ignored=True,
+                           softcap=getattr(model, "fastrm_logit_softcap", None))
 
 
 _POSITION_TABLE = re.compile(r"(^|\.)(wpe|embed_positions|position_embeddings)$")

@@ -34,7 +34,9 @@ from pathlib import Path
 
 import torch
 
+from fastrm.config import require_setting
 from fastrm.errors import ConfigError
+from fastrm.tasks import arithmetic
 
 EMBEDDED = "embedded"
 RESERVED = ("prompts", "completions", "completion_ids")  # the arguments every call offers besides the columns
@@ -90,9 +92,7 @@ def load(spec: str) -> Callable:
     """``"embedded"``: the arithmetic task's checker; else ``"package.module:function"`` or
     ``"path/to/file.py:function"``, imported."""
     if spec == EMBEDDED:
-        from fastrm.tasks.arithmetic import reward_fn
-
-        return reward_fn
+        return arithmetic.reward_fn
     module, _, name = spec.rpartition(":")
     if not module or not name:
         raise ConfigError(f"setting reward_fn={spec!r}: expected 'embedded', 'package.module:function' or "
@@ -109,10 +109,8 @@ def load(spec: str) -> Callable:
 def reward_functions(fns: Sequence[Callable], weights: Sequence[float] | None = None) -> list[RewardFunction]:
     """Name (``__name__``; repeats get ``_2``, ``_3``; ``model`` and ``rule`` are taken) and weight functions
     (all 1.0 by default)."""
-    from fastrm.config import require
-
     if weights is not None:
-        require(len(weights) == len(fns), "reward_weights", list(weights),
+        require_setting(len(weights) == len(fns), "reward_weights", list(weights),
                 f"needs one weight per reward function ({len(fns)})")
     weights = [1.0] * len(fns) if weights is None else list(weights)
     taken, out = {"model", "rule"}, []

@@ -8,11 +8,12 @@ the two halves, which must equal the one-process statistics of the whole rollout
 import sys
 
 import torch
+from sgd_worker import use_sgd
 
 from fastrm import distributed, rl
+from fastrm.cli import exit_process
 from fastrm.config import load_config
-from fastrm.trainers.rl import RLConfig, RLTrainer
-from sgd_worker import use_sgd
+from fastrm.trainers.rl import RLConfig, RLTrainer, Rollout
 
 
 def main():
@@ -23,8 +24,8 @@ def main():
     rank = distributed.rank()
 
     half = {k: (v[rank::2] if isinstance(v, torch.Tensor) else v) for k, v in saved["rollout"].items()}
-    half["batch"] = {k: v[rank::2] for k, v in saved["rollout"]["batch"].items()}
-    trainer.update(half)
+    half["batch"] = saved["rollout"]["batch"].select(slice(rank, None, 2))
+    trainer.update(Rollout(**half))
     trainer.step = 1
     trainer.save()
     if trainer.mode == "fsdp":  # each rank holds about half of every weight and of its optimizer state
@@ -48,7 +49,7 @@ def main():
     baseline = rl.MovingAverageBaseline("moving", decay=0.5)
     baseline(scores[rank::2] + 1.0)
     torch.testing.assert_close(baseline(scores[rank::2]), saved["baselined"][rank::2])
-    distributed.exit_process(0)
+    exit_process(0)
 
 
 if __name__ == "__main__":

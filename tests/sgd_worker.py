@@ -11,19 +11,19 @@ import sys
 
 import torch
 
-from fastrm import training
+from fastrm import optim
 
 MOMENTUM = 0.9
 
 
 def sgd(params, name, lr, weight_decay, device, sharded=False):
-    """Drop-in for :func:`fastrm.training.make_optimizer`."""
+    """Drop-in for :func:`fastrm.optim.make_optimizer`."""
     return torch.optim.SGD([p for p in params if p.requires_grad], lr=lr, momentum=MOMENTUM,
                            weight_decay=weight_decay)
 
 
 def use_sgd():
-    training.make_optimizer = sgd
+    optim.make_optimizer = sgd
 
 
 if __name__ == "__main__":

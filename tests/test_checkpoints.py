@@ -20,14 +20,14 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-
-from fastrm import checkpoint as ckpt
-from fastrm import distributed, training
-from fastrm.cli import main
-from fastrm.config import ConfigError
 from test_rl import TINY as RL_TINY
 from test_rl import params, rl_trainer
 from test_trainers import TINY, reward_trainer
+
+from fastrm import checkpoint as ckpt
+from fastrm import distributed, guard, models, optim
+from fastrm.cli import main
+from fastrm.config import ConfigError
 
 RM = [*TINY, "num_train_pairs=96", "num_eval_pairs=32", "batch_size=8", "eval_steps=100"]
 RL = [*RL_TINY, "reward=rule", "reward_fn=rl_update_worker:answer_length", "advantage=gae"]
@@ -192,7 +192,7 @@ def test_locks_of_other_hosts_are_honoured_until_stale(tmp_path, caplog):
     lock.write_text(json.dumps({"pid": 1, "host": "elsewhere", "since": "then", "command": "fastrm sft"}))
     with pytest.raises(ckpt.OutputDirError, match="in use by pid 1 on elsewhere"):
         ckpt.OutputLock(tmp_path).acquire()
-    old = time.time() - ckpt.LOCK_STALE_S - 60
+    old = time.time() - ckpt.lock.LOCK_STALE_S - 60
     os.utime(lock, (old, old))
     ckpt.OutputLock(tmp_path).acquire().release()
     assert "taking over the lock of pid 1 on elsewhere, not refreshed for" in caplog.text
@@ -265,7 +265,7 @@ def test_a_kill_at_any_point_of_save_and_pruning_leaves_only_complete_checkpoint
         lock.release()
         assert resume_from == out / pointer and run_id == trainer.run_id, where
         assert not [p for p in os.listdir(out) if p.startswith((".tmp-", ".trash-"))], where
-        assert training.load_trainer_state(resume_from)["step"] == int(pointer.split("-")[1])
+        assert ckpt.load_trainer_state(resume_from)["step"] == int(pointer.split("-")[1])
         shutil.rmtree(out)
 
 
@@ -300,7 +300,7 @@ def test_a_checkpoint_whose_next_step_diverges_is_set_aside(tmp_path, monkeypatc
     """Finite but exploding parameters (a head weight of 3e38) pass the finiteness check at save; the step run
     from them overflows. That checkpoint is set aside and `latest` moves back to the verified one before it."""
     trainer = reward_trainer(tmp_path, "max_steps=4", "save_steps=1", "keep_checkpoints=1", "warmup_steps=0")
-    update = training.apply_update
+    update = optim.apply_update
 
     def exploding_update(optimizer, scheduler):
         update(optimizer, scheduler)
@@ -308,8 +308,8 @@ def test_a_checkpoint_whose_next_step_diverges_is_set_aside(tmp_path, monkeypatc
             with torch.no_grad():
                 trainer.model.score.weight.fill_(3e38)
 
-    monkeypatch.setattr(training, "apply_update", exploding_update)
-    with pytest.raises(training.NonFiniteLossError) as stop:
+    monkeypatch.setattr(optim, "apply_update", exploding_update)
+    with pytest.raises(guard.NonFiniteLossError) as stop:
         trainer.train()
     assert all_finite(tmp_path / "diverged-checkpoint-2")
     assert names(tmp_path) == ["checkpoint-1"] and ckpt.latest_checkpoint(tmp_path).name == "checkpoint-1"
@@ -335,7 +335,7 @@ def test_a_reward_of_1e38_does_not_step_the_optimizer(tmp_path):
     """Issue: a reward function returning 1e38 gave `policy/grad_norm: nan` and the optimizer still stepped."""
     trainer = rl_trainer(tmp_path, "reward=rule", "advantage=gae", reward_fn=lambda p, c: [1e38] * len(c))
     before = params(trainer.policy)
-    with pytest.raises(training.NonFiniteLossError, match=r"The largest \|reward\| of this step's rollouts is 1e\+38"):
+    with pytest.raises(guard.NonFiniteLossError, match=r"The largest \|reward\| of this step's rollouts is 1e\+38"):
         trainer.train()
     assert all(torch.equal(before[k], v) for k, v in params(trainer.policy).items())
 
@@ -353,8 +353,8 @@ def test_every_rank_stops_together(tmp_path):
         seen = []
         try:
             loss = torch.tensor(float("nan") if rank == 1 else 0.5)
-            training.DivergenceGuard(trainer, []).check_step([loss], {"gradient norm": torch.tensor(2.0)})
-        except training.NonFiniteLossError as err:
+            guard.DivergenceGuard(trainer, []).check_step([loss], {"gradient norm": torch.tensor(2.0)})
+        except guard.NonFiniteLossError as err:
             seen.append(str(err).split(";")[0])
 
         def write():
@@ -401,15 +401,15 @@ def test_a_planted_pickle_is_never_executed_and_old_states_load_safely(tmp_path,
     command (train-rm and ppo)."""
     run = tmp_path / "run"
     shutil.copytree(finished_run, run)
-    state = training.load_trainer_state(run / "checkpoint-2")
+    state = ckpt.load_trainer_state(run / "checkpoint-2")
     assert state["step"] == 2 and state["config"]["lr"] == 2e-3  # JSON + safetensors
     assert isinstance(state["rng"]["python"], tuple) and state["rng"]["torch"].dtype == torch.uint8
 
     # fastrm's own older states (pickles of tensors, numbers and its config dataclasses) still load
-    from fastrm.trainers.reward import RewardConfig
+    from fastrm.trainers.reward_model import RewardConfig
 
     legacy = {k: state[k] for k in ("step", "stream", "optimizer", "scheduler", "rng")}
-    legacy["config"] = RewardConfig(**{**state["config"], "model": training.ModelConfig(**state["config"]["model"])})
+    legacy["config"] = RewardConfig(**{**state["config"], "model": models.ModelConfig(**state["config"]["model"])})
     for name in (ckpt.STATE_JSON, ckpt.STATE_TENSORS):
         (run / "checkpoint-2" / name).unlink()
     torch.save(legacy, run / "checkpoint-2" / ckpt.LEGACY_STATE)

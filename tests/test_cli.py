@@ -10,12 +10,13 @@ import re
 import pytest
 import torch
 
-from fastrm import training
+from fastrm import optim
 from fastrm.cli import run_command
 from fastrm.config import ConfigError, describe_settings, load_config, parse_cli
 from fastrm.errors import DataError, UserError
 from fastrm.models import ModelConfig
-from fastrm.trainers.reward import RewardConfig
+from fastrm.trainers import base
+from fastrm.trainers.reward_model import RewardConfig
 from fastrm.trainers.rl import RLConfig
 from fastrm.trainers.sft import SFTConfig
 
@@ -24,7 +25,7 @@ COMMANDS = {"train-rm": RewardConfig, "sft": SFTConfig, "ppo": RLConfig}
 
 def config_classes():
     """Every config dataclass: the model's, the shared bases and every trainer's (found, so a new one is covered)."""
-    found, todo = [ModelConfig], [training.TrainerSettings]
+    found, todo = [ModelConfig], [base.TrainerSettings]
     while todo:
         cls = todo.pop()
         found.append(cls)
@@ -71,12 +72,12 @@ def test_config_and_resume_anywhere_on_the_line(tmp_path):
 
 def test_one_parser_for_the_three_trainers(monkeypatch):
     import fastrm.config as fconfig
-    from fastrm.trainers import reward, rl, sft
+    from fastrm.trainers import reward_model, rl, sft
 
     seen = []
     monkeypatch.setattr(fconfig, "parse_cli", lambda cls, *a, **k: seen.append(cls) or (_ for _ in ()).throw(
         ConfigError("stop")))
-    for module in (reward, sft, rl):
+    for module in (reward_model, sft, rl):
         monkeypatch.setattr(module, "parse_cli", fconfig.parse_cli)
         with pytest.raises(ConfigError):
             module.main([])
@@ -142,9 +143,9 @@ def test_debug_adds_the_traceback(capsys, monkeypatch):
 
 def test_a_bug_keeps_its_traceback(monkeypatch):
     """Only user errors are shortened: anything else is a bug and propagates (exit 1, with its traceback)."""
-    from fastrm.trainers import reward
+    from fastrm.trainers import reward_model
 
-    monkeypatch.setattr(reward, "main", lambda argv: [][0])
+    monkeypatch.setattr(reward_model, "main", lambda argv: [][0])
     with pytest.raises(IndexError):
         run_command(["train-rm"])
 
@@ -177,7 +178,7 @@ def test_constant_schedule_honours_the_warmup():
     """``lr_scheduler=constant`` is the schedule after the warmup, like every other one (transformers' ignores it)."""
     weight = torch.nn.Parameter(torch.zeros(1))
     optimizer = torch.optim.SGD([weight], lr=1.0)
-    scheduler = training.make_scheduler(optimizer, "constant", warmup_steps=2, total_steps=5)
+    scheduler = optim.make_scheduler(optimizer, "constant", warmup_steps=2, total_steps=5)
     lrs = []
     for _ in range(4):
         lrs.append(scheduler.get_last_lr()[0])
@@ -189,7 +190,7 @@ def test_constant_schedule_honours_the_warmup():
 def test_start_up_drops_the_bitsandbytes_hub_kernel_notice(caplog):
     """bitsandbytes 0.50 warns 'pip install kernels' on AVX512-BF16 CPUs when its optional hub GEMM cannot be
     fetched; nothing for a user to do, so the commands that load models silence that one message, not the logger."""
-    from fastrm.cli import quiet_third_parties
+    from fastrm.runtime import quiet_third_parties
 
     quiet_third_parties()
     logger = logging.getLogger("bitsandbytes.backends.cpu.ops")

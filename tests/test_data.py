@@ -1,4 +1,4 @@
-"""fastrm.data: row formats, validation with file/line errors, tokenization + truncation, collators."""
+"""fastrm.data: row formats, validation with file/line errors, tokenization + truncation; fastrm.layout's collators."""
 
 import json
 import re
@@ -8,23 +8,16 @@ import torch
 
 from fastrm.data import (
     IGNORE_INDEX,
-    collate_preference_packed,
-    collate_preference_padded,
-    collate_ranking_padded,
-    collate_sft_packed,
-    collate_sft_padded,
     detect_format,
     epoch_order,
     extract_prompt,
     iterate_batches,
     load_rows,
-    load_tokenizer,
     num_batches,
-    tokenize_preference,
-    tokenize_ranking,
-    tokenize_sft,
 )
+from fastrm.layout import collate_preference, collate_ranking, collate_sft
 from fastrm.tasks import build_tokenizer, make_preference_data, make_ranking_data, make_sft_data, write_jsonl
+from fastrm.tokenization import load_tokenizer, tokenize_preference, tokenize_ranking, tokenize_sft
 
 
 @pytest.fixture(scope="module")
@@ -317,87 +310,89 @@ def test_sft_messages_train_on_the_last_assistant_turn_only(tok):
 
 
 def _packed_sequences(batch):
-    cu = batch["cu_seq_lens"].tolist()
-    row = batch["input_ids"][0]
+    cu = batch.cu_seq_lens.tolist()
+    row = batch.input_ids[0]
     return [row[a:b].tolist() for a, b in zip(cu[:-1], cu[1:])]
 
 
 def _unpadded(batch):
-    return [r[m.bool()].tolist() for r, m in zip(batch["input_ids"], batch["attention_mask"])]
+    return [r[m.bool()].tolist() for r, m in zip(batch.input_ids, batch.attention_mask)]
 
 
 def test_padded_and_packed_preference_collators_carry_the_same_tokens(tok):
     rows = make_preference_data(7, seed=3, with_margin=True, max_level=4)
     examples, _ = tokenize_preference(rows, tok)
-    padded = collate_preference_padded(examples, PAD)
-    packed = collate_preference_packed(examples)
+    padded_pairs = collate_preference(examples, PAD)
+    packed_pairs = collate_preference(examples, PAD, "packed")
+    padded, packed = padded_pairs.sequences, packed_pairs.sequences
     expected = [e["chosen_ids"] for e in examples] + [e["rejected_ids"] for e in examples]  # chosen first
     B = len(examples)
-    assert padded["input_ids"].shape == (2 * B, max(map(len, expected)))
+    assert padded.input_ids.shape == (2 * B, max(map(len, expected)))
     assert _unpadded(padded) == expected
-    assert padded["attention_mask"].sum(1).tolist() == [len(s) for s in expected]
-    assert (padded["input_ids"][padded["attention_mask"] == 0] == PAD).all()
-    assert padded["attention_mask"][:, 0].all()  # right padding
+    assert padded.attention_mask.sum(1).tolist() == [len(s) for s in expected]
+    assert (padded.input_ids[padded.attention_mask == 0] == PAD).all()
+    assert padded.attention_mask[:, 0].all()  # right padding
 
     S = sum(map(len, expected))
-    assert packed["input_ids"].shape == (1, S) and packed["position_ids"].shape == (1, S)
-    assert packed["cu_seq_lens"].dtype == torch.int32 and packed["cu_seq_lens"].shape == (2 * B + 1,)
-    assert packed["seq_ends"].dtype == torch.long and packed["seq_ends"].shape == (2 * B,)
+    assert packed.input_ids.shape == (1, S) and packed.position_ids.shape == (1, S)
+    assert packed.cu_seq_lens.dtype == torch.int32 and packed.cu_seq_lens.shape == (2 * B + 1,)
+    assert packed.seq_ends.dtype == torch.long and packed.seq_ends.shape == (2 * B,)
     assert _packed_sequences(packed) == expected == _unpadded(padded)
-    assert (packed["input_ids"][0, packed["seq_ends"]] == EOS).all()
-    assert (packed["input_ids"][0] == EOS).sum() == 2 * B  # and there is no other EOS
-    assert packed["max_length"] == max(map(len, expected))
-    starts = packed["cu_seq_lens"][:-1].long()
-    assert (packed["position_ids"][0, starts] == 0).all()
-    assert packed["position_ids"][0].tolist() == [i for s in expected for i in range(len(s))]
+    assert (packed.input_ids[0, packed.seq_ends] == EOS).all()
+    assert (packed.input_ids[0] == EOS).sum() == 2 * B  # and there is no other EOS
+    assert packed.max_length == max(map(len, expected))
+    starts = packed.cu_seq_lens[:-1].long()
+    assert (packed.position_ids[0, starts] == 0).all()
+    assert packed.position_ids[0].tolist() == [i for s in expected for i in range(len(s))]
     margins = torch.tensor([r["margin"] for r in rows], dtype=torch.float32)
-    assert torch.equal(padded["margin"], margins) and torch.equal(packed["margin"], margins)
+    assert torch.equal(padded_pairs.margin, margins) and torch.equal(packed_pairs.margin, margins)
 
 
 def test_preference_collators_margin_handling(tok):
     rows = [{"prompt": "1+1=", "chosen": "2", "rejected": "3"}, {"prompt": "1+1=", "chosen": "2", "rejected": "4"}]
     examples, _ = tokenize_preference(rows, tok)
-    assert "margin" not in collate_preference_padded(examples, PAD)
-    assert "margin" not in collate_preference_packed(examples)
+    assert collate_preference(examples, PAD).margin is None
+    assert collate_preference(examples, PAD, "packed").margin is None
     examples[1]["margin"] = 0.25  # a pair without a margin counts as margin 0
-    assert collate_preference_padded(examples, PAD)["margin"].tolist() == [0.0, 0.25]
-    padded = collate_preference_padded(examples, PAD, pad_to_multiple_of=8)
-    assert padded["input_ids"].shape == (4, 8)
+    assert collate_preference(examples, PAD).margin.tolist() == [0.0, 0.25]
+    padded = collate_preference(examples, PAD, pad_to_multiple_of=8).sequences
+    assert padded.input_ids.shape == (4, 8)
     with pytest.raises(ValueError, match="empty batch"):
-        collate_preference_packed([])
+        collate_preference([], PAD, "packed")
 
 
 def test_ranking_collator_fills_missing_responses(tok):
     rows = [{"prompt": "1+1=", "responses": ["2", "3", "11"], "ranks": [0, 1, 1]},
             {"prompt": "2+2=", "responses": ["4", "44"], "ranks": [0, 1]}]
     examples, _ = tokenize_ranking(rows, tok)
-    batch = collate_ranking_padded(examples, PAD)
-    assert batch["input_ids"].shape[0] == 6 and batch["ranks"].tolist() == [[0, 1, 1], [0, 1, -1]]
+    ranked = collate_ranking(examples, PAD)
+    batch = ranked.sequences
+    assert batch.input_ids.shape[0] == 6 and ranked.ranks.tolist() == [[0, 1, 1], [0, 1, -1]]
     seqs = _unpadded(batch)
     assert seqs[:3] == examples[0]["response_ids"] and seqs[3:5] == examples[1]["response_ids"]  # row b*K + k
-    assert seqs[5] == [BOS] and batch["attention_mask"][5].sum() == 1  # 1-token dummy, never fully masked
+    assert seqs[5] == [BOS] and batch.attention_mask[5].sum() == 1  # 1-token dummy, never fully masked
 
 
 def test_sft_collators(tok):
     rows = make_sft_data(5, seed=0, max_level=4)
     examples, _ = tokenize_sft(rows, tok)
-    padded = collate_sft_padded(examples, PAD)
-    packed = collate_sft_packed(examples)
+    padded = collate_sft(examples, PAD)
+    packed = collate_sft(examples, PAD, "packed")
     assert _unpadded(padded) == [e["input_ids"] for e in examples] == _packed_sequences(packed)
-    assert (padded["labels"][padded["attention_mask"] == 0] == IGNORE_INDEX).all()
+    assert (padded.labels[padded.attention_mask == 0] == IGNORE_INDEX).all()
     for i, e in enumerate(examples):
         n = len(e["input_ids"])
-        assert padded["labels"][i, :n].tolist() == e["labels"]
-        trained = padded["labels"][i][padded["labels"][i] != IGNORE_INDEX].tolist()
+        assert padded.labels[i, :n].tolist() == e["labels"]
+        trained = padded.labels[i][padded.labels[i] != IGNORE_INDEX].tolist()
         assert tok.decode(trained, skip_special_tokens=True) == rows[i]["completion"] and trained[-1] == EOS
-    assert packed["labels"].shape == packed["input_ids"].shape == packed["position_ids"].shape
-    assert packed["labels"][0].tolist() == [t for e in examples for t in e["labels"]]  # prompts start masked
-    starts = packed["cu_seq_lens"][:-1].long()
-    assert (packed["labels"][0, starts] == IGNORE_INDEX).all()
+    assert packed.labels.shape == packed.input_ids.shape == packed.position_ids.shape
+    assert packed.labels[0].tolist() == [t for e in examples for t in e["labels"]]  # prompts start masked
+    starts = packed.cu_seq_lens[:-1].long()
+    assert (packed.labels[0, starts] == IGNORE_INDEX).all()
     # even where a sequence starts with a trained token (no BOS, prompt cut away), nothing is learned
     # across the boundary from the previous sequence's EOS
-    bare = collate_sft_packed([{"input_ids": [5, 6, EOS], "labels": [5, 6, EOS]}] * 2)
-    assert bare["labels"][0].tolist() == [IGNORE_INDEX, 6, EOS, IGNORE_INDEX, 6, EOS]
+    bare = collate_sft([{"input_ids": [5, 6, EOS], "labels": [5, 6, EOS]}] * 2, PAD, "packed")
+    assert bare.labels[0].tolist() == [IGNORE_INDEX, 6, EOS, IGNORE_INDEX, 6, EOS]
 
 
 # --------------------------------------------------------------------------- batching
@@ -454,4 +449,4 @@ def test_default_task_data_round_trip(tok, tmp_path):
     sft, _ = tokenize_sft(load_rows(paths.sft, "sft"), tok, max_length=32)
     assert len(sft) == 20
     ranking, _ = tokenize_ranking(make_ranking_data(4, 3, seed=0), tok)
-    assert collate_ranking_padded(ranking, PAD)["ranks"].shape == (4, 3)
+    assert collate_ranking(ranking, PAD).ranks.shape == (4, 3)

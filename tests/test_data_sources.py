@@ -8,8 +8,9 @@ from pathlib import Path
 import pytest
 
 import fastrm
-from fastrm.data import load_rows, load_train_eval, prepare_prompts
+from fastrm.data import load_rows, load_train_eval
 from fastrm.tasks import build_tokenizer, make_preference_data, make_sft_data, write_jsonl
+from fastrm.tokenization import prepare_prompts
 
 datasets = pytest.importorskip("datasets")
 
@@ -136,7 +137,7 @@ def test_datasets_is_imported_lazily():
 
 def test_reward_and_sft_trainers_train_on_parquet_and_datasets(tmp_path):
     from fastrm.config import load_config
-    from fastrm.trainers.reward import RewardConfig, RewardTrainer
+    from fastrm.trainers.reward_model import RewardConfig, RewardTrainer
     from fastrm.trainers.sft import SFTConfig, SFTTrainer
 
     common = TINY + ["batch_size=4", "max_steps=2", "eval_steps=2", "save_steps=2"]

@@ -15,15 +15,15 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-
-from fastrm import rl, training
-from fastrm.checkpoint import load_trainer_state
-from fastrm.config import ConfigError, load_config
-from fastrm.trainers.reward import RewardConfig
+from sgd_worker import sgd
 from test_rl import TINY as RL_TINY
 from test_rl import params, rl_trainer
-from sgd_worker import sgd
 from test_trainers import TINY, reward_trainer, sft_trainer
+
+from fastrm import optim, rl
+from fastrm.checkpoint import load_trainer_state
+from fastrm.config import ConfigError, load_config
+from fastrm.trainers.reward_model import RewardConfig
 
 TESTS = Path(__file__).parent
 
@@ -41,7 +41,7 @@ def free_port() -> int:
 @pytest.fixture
 def use_sgd(monkeypatch):
     """In-process trainers built after this use SGD, as tests/sgd_worker.py does under torchrun."""
-    monkeypatch.setattr(training, "make_optimizer", sgd)
+    monkeypatch.setattr(optim, "make_optimizer", sgd)
 
 
 def torchrun(command: str, args: list[str], nproc: int = 2, optimizer: str = "configured"):
@@ -170,15 +170,15 @@ RL_COMMON = ["advantage=gae", "reward=rule", "reward_fn=rl_update_worker:answer_
              "num_minibatches=1", "mixed_precision=no", "entropy_coef=0.01", "kl_in=loss", "kl_coef=0.1", "seed=3"]
 
 
-def save_rollout(ro: dict, path):
+def save_rollout(ro, path):
     """What tests/rl_update_worker.py reads: the rollout ``ro`` and, for random scores and advantages, the
     one-process statistics (whitening, normalisation, baseline) its ranks must reproduce from their halves."""
     keys = ("batch", "prompt_len", "mask", "old_logprobs", "ref_logprobs", "values", "advantages", "returns")
     generator = torch.Generator().manual_seed(0)
-    rows = ro["mask"].shape[0]
-    scores, advantages = torch.randn(rows, generator=generator), torch.randn(ro["mask"].shape, generator=generator)
-    saved = {"rollout": {k: ro[k] for k in keys}, "scores": scores, "advantages": advantages,
-             "whitened": rl.whiten_advantages(advantages, ro["mask"])}
+    rows = ro.mask.shape[0]
+    scores, advantages = torch.randn(rows, generator=generator), torch.randn(ro.mask.shape, generator=generator)
+    saved = {"rollout": {k: getattr(ro, k) for k in keys}, "scores": scores, "advantages": advantages,
+             "whitened": rl.whiten_advantages(advantages, ro.mask)}
     for kind in ("batch", "running"):
         norm = rl.RewardNormalizer(kind)
         norm(scores + 1.0)
@@ -198,8 +198,8 @@ def test_ppo_update_on_two_ranks_equals_one_process(tmp_path, use_sgd, mode):
 
     one = rl_trainer(tmp_path / "one", *RL_COMMON, reward_fn=answer_length)
     ro = one.rollout(one.train_rows[:3])  # 6 rows: 3 per rank
-    ro["mask"][0, 1:] = 0  # rank 0's half gets fewer tokens: token means need the global token count
-    assert ro["mask"][0::2].sum() != ro["mask"][1::2].sum()
+    ro.mask[0, 1:] = 0  # rank 0's half gets fewer tokens: token means need the global token count
+    assert ro.mask[0::2].sum() != ro.mask[1::2].sum()
     save_rollout(ro, tmp_path / "rollout.pt")
     start_policy, start_value = params(one.policy), params(one.value)
     one.update(ro)

@@ -14,12 +14,12 @@ import pytest
 import torch
 from families import BY_NAME, DECODERS, ENCODERS, FAMILIES, build_checkpoint, build_checkpoints
 
-from fastrm import data as fdata
-from fastrm import packing
+from fastrm import packing, tokenization
 from fastrm.config import ConfigError, load_config
 from fastrm.generation import decode_completions, generate
+from fastrm.layout import PaddedBatch, collate_preference
 from fastrm.models import reward_scores, token_logprobs
-from fastrm.trainers.reward import RewardConfig, RewardTrainer
+from fastrm.trainers.reward_model import RewardConfig, RewardTrainer
 from fastrm.trainers.rl import RLConfig, RLTrainer
 from fastrm.trainers.sft import SFTConfig, SFTTrainer
 
@@ -114,7 +114,7 @@ def test_reward_model_scores_as_the_reloaded_auto_model(reward_models, name, pac
     assert type(model) is type(trainer.model) and model.config.pad_token_id == tokenizer.pad_token_id
     examples = trainer.eval_examples
     # the reloaded tokenizer reproduces the training data, laid out in the family's own convention
-    again, _ = fdata.tokenize_preference(trainer._load_rows()[1], tokenizer, trainer.config.max_length)
+    again, _ = tokenization.tokenize_preference(trainer._load_rows()[1], tokenizer, trainer.config.max_length)
     assert again == examples
     first, last, _ = EXPECTED_ENDS[name]
     for ex in examples:
@@ -123,7 +123,7 @@ def test_reward_model_scores_as_the_reloaded_auto_model(reward_models, name, pac
 
     trainer.model.eval()
     with torch.no_grad():
-        ours = reward_scores(trainer.model, trainer.collate(examples))
+        ours = reward_scores(trainer.model, trainer.collate(examples).sequences)
     seqs = [e["chosen_ids"] for e in examples] + [e["rejected_ids"] for e in examples]
     theirs = scores_one_by_one(model, seqs)
     torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
@@ -158,11 +158,7 @@ def test_sft_logprobs_are_the_reloaded_models(checkpoints, tmp_path, name):
             logp = torch.log_softmax(model(input_ids=ids).logits[0, :-1].double(), -1)
             labels = torch.tensor(e["labels"][1:])
             ref = torch.where(labels != -100, logp.gather(-1, labels.clamp_min(0)[:, None])[:, 0], 0.0)
-            if trainer.packing.mode == "packed":  # one row: this example's tokens, after the earlier ones
-                start = sum(len(x["input_ids"]) for x in examples[:i])
-                mine = ours[0, start:start + len(ids[0]) - 1]
-            else:
-                mine = ours[i, :len(ids[0]) - 1]
+            mine = ours[i, :len(ids[0]) - 1]  # every layout's log-probs come back padded (right-padded rows)
             torch.testing.assert_close(mine.double(), ref, atol=1e-5, rtol=1e-5)
 
 
@@ -248,8 +244,8 @@ def test_a_checkpoint_without_a_tokenizer_is_an_error_not_the_embedded_one(tmp_p
         if f.name != "config.json":
             f.unlink()
     with pytest.raises(ValueError, match="has no tokenizer files"):
-        fdata.load_tokenizer("auto", str(folder))
-    assert len(fdata.load_tokenizer("auto", "tiny")) == 47  # the embedded one is the tiny model's alone
+        tokenization.load_tokenizer("auto", str(folder))
+    assert len(tokenization.load_tokenizer("auto", "tiny")) == 47  # the embedded one is the tiny model's alone
 
 
 def test_requested_sdpa_on_a_family_without_it_names_the_class(checkpoints, tmp_path):
@@ -277,16 +273,16 @@ def test_packing_without_fastrm_attention_is_wrong_for_opt_and_the_probe_packs_i
 
     rows = [{"prompt": f"{a}+{b}=", "chosen": str(a + b), "rejected": str(a + b + 1)} for a, b in [(1, 2), (3, 4)]]
     for name in ("opt", "gpt2"):
-        tokenizer = fdata.load_tokenizer("auto", str(checkpoints[name]))
+        tokenizer = tokenization.load_tokenizer("auto", str(checkpoints[name]))
         model = AutoModelForSequenceClassification.from_pretrained(checkpoints[name], num_labels=1).eval()
         model.config.pad_token_id = tokenizer.pad_token_id
-        examples, _ = fdata.tokenize_preference(rows, tokenizer)
-        packed_batch = fdata.collate_preference_packed(examples)
+        examples, _ = tokenization.tokenize_preference(rows, tokenizer)
+        packed_batch = collate_preference(examples, tokenizer.pad_token_id, "packed").sequences
         with torch.no_grad():
-            padded = reward_scores(model, fdata.collate_preference_padded(examples, tokenizer.pad_token_id))
-            hidden = model.base_model(input_ids=packed_batch["input_ids"], position_ids=packed_batch["position_ids"],
+            padded = reward_scores(model, collate_preference(examples, tokenizer.pad_token_id).sequences)
+            hidden = model.base_model(input_ids=packed_batch.input_ids, position_ids=packed_batch.position_ids,
                                       use_cache=False)
-            own_packing = model.score(hidden.last_hidden_state[0, packed_batch["seq_ends"]]).squeeze(-1)
+            own_packing = model.score(hidden.last_hidden_state[0, packed_batch.seq_ends]).squeeze(-1)
         assert torch.allclose(own_packing, padded, atol=1e-5, rtol=1e-5) == (name != "opt")
         assert packing.verify_packing(model, "reward")[0]
         with torch.no_grad():
@@ -314,9 +310,9 @@ def test_the_head_probe_fuses_soft_capped_logits_and_refuses_scaled_ones():
     ids = torch.randint(0, 40, (2, 7))
     with torch.no_grad():
         logits = gemma(input_ids=ids).logits
-        ours = token_logprobs(gemma, {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids})
+        ours = token_logprobs(gemma, PaddedBatch(ids, torch.ones_like(ids), ids))
         gemma.fastrm_logits_from_head, gemma.fastrm_logit_softcap = head_logits(gemma)
-        fused = token_logprobs(gemma, {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids})
+        fused = token_logprobs(gemma, PaddedBatch(ids, torch.ones_like(ids), ids))
     truth = torch.log_softmax(logits[:, :-1].double(), -1).gather(-1, ids[:, 1:, None]).squeeze(-1)
     assert gemma.fastrm_logit_softcap == 5.0
     torch.testing.assert_close(fused.double(), truth, rtol=0, atol=1e-5)

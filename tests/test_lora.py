@@ -12,15 +12,15 @@ import json
 import pytest
 import torch
 from families import build_checkpoints
-from test_families import one_thread, scores_one_by_one  # noqa: F401 (one_thread: an autouse fixture)
 from test_distributed import use_sgd  # noqa: F401 (a fixture: SGD in this process, as the torchrun workers use)
+from test_families import one_thread, scores_one_by_one  # noqa: F401 (one_thread: an autouse fixture)
 from test_rl import answer_length
 
 from fastrm import lora
 from fastrm.cli import run_command
 from fastrm.config import ConfigError, load_config
 from fastrm.models import reward_scores, token_logprobs
-from fastrm.trainers.reward import RewardConfig, RewardTrainer
+from fastrm.trainers.reward_model import RewardConfig, RewardTrainer
 from fastrm.trainers.rl import RLConfig, RLTrainer
 from fastrm.trainers.sft import SFTConfig, SFTTrainer
 
@@ -90,7 +90,7 @@ def test_reward_lora_saves_an_adapter_that_peft_and_the_merged_export_score_alik
     seqs = [e["chosen_ids"] for e in examples] + [e["rejected_ids"] for e in examples]
     trainer.model.eval()
     with torch.no_grad():
-        ours = reward_scores(trainer.model, trainer.collate(examples))
+        ours = reward_scores(trainer.model, trainer.collate(examples).sequences)
     pad = trainer.tokenizer.pad_token_id
     adapter = peft.AutoPeftModelForSequenceClassification.from_pretrained(final, num_labels=1,
                                                                           pad_token_id=pad).eval()
@@ -133,8 +133,7 @@ def test_sft_lora_logprobs_equal_the_peft_reload_and_the_merged_export(checkpoin
     mine = []
     for i, e in enumerate(examples):
         n = len(e["input_ids"]) - 1
-        start = sum(len(x["input_ids"]) for x in examples[:i]) if trainer.packing.mode == "packed" else 0
-        mine.append((ours[0, start:start + n] if trainer.packing.mode == "packed" else ours[i, :n]).double())
+        mine.append(ours[i, :n].double())  # every layout's log-probs come back padded (right-padded rows)
 
     adapter = peft.AutoPeftModelForCausalLM.from_pretrained(trainer.final_model).eval()
     assert run_command(["export", str(trainer.final_model), str(tmp_path / "merged")]) == 0
@@ -172,24 +171,24 @@ def test_rl_reference_is_the_policy_without_adapters_and_the_critic_shares_its_w
     ro = trainer.rollout(trainer.train_rows[:2])
     base = AutoModelForCausalLM.from_pretrained(checkpoints["llama"]).eval()
     with torch.no_grad():
-        ref = token_logprobs(base, ro["batch"], temperature=2.0)[:, ro["prompt_len"] - 1:]
-    mask = ro["mask"].bool()
-    torch.testing.assert_close(ro["ref_logprobs"][mask], ref[mask], atol=1e-5, rtol=1e-5)
-    assert not torch.allclose(ro["old_logprobs"][mask], ref[mask], atol=1e-3)
+        ref = token_logprobs(base, ro.batch, temperature=2.0)[:, ro.prompt_len - 1:]
+    mask = ro.mask.bool()
+    torch.testing.assert_close(ro.ref_logprobs[mask], ref[mask], atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(ro.old_logprobs[mask], ref[mask], atol=1e-3)
     # the rollouts' scores are the BERT adapter's, loaded with peft on its base
     adapter = peft.AutoPeftModelForSequenceClassification.from_pretrained(
         rm.final_model, num_labels=1, pad_token_id=trainer.reward_tokenizer.pad_token_id).eval()
-    rows = [{"prompt": p} for p in ro["prompts"]]
-    seqs = trainer._reward_inputs(ro["prompts"], _gen_of(ro), ro["completions"])
-    torch.testing.assert_close(trainer.model_scores(rows, _gen_of(ro), ro["completions"]),
+    rows = [{"prompt": p} for p in ro.prompts]
+    seqs = trainer._reward_inputs(ro.prompts, _gen_of(ro), ro.completions)
+    torch.testing.assert_close(trainer.model_scores(rows, _gen_of(ro), ro.completions),
                                scores_one_by_one(adapter, seqs), atol=1e-5, rtol=1e-5)
 
 
 def _gen_of(ro):
     """The generate() output a rollout came from."""
-    p = ro["prompt_len"]
-    return {"prompt_ids": ro["batch"]["input_ids"][:, :p], "prompt_mask": ro["batch"]["attention_mask"][:, :p],
-            "completion_ids": ro["batch"]["input_ids"][:, p:], "completion_mask": ro["mask"]}
+    p = ro.prompt_len
+    return {"prompt_ids": ro.batch.input_ids[:, :p], "prompt_mask": ro.batch.attention_mask[:, :p],
+            "completion_ids": ro.batch.input_ids[:, p:], "completion_mask": ro.mask}
 
 
 # ---- resume --------------------------------------------------------------------------------------------------------
@@ -230,14 +229,15 @@ def test_lora_resume_is_bitwise(checkpoints, tmp_path, make):
 def test_gradient_checkpointing_gives_the_adapters_the_same_gradients(checkpoints):
     """Frozen weights, checkpointed blocks: the adapters still get their gradients (the inputs of the checkpointed
     blocks require grad), equal to those without checkpointing."""
-    from fastrm.data import load_tokenizer
+    from fastrm.layout import PaddedBatch
     from fastrm.models import ModelConfig, load_causal_lm
+    from fastrm.tokenization import load_tokenizer
 
     tokenizer = load_tokenizer("auto", str(checkpoints["llama"]))
     settings = load_config(SFTConfig, None, [f"model.name_or_path={checkpoints['llama']}", "lora.r=4",
                                              "lora.dropout=0"]).lora
     ids = torch.randint(3, 200, (2, 12), generator=torch.Generator().manual_seed(0))
-    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+    batch = PaddedBatch(ids, torch.ones_like(ids), ids)
     grads = []
     for checkpointing in (False, True):
         torch.manual_seed(0)  # the same adapter initialisation

@@ -20,7 +20,8 @@ from helpers import BACKENDS, DEVICE, requires_cuda
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import fastrm
-from fastrm import _checks, training
+from fastrm import _checks
+from fastrm.guard import DivergenceGuard
 
 aten = torch.ops.aten
 SYNCING_OPS = {aten._local_scalar_dense, aten.nonzero, aten.masked_select, aten._unique, aten._unique2,
@@ -197,7 +198,7 @@ def test_trainer_step_check_raises_the_deferred_error(believes_on_gpu):
     # The divergence guard's once-per-step read (before the optimizer step) also reads the pending checks.
     trainer = SimpleNamespace(step=3, device=torch.device(DEVICE), last_checkpoint=None, checkpoint_verified=True,
                               run_id=None)
-    guard = training.DivergenceGuard(trainer, models=[])
+    guard = DivergenceGuard(trainer, models=[])
     fastrm.gather_logprobs(torch.randn(2, 3, 4), torch.full((2, 3), 5))  # labels >= V = 4
     step = ([torch.tensor(1.5)], {"gradient norm": torch.tensor(0.3)})
     with pytest.raises(ValueError, match="gather_logprobs: labels must lie in"):

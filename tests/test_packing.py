@@ -1,4 +1,4 @@
-"""Padding-free execution (fastrm.packing): length buckets, variable-length attention against per-sequence
+"""Padding-free execution (fastrm.layout, fastrm.packing): length buckets, variable-length attention against per-sequence
 float64 attention, packed == padded == bucketed scores, log-probs, values and gradients, no [S, S] anywhere,
 the load-time probe on several transformers families, the trainers' packed setting, and the benchmark script."""
 
@@ -16,9 +16,9 @@ import torch
 from torch import nn
 from transformers.models.llama.modeling_llama import eager_attention_forward  # noqa: F401 - _eager_function finds it
 
-from fastrm import data as fdata
-from fastrm import packing
+from fastrm import layout, packing
 from fastrm.config import ConfigError, load_config
+from fastrm.layout import varlen
 from fastrm.models import backbone_hidden, reward_scores, token_logprobs
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -41,7 +41,7 @@ def test_length_buckets_are_the_cheapest_partition(power):
     for _ in range(30):
         lengths = [rng.choice([3, 5, 8, 9, 20, 40]) for _ in range(rng.randint(1, 7))]
         overhead = rng.choice([0, 10, 200, 5000])
-        buckets = packing.length_buckets(lengths, overhead, power)
+        buckets = layout.length_buckets(lengths, overhead, power)
         assert sorted(i for b in buckets for i in b) == list(range(len(lengths)))  # each index once
         tops = [lengths[b[0]] for b in buckets]
         assert tops == sorted(tops, reverse=True)  # longest bucket first...
@@ -53,9 +53,9 @@ def test_length_buckets_are_the_cheapest_partition(power):
 
 
 def test_equal_lengths_make_one_bucket_and_no_overhead_makes_one_per_length():
-    assert packing.length_buckets([7] * 5, overhead=0) == [[0, 1, 2, 3, 4]]
-    assert sorted(map(sorted, packing.length_buckets([3, 9, 3, 9, 5], overhead=0))) == [[0, 2], [1, 3], [4]]
-    assert len(packing.length_buckets([3, 9, 3, 9, 5], overhead=1e9)) == 1
+    assert layout.length_buckets([7] * 5, overhead=0) == [[0, 1, 2, 3, 4]]
+    assert sorted(map(sorted, layout.length_buckets([3, 9, 3, 9, 5], overhead=0))) == [[0, 2], [1, 3], [4]]
+    assert len(layout.length_buckets([3, 9, 3, 9, 5], overhead=1e9)) == 1
 
 
 # ---- variable-length attention against float64 per-sequence attention -------------------------------------------
@@ -89,15 +89,15 @@ def _reference_attention(q, k, v, lengths, causal, window, scaling, softcap=None
     return torch.cat(outs)
 
 
-def _packed_plan(lengths, bucket_overhead=packing.ATTENTION_BUCKET_OVERHEAD):
+def _packed_plan(lengths, bucket_overhead=varlen.ATTENTION_BUCKET_OVERHEAD):
     cu = torch.zeros(len(lengths) + 1, dtype=torch.int32)
     cu[1:] = torch.tensor(lengths).cumsum(0)
-    plan = packing.VarlenPlan.from_batch({"cu_seq_lens": cu})
+    plan = varlen.VarlenPlan.from_cu_seq_lens(cu)
     plan.bucket_overhead = bucket_overhead
     return plan
 
 
-@pytest.mark.parametrize("overhead", [0, packing.ATTENTION_BUCKET_OVERHEAD], ids=["per-length", "default"])
+@pytest.mark.parametrize("overhead", [0, varlen.ATTENTION_BUCKET_OVERHEAD], ids=["per-length", "default"])
 @pytest.mark.parametrize("base,causal,window,kv_heads,lengths", [
     ("sdpa", True, None, 4, [5, 17, 3, 17, 11]),
     ("sdpa", True, None, 2, [9, 9, 9]),               # equal lengths (the row viewed as [n, L]), GQA
@@ -112,9 +112,9 @@ def test_varlen_attention_equals_each_sequence_alone(base, causal, window, kv_he
     q = torch.randn(1, heads, S, d, requires_grad=True)
     k = torch.randn(1, kv_heads, S, d, requires_grad=True)
     v = torch.randn(1, kv_heads, S, d, requires_grad=True)
-    attention = packing._make_attention(base)
+    attention = varlen._make_attention(base)
     plan = _packed_plan(lengths, overhead)
-    kwargs = {packing.PLAN_KWARG: plan, "scaling": d ** -0.5, "dropout": 0.0}
+    kwargs = {varlen.PLAN_KWARG: plan, "scaling": d ** -0.5, "dropout": 0.0}
     if window is not None:
         kwargs["sliding_window"] = window
     out, _ = attention(Attention(heads, kv_heads, causal), q, k, v, None, **kwargs)
@@ -135,7 +135,7 @@ def test_varlen_attention_equals_each_sequence_alone(base, causal, window, kv_he
 def test_varlen_attention_passes_padded_calls_through_unchanged():
     q, k, v = (torch.randn(2, 4, 6, 8) for _ in range(3))
     mask = torch.ones(2, 1, 6, 6, dtype=torch.bool).tril()
-    out, _ = packing._make_attention("sdpa")(Attention(4, 4, True), q, k, v, mask, scaling=0.3)
+    out, _ = varlen._make_attention("sdpa")(Attention(4, 4, True), q, k, v, mask, scaling=0.3)
     want = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=0.3).transpose(1, 2)
     torch.testing.assert_close(out, want)
 
@@ -156,12 +156,12 @@ def _fake_torch_varlen(calls):
 def test_torch_varlen_dispatch_passes_the_window_scale_and_gqa(monkeypatch, window, kv_heads):
     """The CUDA path cannot run here: check what it hands torch.nn.attention.varlen.varlen_attn."""
     calls = []
-    monkeypatch.setattr(packing, "_torch_varlen_attn", lambda: _fake_torch_varlen(calls))
-    monkeypatch.setattr(packing, "_use_torch_varlen", lambda *args: True)
+    monkeypatch.setattr(varlen, "_torch_varlen_attn", lambda: _fake_torch_varlen(calls))
+    monkeypatch.setattr(varlen, "_use_torch_varlen", lambda *args: True)
     lengths, d = [4, 9, 6], 8
     q, k, v = torch.randn(1, 4, 19, d), torch.randn(1, kv_heads, 19, d), torch.randn(1, kv_heads, 19, d)
-    kwargs = {packing.PLAN_KWARG: _packed_plan(lengths), "scaling": 0.25, "dropout": 0.0, "sliding_window": window}
-    out, _ = packing._make_attention("sdpa")(Attention(4, kv_heads, True), q, k, v, None, **kwargs)
+    kwargs = {varlen.PLAN_KWARG: _packed_plan(lengths), "scaling": 0.25, "dropout": 0.0, "sliding_window": window}
+    out, _ = varlen._make_attention("sdpa")(Attention(4, kv_heads, True), q, k, v, None, **kwargs)
     (call,) = calls
     assert call == {"window_size": (-1, 0) if window is None else (window - 1, 0), "enable_gqa": kv_heads != 4,
                     "scale": 0.25, "max": (9, 9), "shape": (19, 4, d)}
@@ -171,21 +171,21 @@ def test_torch_varlen_dispatch_passes_the_window_scale_and_gqa(monkeypatch, wind
 
 
 def test_torch_varlen_is_chosen_only_where_it_is_exact(monkeypatch):
-    monkeypatch.setattr(packing, "_torch_varlen_attn", lambda: object())
+    monkeypatch.setattr(varlen, "_torch_varlen_attn", lambda: object())
 
     def tensor(device="cuda", dtype=torch.bfloat16, d=64):
         return SimpleNamespace(is_cuda=device == "cuda", dtype=dtype, shape=(1, 4, 10, d))
 
     q = tensor()
-    assert packing._use_torch_varlen(q, q, q, {}, 0.0, True)
-    assert not packing._use_torch_varlen(tensor("cpu"), q, q, {}, 0.0, True)
-    assert not packing._use_torch_varlen(tensor(dtype=torch.float32), q, q, {}, 0.0, True)  # flash: half only
-    assert not packing._use_torch_varlen(q, q, q, {}, 0.1, True)  # attention dropout
-    assert not packing._use_torch_varlen(q, q, q, {"softcap": 50.0}, 0.0, True)
-    assert not packing._use_torch_varlen(q, q, q, {"s_aux": torch.zeros(4)}, 0.0, True)  # attention sinks
-    assert not packing._use_torch_varlen(tensor(d=512), tensor(d=512), tensor(d=512), {}, 0.0, True)
-    monkeypatch.setattr(packing, "_torch_varlen_attn", lambda: None)  # a torch without it
-    assert not packing._use_torch_varlen(q, q, q, {}, 0.0, True)
+    assert varlen._use_torch_varlen(q, q, q, {}, 0.0, True)
+    assert not varlen._use_torch_varlen(tensor("cpu"), q, q, {}, 0.0, True)
+    assert not varlen._use_torch_varlen(tensor(dtype=torch.float32), q, q, {}, 0.0, True)  # flash: half only
+    assert not varlen._use_torch_varlen(q, q, q, {}, 0.1, True)  # attention dropout
+    assert not varlen._use_torch_varlen(q, q, q, {"softcap": 50.0}, 0.0, True)
+    assert not varlen._use_torch_varlen(q, q, q, {"s_aux": torch.zeros(4)}, 0.0, True)  # attention sinks
+    assert not varlen._use_torch_varlen(tensor(d=512), tensor(d=512), tensor(d=512), {}, 0.0, True)
+    monkeypatch.setattr(varlen, "_torch_varlen_attn", lambda: None)  # a torch without it
+    assert not varlen._use_torch_varlen(q, q, q, {}, 0.0, True)
 
 
 # ---- models: packed == padded == bucketed -------------------------------------------------------------------------
@@ -217,54 +217,55 @@ def _assert_same(got, want, grads_got, grads_want):
 
 def test_reward_scores_packed_and_bucketed_equal_the_padded_forward():
     model = _llama("reward")
-    packing.enable_varlen(model)
+    layout.enable_varlen(model)
     seqs = _sequences([9, 30, 4, 30, 17, 6, 22, 5])
     examples = [{"chosen_ids": c, "rejected_ids": r} for c, r in zip(seqs[:4], seqs[4:])]
-    padded = fdata.collate_preference_padded(examples, PAD)
+    padded = layout.collate_preference(examples, PAD).sequences
     weight = torch.randn(8)
     want = reward_scores(model, padded)
     assert want.std() > 0  # a constant would make equality meaningless
     grads_want = _grads(model, want, weight)
-    for batch in (fdata.collate_preference_packed(examples), packing.bucket(padded, overhead=0)):
+    for batch in (layout.collate_preference(examples, PAD, "packed").sequences, layout.bucket(padded, overhead=0)):
         got = reward_scores(model, batch)
         _assert_same(got, want, _grads(model, got, weight), grads_want)
-    assert len(packing.bucket(padded, overhead=0)["buckets"]) > 2
+    assert len(layout.bucket(padded, overhead=0).buckets) > 2
 
 
 def test_kway_batches_packed_and_padded_score_the_same_including_missing_responses():
     model = _llama("reward")
-    packing.enable_varlen(model)
+    layout.enable_varlen(model)
     seqs = _sequences([6, 13, 9, 21, 4])
     examples = [{"response_ids": seqs[:3], "ranks": [0, 2, 1]}, {"response_ids": seqs[3:], "ranks": [1, 0]}]
-    packed = fdata.collate_ranking_packed(examples)
-    padded = fdata.collate_ranking_padded(examples, PAD)
-    assert torch.equal(packed["ranks"], padded["ranks"]) and packed["cu_seq_lens"].numel() == 7  # 2 x 3, one dummy
+    packed = layout.collate_ranking(examples, PAD, "packed")
+    padded = layout.collate_ranking(examples, PAD)
+    assert torch.equal(packed.ranks, padded.ranks) and packed.sequences.cu_seq_lens.numel() == 7  # 2 x 3, one dummy
     with torch.no_grad():
-        torch.testing.assert_close(reward_scores(model, packed), reward_scores(model, padded), atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(reward_scores(model, packed.sequences), reward_scores(model, padded.sequences),
+                                   atol=1e-6, rtol=1e-5)
 
 
 def test_packed_scores_read_the_token_the_hugging_face_head_reads():
     """With pad == EOS (tokenizers without a pad token) the HF head reads the token before the final EOS."""
     model = _llama("reward")
     model.config.pad_token_id = EOS
-    packing.enable_varlen(model)
+    layout.enable_varlen(model)
     seqs = _sequences([6, 11, 3])
-    padded = fdata.collate_preference_padded([{"chosen_ids": s, "rejected_ids": s} for s in seqs], EOS)
-    torch.testing.assert_close(reward_scores(model, fdata.collate_preference_packed(
-        [{"chosen_ids": s, "rejected_ids": s} for s in seqs])), reward_scores(model, padded))
+    padded = layout.collate_preference([{"chosen_ids": s, "rejected_ids": s} for s in seqs], EOS).sequences
+    torch.testing.assert_close(reward_scores(model, layout.collate_preference(
+        [{"chosen_ids": s, "rejected_ids": s} for s in seqs], EOS, "packed").sequences), reward_scores(model, padded))
 
 
 def test_token_logprobs_packed_and_bucketed_equal_padded_also_with_gradient_checkpointing():
     model = _llama("causal_lm")
-    packing.enable_varlen(model)
+    layout.enable_varlen(model)
     examples = [{"input_ids": s, "labels": [-100] * 3 + s[3:]} for s in _sequences([7, 25, 12, 25, 5])]
-    padded = fdata.collate_sft_padded(examples, PAD)
-    packed = fdata.collate_sft_packed(examples)
+    padded = layout.collate_sft(examples, PAD)
+    packed = layout.collate_sft(examples, PAD, "packed")
     want = token_logprobs(model, padded, backend="torch")
     grads_want = _grads(model, want.sum(1), torch.ones(5))
     got = token_logprobs(model, packed, backend="torch")
     torch.testing.assert_close(got.sum(), want.sum(), rtol=1e-5, atol=1e-4)
-    bucketed = token_logprobs(model, packing.bucket(padded, overhead=0), backend="torch")
+    bucketed = token_logprobs(model, layout.bucket(padded, overhead=0), backend="torch")
     _assert_same(bucketed, want, _grads(model, bucketed.sum(1), torch.ones(5)), grads_want)
     model.gradient_checkpointing_enable()
     model.train()  # dropout is 0: train mode only switches checkpointing on (its recompute must see the boundaries)
@@ -275,7 +276,7 @@ def test_token_logprobs_packed_and_bucketed_equal_padded_also_with_gradient_chec
 def test_packed_rows_never_attend_over_the_whole_row(monkeypatch):
     """No [S, S] mask and no attention longer than the longest sequence: every SDPA call is one length bucket."""
     model = _llama("causal_lm")
-    packing.enable_varlen(model)
+    layout.enable_varlen(model)
     seen = []
     sdpa = torch.nn.functional.scaled_dot_product_attention
 
@@ -285,7 +286,7 @@ def test_packed_rows_never_attend_over_the_whole_row(monkeypatch):
 
     monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
     lengths = [40, 3, 17, 33, 8, 40, 25]
-    packed = fdata.collate_sft_packed([{"input_ids": s, "labels": s} for s in _sequences(lengths)])
+    packed = layout.collate_sft([{"input_ids": s, "labels": s} for s in _sequences(lengths)], PAD, "packed")
     token_logprobs(model, packed, backend="torch").sum().backward()
     assert seen and all(q <= max(lengths) and k <= max(lengths) for q, k, _ in seen)
     assert all(mask is None or mask[-1] <= max(lengths) for _, _, mask in seen)
@@ -294,23 +295,22 @@ def test_packed_rows_never_attend_over_the_whole_row(monkeypatch):
 def test_rollout_layout_left_padded_prompts_pack_and_bucket_exactly():
     """RL rows: left-padded prompt + right-padded completion, position ids counting real tokens."""
     model = _llama("causal_lm")
-    packing.enable_varlen(model)
+    layout.enable_varlen(model)
     model.eval()
     mask = torch.tensor([[0, 0, 1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1, 1, 1], [0, 1, 1, 1, 1, 0, 0, 0]])
     ids = torch.randint(3, VOCAB, mask.shape).masked_fill(mask == 0, PAD)
     labels = ids.masked_fill(mask == 0, -100)
     labels[:, :4] = -100
-    batch = {"input_ids": ids, "attention_mask": mask, "position_ids": (mask.cumsum(1) - 1).clamp_min(0),
-             "labels": labels}
+    batch = layout.PaddedBatch(ids, mask, labels, position_ids=(mask.cumsum(1) - 1).clamp_min(0))
     with torch.no_grad():
         want, want_entropy = token_logprobs(model, batch, return_entropy=True)
         hidden = backbone_hidden(model.model, batch)
-        packed = packing.pack(batch)
-        got, got_entropy = (packing.unpack(x, packed) for x in token_logprobs(model, packed, return_entropy=True))
-        got_hidden = packing.unpack(backbone_hidden(model.model, packed), packed)
-        bucketed = packing.bucket(batch, overhead=0)
+        packed = layout.pack(batch)  # outputs of every layout come back in the padded layout
+        got, got_entropy = token_logprobs(model, packed, return_entropy=True)
+        got_hidden = backbone_hidden(model.model, packed)
+        bucketed = layout.bucket(batch, overhead=0)
         b_lp, b_entropy = token_logprobs(model, bucketed, return_entropy=True)
-        b_hidden = packing.per_bucket(lambda sub: backbone_hidden(model.model, sub), bucketed, per_token=True)
+        b_hidden = backbone_hidden(model.model, bucketed)
     real = mask.bool()
     for lp, ent in ((got, got_entropy), (b_lp, b_entropy)):
         torch.testing.assert_close(lp, want, atol=1e-5, rtol=1e-5)
@@ -319,7 +319,7 @@ def test_rollout_layout_left_padded_prompts_pack_and_bucket_exactly():
     for h in (got_hidden, b_hidden):
         torch.testing.assert_close(h[real], hidden[real], atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="contiguous"):
-        packing.pack({**batch, "attention_mask": torch.tensor([[1, 0, 1, 1, 1, 1, 1, 1]] * 3)})
+        layout.pack(layout.PaddedBatch(ids, torch.tensor([[1, 0, 1, 1, 1, 1, 1, 1]] * 3)))
 
 
 def test_generation_is_unchanged_by_the_varlen_attention():
@@ -328,7 +328,7 @@ def test_generation_is_unchanged_by_the_varlen_attention():
                                                                                                         [1, 1, 1, 1]])}
     kwargs = {"max_new_tokens": 6, "do_sample": False, "pad_token_id": PAD}
     want = model.generate(**prompt, **kwargs)
-    packing.enable_varlen(model)
+    layout.enable_varlen(model)
     assert model.config._attn_implementation == "fastrm_varlen_sdpa"
     assert torch.equal(model.generate(**prompt, **kwargs), want)
 
@@ -359,7 +359,7 @@ def test_the_probe_packs_the_families_where_it_is_exact_and_says_why_not(family)
     assert ok == exact, why
     if exact:
         assert why.startswith("probe: packed equals padded")
-        assert model.config._attn_implementation in (packing.PREFIX + impl, impl)
+        assert model.config._attn_implementation in (varlen.PREFIX + impl, impl)
     else:
         assert reason in why
         assert model.config._attn_implementation == impl  # its own attention back
@@ -398,7 +398,7 @@ def test_choose_packing_auto_falls_back_true_refuses_and_one_line_is_logged(capl
 @pytest.mark.parametrize("value,expected", [("auto", "auto"), ("true", "true"), ("True", "true"), ("no", "false"),
                                             ("bucketed", "bucketed")])
 def test_packed_setting_values(value, expected):
-    from fastrm.trainers.reward import RewardConfig
+    from fastrm.trainers.reward_model import RewardConfig
 
     assert load_config(RewardConfig, None, [f"packed={value}"]).packed == expected
 
@@ -411,7 +411,7 @@ def test_packed_setting_rejects_other_values():
 
 
 def test_reward_trainer_bucketed_steps_equal_packed_steps(tmp_path):
-    from fastrm.trainers.reward import RewardConfig, RewardTrainer
+    from fastrm.trainers.reward_model import RewardConfig, RewardTrainer
 
     losses = {}
     for mode in ("true", "bucketed"):
@@ -431,9 +431,9 @@ def test_reward_trainer_bucketed_steps_equal_packed_steps(tmp_path):
 
 def test_rl_rollout_forwards_are_the_same_packed_bucketed_and_padded(tmp_path):
     """Old / reference log-probs, critic values and reward-model scores of one rollout, in every layout."""
-    from fastrm.data import load_tokenizer
     from fastrm.generation import generate
     from fastrm.models import ModelConfig, load_reward_model
+    from fastrm.tokenization import load_tokenizer
     from fastrm.trainers.rl import RLConfig, RLTrainer
 
     tokenizer = load_tokenizer("embedded")
@@ -497,19 +497,19 @@ requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs 
 @pytest.mark.parametrize("path", ["torch-varlen", "sdpa-buckets"])
 @pytest.mark.parametrize("window,kv_heads", [(None, 8), (16, 2)])
 def test_cuda_varlen_attention_in_bf16_equals_each_sequence_alone(monkeypatch, path, window, kv_heads):
-    if path == "torch-varlen" and packing._torch_varlen_attn() is None:
+    if path == "torch-varlen" and varlen._torch_varlen_attn() is None:
         pytest.skip("this torch has no torch.nn.attention.varlen")
     if path == "sdpa-buckets":
-        monkeypatch.setattr(packing, "_use_torch_varlen", lambda *args: False)
+        monkeypatch.setattr(varlen, "_use_torch_varlen", lambda *args: False)
     lengths, d = [37, 5, 128, 64, 64, 1, 90], 64
     S = sum(lengths)
     q = torch.randn(1, 8, S, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     k, v = (torch.randn(1, kv_heads, S, d, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(2))
     cu = torch.zeros(len(lengths) + 1, dtype=torch.int32, device="cuda")
     cu[1:] = torch.tensor(lengths, device="cuda").cumsum(0)
-    kwargs = {packing.PLAN_KWARG: packing.VarlenPlan.from_batch({"cu_seq_lens": cu}), "scaling": d ** -0.5,
+    kwargs = {varlen.PLAN_KWARG: varlen.VarlenPlan.from_cu_seq_lens(cu), "scaling": d ** -0.5,
               "dropout": 0.0, "sliding_window": window}
-    out, _ = packing._make_attention("sdpa")(Attention(8, kv_heads, True), q, k, v, None, **kwargs)
+    out, _ = varlen._make_attention("sdpa")(Attention(8, kv_heads, True), q, k, v, None, **kwargs)
     want = _reference_attention(*(x[0].transpose(0, 1).float() for x in (q, k, v)), lengths, True, window, d ** -0.5)
     scale = want.abs().max().item()
     assert (out[0].double() - want).abs().max().item() <= 2e-2 * scale  # bf16 inputs and output: a few ulps
@@ -526,7 +526,7 @@ def test_cuda_probe_under_bf16_autocast_packs_a_llama():
     model = _llama("reward").cuda()
     decision = packing.choose_packing(model, "auto", "reward", autocast_dtype=torch.bfloat16)
     assert decision.mode == "packed" and "bfloat16 autocast" in decision.reason
-    if packing._torch_varlen_attn() is not None:
+    if varlen._torch_varlen_attn() is not None:
         assert decision.attention.startswith("torch varlen_attn")
 
 

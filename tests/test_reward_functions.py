@@ -12,7 +12,7 @@ import torch
 
 from fastrm import rewards
 from fastrm.config import ConfigError, load_config
-from fastrm.data import load_tokenizer
+from fastrm.tokenization import load_tokenizer
 from fastrm.trainers.rl import RLConfig, RLTrainer
 
 datasets = pytest.importorskip("datasets")
@@ -136,14 +136,14 @@ def test_columns_reach_weighted_functions_and_every_score_is_logged(tmp_path):
     (name1, call1), (name2, call2) = CALLS
     assert (name1, name2) == ("overlap", "length")
     # every completion with its prompt row's fields (num_samples=2 per prompt), as TRL passes them
-    assert call1["prompts"] == ["1+1=", "1+1=", "2+3=", "2+3="] and call1["completions"] == ro["completions"]
+    assert call1["prompts"] == ["1+1=", "1+1=", "2+3=", "2+3="] and call1["completions"] == ro.completions
     assert call1["answer"] == ["2", "2", "5", "5"] and call1["task"] == ["sum", "sum", "copy", "copy"]
-    mask = ro["mask"].bool()
-    completion_ids = [ro["batch"]["input_ids"][i, ro["prompt_len"]:][mask[i]].tolist() for i in range(4)]
+    mask = ro.mask.bool()
+    completion_ids = [ro.batch.input_ids[i, ro.prompt_len:][mask[i]].tolist() for i in range(4)]
     assert call1["completion_ids"] == completion_ids == call2["completion_ids"]
     overlap_scores = [len(set(c) & set(a)) for c, a in zip(call1["completions"], call1["answer"])]
     length_scores = [len(ids) / 10 for ids in completion_ids]
-    stats = ro["stats"]
+    stats = ro.stats
     assert stats["reward/overlap"] == pytest.approx(sum(overlap_scores) / 4)
     assert stats["reward/length"] == pytest.approx(sum(length_scores) / 4)
     rule = [o + 0.5 * n for o, n in zip(overlap_scores, length_scores)]
@@ -174,13 +174,13 @@ def test_none_scores_and_conversational_prompts(tmp_path):
     (_, s), (_, o) = CALLS
     # TRL's shapes for a conversational prompt: its messages, and the completion as an assistant message
     assert o["prompts"][0] == [{"role": "user", "content": "1+1"}] and trainer.train_rows[0]["prompt"] == "1+1="
-    assert [c[0]["content"] for c in o["completions"]] == ro["completions"]
+    assert [c[0]["content"] for c in o["completions"]] == ro.completions
     assert all(c[0]["role"] == "assistant" and len(c) == 1 for c in o["completions"])
     sums = [len(c[0]["content"]) for c in s["completions"][:2]]  # the "copy" prompt's completions: None
     overlaps = [len(set(c[0]["content"]) & set(a)) for c, a in zip(o["completions"], o["answer"])]
-    assert ro["stats"]["reward/sums_only"] == pytest.approx(sum(sums) / 2)  # over the completions it scored
+    assert ro.stats["reward/sums_only"] == pytest.approx(sum(sums) / 2)  # over the completions it scored
     expected = [sums[0] + overlaps[0], sums[1] + overlaps[1], overlaps[2], overlaps[3]]
-    assert float(ro["stats"]["reward/rule"]) == pytest.approx(sum(expected) / 4)
+    assert float(ro.stats["reward/rule"]) == pytest.approx(sum(expected) / 4)
     # with reward=rule, a completion no function scores has no reward at all: an error, not a silent 0
     only_sums = rl_trainer(tmp_path / "run2", f"tokenizer={tmp_path / 'tok'}", reward_fn=sums_only, train_data=rows)
     with pytest.raises(ValueError, match=r"no reward function scored completion 2 \(all returned None\) of the "

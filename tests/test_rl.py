@@ -9,8 +9,9 @@ import torch
 
 from fastrm import rl
 from fastrm.config import ConfigError, load_config
-from fastrm.data import load_tokenizer
+from fastrm.layout import PaddedBatch
 from fastrm.models import ModelConfig, load_reward_model
+from fastrm.tokenization import load_tokenizer
 from fastrm.trainers.rl import RLConfig, RLTrainer
 
 TINY = ["model.hidden_size=32", "model.num_layers=1", "model.num_heads=2", "model.intermediate_size=64",
@@ -148,33 +149,33 @@ def test_minibatch_loss_equals_hand_computation(tmp_path):
         for p in trainer.policy.parameters():
             p.add_(0.05 * torch.randn_like(p))
     ro = trainer.rollout(trainer.train_rows[:3])
-    rows = ro["mask"].shape[0]
+    rows = ro.mask.shape[0]
     gen = torch.Generator().manual_seed(0)
     # move old log-probs and values so clipping is active on some tokens
-    ro["old_logprobs"] = ro["old_logprobs"] + 0.3 * torch.randn(ro["old_logprobs"].shape, generator=gen)
-    ro["values"] = ro["values"] + 0.5 * torch.randn(ro["values"].shape, generator=gen)
+    ro.old_logprobs = ro.old_logprobs + 0.3 * torch.randn(ro.old_logprobs.shape, generator=gen)
+    ro.values = ro.values + 0.5 * torch.randn(ro.values.shape, generator=gen)
     idx = torch.arange(rows)
     loss, metrics = trainer.compute_loss(ro, idx)
 
     # by hand: full logits, log_softmax(logits / T), no fused ops
-    batch, P, mask = ro["batch"], ro["prompt_len"], ro["mask"].bool()
+    batch, P, mask = ro.batch, ro.prompt_len, ro.mask.bool()
     with torch.no_grad():
-        logits = trainer.policy(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                                position_ids=batch["position_ids"]).logits.float() / 0.7
-        ref_logits = trainer.ref(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                                 position_ids=batch["position_ids"]).logits.float() / 0.7
-        values = trainer.value({k: batch[k] for k in ("input_ids", "attention_mask", "position_ids")})
+        logits = trainer.policy(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                                position_ids=batch.position_ids).logits.float() / 0.7
+        ref_logits = trainer.ref(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                                 position_ids=batch.position_ids).logits.float() / 0.7
+        values = trainer.value(PaddedBatch(batch.input_ids, batch.attention_mask, position_ids=batch.position_ids))
     logp_all = torch.log_softmax(logits[:, P - 1:-1], -1)
-    tokens = batch["input_ids"][:, P:]
+    tokens = batch.input_ids[:, P:]
     logp = logp_all.gather(-1, tokens[..., None])[..., 0]
     ref_logp = torch.log_softmax(ref_logits[:, P - 1:-1], -1).gather(-1, tokens[..., None])[..., 0]
     entropy = -(logp_all.exp() * logp_all).sum(-1)
-    ratio = (logp - ro["old_logprobs"]).exp()
-    adv = ro["advantages"]
+    ratio = (logp - ro.old_logprobs).exp()
+    adv = ro.advantages
     pg = torch.maximum(-adv * ratio, -adv * ratio.clamp(1 - c_eps, 1 + c_eps))
     policy_loss = pg[mask].mean()
     v = values[:, P - 1:-1]
-    old_v, ret = ro["values"], ro["returns"]
+    old_v, ret = ro.values, ro.returns
     v_clipped = old_v + (v - old_v).clamp(-v_clip, v_clip)
     v_loss = 0.5 * torch.maximum((v - ret) ** 2, (v_clipped - ret) ** 2)[mask].mean()
     d = ref_logp - logp
@@ -263,7 +264,7 @@ def test_rule_reward_path(tmp_path):
     prompts, completions = calls[-1]
     assert prompts == ["1+1=", "1+1=", "2+3=", "2+3="]
     expected = [0.5 * (10.0 * len(c) + (p == "1+1=")) for p, c in zip(prompts, completions)]
-    assert float(ro["stats"]["objective/scores"]) == pytest.approx(sum(expected) / 4)
+    assert float(ro.stats["objective/scores"]) == pytest.approx(sum(expected) / 4)
     # the embedded checker by name
     trainer2 = rl_trainer(tmp_path / "b", "advantage=rloo", "reward=rule")
     from fastrm.tasks.arithmetic import reward_fn
@@ -288,12 +289,12 @@ def test_learned_reward_model_path(tmp_path):
     loaded = AutoModelForSequenceClassification.from_pretrained(tmp_path / "rm", num_labels=1).eval()
     expected = []
     for i in range(4):
-        prompt_ids = tokenizer(ro["prompts"][i])["input_ids"]
-        completion = ro["batch"]["input_ids"][i, ro["prompt_len"]:][ro["mask"][i].bool()].tolist()
+        prompt_ids = tokenizer(ro.prompts[i])["input_ids"]
+        completion = ro.batch.input_ids[i, ro.prompt_len:][ro.mask[i].bool()].tolist()
         with torch.no_grad():
             expected.append(loaded(input_ids=torch.tensor([prompt_ids + completion])).logits.item())
-    assert float(ro["stats"]["reward/model"]) == pytest.approx(sum(expected) / 4, abs=1e-5)
-    assert float(ro["stats"]["objective/scores"]) == pytest.approx(2.0 * sum(expected) / 4, abs=1e-5)
+    assert float(ro.stats["reward/model"]) == pytest.approx(sum(expected) / 4, abs=1e-5)
+    assert float(ro.stats["objective/scores"]) == pytest.approx(2.0 * sum(expected) / 4, abs=1e-5)
     # a critic built on the reward model starts from its head
     trainer_v = rl_trainer(tmp_path / "run2", "advantage=gae", "reward=model", f"reward_model_path={tmp_path / 'rm'}",
                            "value_model=reward")
@@ -352,7 +353,7 @@ def test_grpo_scale_is_an_alias_of_scale_rewards():
 
 
 def test_nonfinite_loss_stops_training(tmp_path):
-    from fastrm.training import NonFiniteLossError
+    from fastrm.guard import NonFiniteLossError
 
     trainer = rl_trainer(tmp_path, "advantage=rloo", "reward=rule", reward_fn=answer_length)
     compute_loss = trainer.compute_loss

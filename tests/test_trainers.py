@@ -6,11 +6,12 @@ import json
 import pytest
 import torch
 
-from fastrm import data as fdata
-from fastrm import training
+from fastrm import checkpoint as ckpt
+from fastrm import guard
 from fastrm.config import ConfigError, load_config
+from fastrm.layout import collate_preference, collate_sft
 from fastrm.models import reward_scores, token_logprobs
-from fastrm.trainers.reward import RewardConfig, RewardTrainer
+from fastrm.trainers.reward_model import RewardConfig, RewardTrainer
 from fastrm.trainers.sft import SFTConfig, SFTTrainer
 
 TINY = ["model.hidden_size=32", "model.num_layers=1", "model.num_heads=2", "model.intermediate_size=64",
@@ -90,15 +91,15 @@ def test_saved_reward_model_loads_with_auto_class_and_scores_the_same(tmp_path):
     trainer = reward_trainer(tmp_path, "max_steps=2", "save_steps=2")
     trainer.train()
     batch = trainer.collate(trainer.eval_examples[:8])  # packed
-    padded = fdata.collate_preference_padded(trainer.eval_examples[:8], trainer.tokenizer.pad_token_id)
+    padded = collate_preference(trainer.eval_examples[:8], trainer.tokenizer.pad_token_id).sequences
     trainer.model.eval()
     with torch.no_grad():
-        ours = reward_scores(trainer.model, batch)
+        ours = reward_scores(trainer.model, batch.sequences)
     loaded = AutoModelForSequenceClassification.from_pretrained(trainer.last_checkpoint, num_labels=1).eval()
     tokenizer = AutoTokenizer.from_pretrained(trainer.last_checkpoint)
     assert tokenizer("3+4=")["input_ids"] == trainer.tokenizer("3+4=")["input_ids"]
     with torch.no_grad():
-        theirs = loaded(input_ids=padded["input_ids"], attention_mask=padded["attention_mask"]).logits.squeeze(-1)
+        theirs = loaded(input_ids=padded.input_ids, attention_mask=padded.attention_mask).logits.squeeze(-1)
     torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
 
 
@@ -108,8 +109,8 @@ def test_packed_and_padded_rewards_are_equal(tmp_path):
     pad = trainer.tokenizer.pad_token_id
     trainer.model.eval()
     with torch.no_grad():
-        packed = reward_scores(trainer.model, fdata.collate_preference_packed(examples))
-        padded = reward_scores(trainer.model, fdata.collate_preference_padded(examples, pad))
+        packed = reward_scores(trainer.model, collate_preference(examples, pad, "packed").sequences)
+        padded = reward_scores(trainer.model, collate_preference(examples, pad).sequences)
     assert packed.shape == (32,)
     torch.testing.assert_close(packed, padded, atol=1e-5, rtol=1e-5)
     assert packed.std() > 0  # not a constant function, or equality would prove nothing
@@ -117,15 +118,18 @@ def test_packed_and_padded_rewards_are_equal(tmp_path):
 
 def test_token_logprobs_match_model_logits(tmp_path):
     trainer = sft_trainer(tmp_path)
-    for collate in (fdata.collate_sft_packed, lambda ex: fdata.collate_sft_padded(ex, trainer.tokenizer.pad_token_id)):
-        batch = collate(trainer.train_examples[:5])
+    for mode in ("packed", "padded"):
+        batch = collate_sft(trainer.train_examples[:5], trainer.tokenizer.pad_token_id, mode)
         with torch.no_grad():
-            ours = token_logprobs(trainer.model, batch)
-            kwargs = {k: batch[k] for k in ("attention_mask", "position_ids") if k in batch}
-            logits = trainer.model(input_ids=batch["input_ids"], use_cache=False, **kwargs).logits
-        labels = batch["labels"][:, 1:]
+            ours = token_logprobs(trainer.model, batch)  # the padded layout, whatever the batch's
+            kwargs = {k: getattr(batch, k) for k in ("attention_mask", "position_ids")
+                      if getattr(batch, k, None) is not None}
+            logits = trainer.model(input_ids=batch.input_ids, use_cache=False, **kwargs).logits
+        labels = batch.labels[:, 1:]
         ref = torch.log_softmax(logits[:, :-1].double(), -1).gather(-1, labels.clamp_min(0).unsqueeze(-1)).squeeze(-1)
         ref = torch.where(labels != -100, ref, 0.0)
+        if mode == "packed":
+            ref = batch.unpack(ref)
         torch.testing.assert_close(ours.double(), ref, atol=1e-5, rtol=1e-5)
         assert (labels != -100).sum() > 0
 
@@ -194,7 +198,7 @@ def test_kway_ranking_data_trains_with_ranking_loss(tmp_path):
     rows = make_ranking_data(48, k=4, seed=1, max_level=0)
     path.write_text("\n".join(json.dumps(r) for r in rows))
     trainer = reward_trainer(tmp_path / "run", f"train_data={path}", "eval_fraction=0.25", "max_steps=3")
-    assert trainer.kind == "ranking"
+    assert trainer.data_format == "ranking"
     trainer.train()
     assert trainer.step == 3
 
@@ -241,10 +245,10 @@ def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypat
         return (loss * float("nan") if trainer.step == 4 else loss), metrics
 
     monkeypatch.setattr(trainer, "compute_loss", poisoned)
-    with pytest.raises(training.NonFiniteLossError, match="non-finite loss.* at step 5 .*checkpoint-3"):
+    with pytest.raises(guard.NonFiniteLossError, match="non-finite loss.* at step 5 .*checkpoint-3"):
         trainer.train()
-    assert training.latest_checkpoint(tmp_path).name == "checkpoint-3"
-    state = training.load_trainer_state(tmp_path / "checkpoint-3")
+    assert ckpt.latest_checkpoint(tmp_path).name == "checkpoint-3"
+    state = ckpt.load_trainer_state(tmp_path / "checkpoint-3")
     assert state["step"] == 3
     resumed = reward_trainer(tmp_path, "max_steps=8", "resume=true")
     assert resumed.step == 3

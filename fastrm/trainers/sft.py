@@ -18,23 +18,28 @@ from typing import ClassVar
 import torch
 
 from fastrm import data as fdata
-from fastrm import distributed, lora, training
-from fastrm.config import parse_cli, require, setting
+from fastrm import distributed, lora, runtime, tokenization
+from fastrm.config import parse_cli, require_setting, setting
 from fastrm.errors import DataError
+from fastrm.generation import generate_completions
+from fastrm.layout import collate_sft
+from fastrm.metrics import reduce_sums
 from fastrm.models import check_positions, load_causal_lm, token_logprobs
+from fastrm.tasks.arithmetic import ArithmeticTask
+from fastrm.trainers import base, loop
 
 log = logging.getLogger("fastrm")
 
 
 @dataclass
-class SFTConfig(training.SupervisedSettings):
+class SFTConfig(base.SupervisedSettings):
     # SFT data (train_data, JSONL of {"prompt","completion"} or {"messages"}; None: the embedded arithmetic task)
     num_train_examples: int = setting(4000, "embedded task: training examples generated")
     num_eval_examples: int = setting(200, "embedded task: held-out examples generated")
     eval_generate: int = setting(100, "embedded task: held-out prompts answered greedily and checked at each "
                                       "evaluation (0: off)")
     max_new_tokens: int = setting(6, "longest greedy answer generated for eval_generate")
-    # The shared settings with this trainer's defaults (meanings: training.TrainerSettings)
+    # The shared settings with this trainer's defaults (meanings: base.TrainerSettings)
     output_dir: str = "runs/sft"
     lr: float = setting(2e-5, "peak learning rate (AdamW); pretrained full fine-tuning (TINY_PRESET: the tiny model's)")
 
@@ -42,24 +47,24 @@ class SFTConfig(training.SupervisedSettings):
     TINY_PRESET: ClassVar[dict] = {"batch_size": 64, "max_steps": 300, "lr": 3e-3, "warmup_steps": 20,
                                    "max_length": 32, "log_steps": 20, "eval_steps": 100, "save_steps": 100}
 
-    FIXED_ON_RESUME: ClassVar[tuple[str, ...]] = training.SupervisedSettings.FIXED_ON_RESUME + ("num_train_examples",)
+    FIXED_ON_RESUME: ClassVar[tuple[str, ...]] = base.SupervisedSettings.FIXED_ON_RESUME + ("num_train_examples",)
 
     def validate(self):
         super().validate()
         for name in ("num_train_examples", "num_eval_examples", "max_new_tokens"):
-            require(getattr(self, name) >= 1, name, getattr(self, name), "must be >= 1")
-        require(self.eval_generate >= 0, "eval_generate", self.eval_generate, "must be >= 0")
+            require_setting(getattr(self, name) >= 1, name, getattr(self, name), "must be >= 1")
+        require_setting(self.eval_generate >= 0, "eval_generate", self.eval_generate, "must be >= 0")
 
 
-class SFTTrainer(training.Trainer):
+class SFTTrainer(base.Trainer):
     """``SFTTrainer(config).setup().train()``; ``SFTTrainer(config, train_data=ds, eval_data=None)`` trains on
     rows given in Python (a ``datasets.Dataset`` / ``DatasetDict``, a list of dicts) instead of
     ``config.train_data``."""
 
     def setup(self):
         c = self.config
-        training.start_run(self)
-        self.tokenizer = fdata.load_tokenizer(c.tokenizer, c.model.name_or_path)
+        base.start_run(self)
+        self.tokenizer = tokenization.load_tokenizer(c.tokenizer, c.model.name_or_path)
         train_rows, eval_rows = self._load_rows()
         self.train_examples = self._tokenize(train_rows, "train")
         self.eval_examples = self._tokenize(eval_rows, "eval")
@@ -68,21 +73,19 @@ class SFTTrainer(training.Trainer):
             raise DataError("no training examples left after tokenization: every row was dropped (truncation=drop "
                             "with too small a max_length?)")
         self.model = load_causal_lm(c.model, self.tokenizer, self.device, quantize=c.lora.quantize)
-        self.packing = training.choose_packing(self, self.model, "causal_lm", "policy")
+        self.packing = base.packing_for(self, self.model, "causal_lm", "policy")
         check_positions(self.model, c.max_length, "max_length", c.max_length, "the longest sequence (max_length)")
         if c.lora.enabled:  # adapters on the frozen model
             self.model = lora.add_adapters(self.model, c.lora, "causal")
-        training.prepare_optimization(self)
+        loop.prepare_optimization(self)
         log.info("policy: %s, %s, %d train / %d eval examples, %s batches, device=%s",
-                 type(lora.unwrap(self.model)).__name__, training.parameter_counts(self.model),
+                 type(lora.unwrap(self.model)).__name__, base.parameter_counts(self.model),
                  len(self.train_examples), len(self.eval_examples), self.packing.mode, self.device)
         return self
 
     def _load_rows(self):
         c = self.config
         if self.train_data is None:
-            from fastrm.tasks.arithmetic import ArithmeticTask
-
             log.info("no train_data given: generating the embedded arithmetic task's SFT data")
             self.task = ArithmeticTask(max_level=c.task_max_level)
             return (self.task.make_sft_data(c.num_train_examples, seed=c.seed),
@@ -93,28 +96,25 @@ class SFTTrainer(training.Trainer):
     def _tokenize(self, rows, split):
         if not rows:
             return []
-        examples, stats = fdata.tokenize_sft(rows, self.tokenizer, self.config.max_length, truncation=self.config.truncation)
-        training.log_tokenized(split, stats, self.config.max_length)
+        c = self.config
+        examples, stats = tokenization.tokenize_sft(rows, self.tokenizer, c.max_length, truncation=c.truncation)
+        base.log_tokenized(split, stats, c.max_length)
         return examples
 
     def collate(self, examples):
-        if self.packing.mode == "packed":
-            batch = fdata.collate_sft_packed(examples)
-        else:
-            batch = fdata.collate_sft_padded(examples, self.tokenizer.pad_token_id)
-        return training.to_device(batch, self.device, self.packing)
+        return collate_sft(examples, self.tokenizer.pad_token_id, self.packing.mode, self.device)
 
     def compute_loss(self, batch):
-        with training.autocast(self.autocast, self.device):
+        with runtime.autocast(self.autocast, self.device):
             logprobs = self.parallel(token_logprobs, batch, backend=self.config.backend)
-        n_tokens = (batch["labels"][:, 1:] != fdata.IGNORE_INDEX).sum().clamp_min(1)
+        n_tokens = batch.predicted_tokens.clamp_min(1)
         loss = -logprobs.sum() / n_tokens
         if self.model.training:  # data parallel: the mean over all ranks' tokens, as one process takes it
             loss = loss * distributed.token_weight(n_tokens)
         return loss, {"loss": loss.detach(), "num_tokens": n_tokens.float()}
 
     def train(self):
-        return training.fit(self, "sft", {"loss": "loss"})
+        return loop.fit(self, "sft", {"loss": "loss"})
 
     @torch.no_grad()
     def evaluate(self) -> dict:
@@ -127,7 +127,7 @@ class SFTTrainer(training.Trainer):
             if weight:
                 total += loss.item() * metrics["num_tokens"].item()
                 n += metrics["num_tokens"].item()
-        total, n = training.reduce_sums(total, n)
+        total, n = reduce_sums(total, n)
         out = {"eval/loss": total / max(n, 1)}
         if self.task is not None and self.config.eval_generate:
             correct, count = 0.0, 0
@@ -135,7 +135,7 @@ class SFTTrainer(training.Trainer):
                                                           self.config.batch_size):
                 correct += self.task_accuracy(rows) * weight
                 count += weight
-            correct, count = training.reduce_sums(correct, count)
+            correct, count = reduce_sums(correct, count)
             out["eval/task_accuracy"] = correct / max(count, 1)
         self.model.train(was_training)
         return out
@@ -143,8 +143,6 @@ class SFTTrainer(training.Trainer):
     @torch.no_grad()
     def task_accuracy(self, rows) -> float:
         """Share of prompts whose greedy answer the task's checker marks correct (the truth, not a model)."""
-        from fastrm.generation import generate_completions
-
         prompts = [r["prompt"] for r in rows]
         completions = self.parallel(generate_completions, self.tokenizer, prompts,
                                     max_new_tokens=self.config.max_new_tokens, do_sample=False,
@@ -152,7 +150,7 @@ class SFTTrainer(training.Trainer):
         return sum(self.task.is_correct(p, c) for p, c in zip(prompts, completions)) / max(len(prompts), 1)
 
     def save(self) -> Path:
-        return training.save_trainer(self)
+        return loop.save_trainer(self)
 
 
 def main(argv=None) -> int:

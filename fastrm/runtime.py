@@ -1,0 +1,94 @@
+"""The process a trainer runs in: its device, seeds and RNG state, autocast, and logging."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import random
+
+import torch
+
+from fastrm import distributed
+from fastrm.config import require_setting
+
+log = logging.getLogger("fastrm")
+
+
+def check_device(name: str, setting_name: str = "device"):
+    """``auto``, or a torch device string naming a device this machine has."""
+    if name == "auto":
+        return
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        require_setting(False, setting_name, name, "must be auto, cpu, cuda or cuda:N")
+    if device.type == "cuda":
+        require_setting(torch.cuda.is_available(), setting_name, name, "CUDA is not available on this machine")
+        require_setting(device.index is None or device.index < torch.cuda.device_count(), setting_name, name,
+                f"this machine has {torch.cuda.device_count()} CUDA device(s)")
+    else:
+        require_setting(device.type == "cpu", setting_name, name, "must be auto, cpu, cuda or cuda:N")
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available() and distributed.env_world_size() > 1:
+            return torch.device("cuda", distributed.env_local_rank())  # torchrun: one GPU per process
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    check_device(name)
+    return torch.device(name)
+
+
+def set_seed(seed: int):
+    random.seed(seed)
+    torch.manual_seed(seed)
+    if torch.cuda.is_available():
+        torch.cuda.manual_seed_all(seed)
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict):
+    random.setstate(state["python"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def use_bf16_autocast(mixed_precision: str, device: torch.device) -> bool:
+    return mixed_precision == "bf16" or (mixed_precision == "auto" and device.type == "cuda")
+
+
+def autocast(enabled: bool, device: torch.device):
+    return torch.autocast(device.type, dtype=torch.bfloat16) if enabled else contextlib.nullcontext()
+
+
+def setup_logging():
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+
+
+class _DropHubKernelNotice(logging.Filter):
+    """bitsandbytes (>= 0.50, CPUs with AVX512-BF16) tries to fetch an optional CPU 4-bit GEMM from the Hugging Face
+    hub at import, and warns when it cannot ('pip install kernels'): it then runs its own CPU path, so the warning
+    asks nothing of a fastrm user, and read at start-up it looks like a failure."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "kernels-community" not in record.getMessage()
+
+
+def quiet_third_parties():
+    """No per-save / per-load progress bars and INFO logs from transformers under fastrm's own bar and log, and no
+    third-party warning a user cannot act on."""
+    import transformers
+
+    transformers.utils.logging.set_verbosity_warning()
+    transformers.utils.logging.disable_progress_bar()
+    bnb_cpu = logging.getLogger("bitsandbytes.backends.cpu.ops")
+    if not any(isinstance(f, _DropHubKernelNotice) for f in bnb_cpu.filters):
+        bnb_cpu.addFilter(_DropHubKernelNotice())
