@@ -24,6 +24,13 @@ with verl's stop-gradient construction ``log s_bt = sg(log s_b) + logprobs_t - s
 
 The kernel then makes two passes over the row: the mean log-ratio first, the loss second.
 
+CISPO (MiniMax-M1, with CISPO set): the clipped ratio is replaced by a stop-gradient weight on the log-prob,
+same ratio (token or sequence level)::
+
+    loss_t = -min(ratio, 1 + eps_high) * A * logprobs      d loss_t / d logprobs_t = -min(ratio, 1 + eps_high) * A
+
+every valid token keeping its gradient ("clipped" counts ratio > 1 + eps_high: the weight was truncated).
+
 Value loss, per token::
 
     clipped_t = clamp(values, old_values - clip, old_values + clip)   (= old + clamp(values - old, ±clip))
@@ -111,6 +118,7 @@ if HAS_TRITON:
         HAS_DUAL_CLIP: tl.constexpr,
         WRITE_GRADS: tl.constexpr,
         SEQ_RATIO: tl.constexpr,
+        CISPO: tl.constexpr,
         BLOCK_T: tl.constexpr,
     ):
         row = tl.program_id(0).to(tl.int64)  # int64: row * stride can exceed 2**31
@@ -150,12 +158,17 @@ if HAS_TRITON:
                 log_ratio = tl.minimum(tl.maximum(raw, -log_ratio_clamp), log_ratio_clamp)
                 outside_clamp = (raw < -log_ratio_clamp) | (raw > log_ratio_clamp)
             ratio = tl.exp(log_ratio)
-            pg1 = -adv * ratio
-            pg2 = -adv * tl.minimum(tl.maximum(ratio, ratio_low), ratio_high)
-            loss = tl.maximum(pg1, pg2)
-            clipped = pg2 > pg1
-            # d pg1 / d logp = -A * ratio, blocked by the log-ratio clamp (closed interval, as torch.clamp).
-            grad = tl.where(clipped | outside_clamp, 0.0, pg1)
+            if CISPO:  # the weight min(ratio, 1 + eps_high) is a constant: every token keeps -A * weight
+                grad = -adv * tl.minimum(ratio, ratio_high)
+                loss = grad * logp
+                clipped = ratio > ratio_high
+            else:
+                pg1 = -adv * ratio
+                pg2 = -adv * tl.minimum(tl.maximum(ratio, ratio_low), ratio_high)
+                loss = tl.maximum(pg1, pg2)
+                clipped = pg2 > pg1
+                # d pg1 / d logp = -A * ratio, blocked by the log-ratio clamp (closed interval, as torch.clamp).
+                grad = tl.where(clipped | outside_clamp, 0.0, pg1)
             if HAS_DUAL_CLIP:
                 pg3 = -adv * dual_clip
                 dual = (adv < 0.0) & (loss > pg3)
@@ -321,8 +334,10 @@ def _stats_and_grad_fake(n_stats):
 @kernel_op("ppo_policy_fwd", _stats_and_grad_fake(len(POLICY_STATS)))
 def ppo_policy_fwd(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, *,
                    clip_eps: float, clip_eps_high: float, dual_clip: float | None, write_grads: bool,
-                   seq_ratio: bool = False, block_t: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Launch ``_ppo_policy_fwd_kernel`` on [B, T] inputs with any strides (``seq_ratio``: GSPO's sequence ratio).
+                   seq_ratio: bool = False, cispo: bool = False,
+                   block_t: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Launch ``_ppo_policy_fwd_kernel`` on [B, T] inputs with any strides (``seq_ratio``: GSPO's sequence ratio;
+    ``cispo``: CISPO's clipped stop-gradient weight instead of the clipped ratio).
 
     Returns ``(stats, grad)``: fp32 [6, B] per-row sums in the order of ``POLICY_STATS`` (the counts are
     whole numbers), and the fp32 [B, T] per-token d loss_t / d logprobs_t (0 where masked), or None
@@ -346,6 +361,7 @@ def ppo_policy_fwd(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantage
         HAS_DUAL_CLIP=dual_clip is not None,
         WRITE_GRADS=write_grads,
         SEQ_RATIO=seq_ratio,
+        CISPO=cispo,
         BLOCK_T=block,
         num_warps=row_num_warps(block),
     )
@@ -474,14 +490,16 @@ def _agg_loss_reference(loss_mat, mask, agg, loss_scale_factor=None):
 
 
 def ppo_policy_loss_reference(logprobs, old_logprobs, advantages, mask, clip_eps=0.2, clip_eps_high=None,
-                              dual_clip=None, agg="token-mean", ratio_level="token", loss_scale_factor=None):
+                              dual_clip=None, agg="token-mean", ratio_level="token", loss_scale_factor=None,
+                              policy_loss="ppo"):
     """verl's vanilla ``compute_policy_loss`` + ``agg_loss`` (``ratio_level="sequence"``: verl's
     ``compute_policy_loss_gspo`` ratio, with the dual clip still applied when ``dual_clip`` is set).
 
     ``clip_eps`` / ``clip_eps_high`` are verl's ``cliprange_low`` / ``cliprange_high``, ``dual_clip`` its
     ``clip_ratio_c`` (None: no dual clip; verl always applies one, 3.0 by default). Returns
     ``(loss, clipfrac, approx_kl, ratio_mean, clipfrac_lower)``; approx_kl is the token mean of
-    k3 = (ratio - 1) - log ratio (verl reports the k1 mean -log ratio instead).
+    k3 = (ratio - 1) - log ratio (verl reports the k1 mean -log ratio instead). ``policy_loss="cispo"``: CISPO's
+    ``-sg(min(ratio, 1 + clip_eps_high)) * A * logprobs`` (dual_clip unused).
     """
     m = mask.to(logprobs.dtype)
     if ratio_level == "sequence":
@@ -492,6 +510,13 @@ def ppo_policy_loss_reference(logprobs, old_logprobs, advantages, mask, clip_eps
         negative_approx_kl = torch.clamp(logprobs - old_logprobs, min=-LOG_RATIO_CLAMP, max=LOG_RATIO_CLAMP)
     ratio = torch.exp(negative_approx_kl)
     high = clip_eps if clip_eps_high is None else clip_eps_high
+    if policy_loss == "cispo":  # MiniMax-M1 / TRL: -sg(min(ratio, 1 + eps_high)) * A * logprobs
+        weight = torch.clamp(ratio, max=1 + high).detach()
+        approx_kl = _masked_mean_reference((ratio - 1) - negative_approx_kl, m)
+        truncated = _masked_mean_reference((ratio > 1 + high).to(m.dtype), m)
+        zero = torch.zeros((), dtype=m.dtype, device=m.device)
+        loss = _agg_loss_reference(-weight * advantages * logprobs, m, agg, loss_scale_factor)
+        return loss, truncated, approx_kl.detach(), _masked_mean_reference(ratio, m).detach(), zero
     pg_losses1 = -advantages * ratio
     pg_losses2 = -advantages * torch.clamp(ratio, 1 - clip_eps, 1 + high)
     clip_pg_losses1 = torch.maximum(pg_losses1, pg_losses2)
