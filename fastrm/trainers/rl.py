@@ -11,7 +11,7 @@ One step, top to bottom (seed §3.2: sample, score, estimate the gradient, updat
    the prompt row's other fields as keyword arguments: :mod:`fastrm.rewards`), weighted; minus the missing-EOS
    penalty; normalised and clipped;
 5. **advantages** (``advantage=``): gae (fused ``compute_gae`` with the critic), reinforce, reinforce_baseline,
-   rloo, grpo (see :mod:`fastrm.rl`); KL to the reference as a per-token reward penalty or a loss term;
+   rloo, grpo (see :mod:`fastrm.advantages`); KL to the reference as a per-token reward penalty or a loss term;
    optional whitening;
 6. **update**: ``ppo_epochs`` passes over shuffled minibatches of the clipped surrogate
    (:func:`fastrm.ops.ppo.ppo_policy_loss`, + dual clip), clipped value loss, entropy bonus; stop on a
@@ -41,7 +41,10 @@ from tqdm.auto import tqdm
 
 from fastrm import data as fdata
 from fastrm import distributed as fdist
-from fastrm import lora, packing, rewards, rl, training
+from fastrm import advantages as fadv
+from fastrm import dapo, lora, packing, rewards, training
+from fastrm.loss_types import resolve_loss_type
+from fastrm.rollout_correction import CORRECTIONS, correction_weights
 from fastrm._checks import deferred_finite_checks
 from fastrm.config import ConfigError, parse_cli, require, require_path, setting
 from fastrm.generation import decode_completions, generate
@@ -54,7 +57,7 @@ from fastrm.models import (
     reward_scores,
     token_logprobs,
 )
-from fastrm.ops.ppo import AGG_MODES, KL_KINDS, kl_penalty, ppo_policy_loss, value_loss
+from fastrm.ops.ppo import AGG_MODES, KL_KINDS, POLICY_LOSSES, kl_penalty, ppo_policy_loss, value_loss
 
 log = logging.getLogger("fastrm")
 
@@ -102,7 +105,8 @@ class RLConfig(training.TrainerSettings):
     temperature: float = setting(1.0, "sampling temperature (log-probs are taken at the same temperature)")
     top_p: float = setting(1.0, "nucleus sampling: keep the smallest token set with this much probability")
     # Advantages
-    advantage: str = setting("gae", "gae (critic) | reinforce | reinforce_baseline | rloo | grpo")
+    advantage: str = setting("gae", "gae (critic) | reinforce | reinforce_baseline | rloo | grpo | reinforce_pp "
+                                    "(REINFORCE++) | reinforce_pp_baseline (REINFORCE++-baseline)")
     gamma: float = setting(1.0, "discount per token")
     lam: float = setting(0.95, "GAE lambda")
     whiten_advantages: bool = setting(True, "normalise advantages to mean 0, std 1 over the batch's tokens")
@@ -119,8 +123,27 @@ class RLConfig(training.TrainerSettings):
                                                 "clip_eps")
     dual_clip: float | None = setting(None, "dual-clip constant c > 1 bounding the loss of negative advantages; "
                                             "null: off")
-    loss_agg: str = setting("token-mean", "token-mean | seq-mean-token-mean | seq-mean-token-sum | "
-                                          "seq-mean-token-sum-norm (divided by max_new_tokens: Dr. GRPO)")
+    loss_agg: str | None = setting(None, "token-mean | seq-mean-token-mean | seq-mean-token-sum | "
+                                         "seq-mean-token-sum-norm (divided by max_new_tokens: Dr. GRPO); null: "
+                                         "token-mean, or what loss_type sets")
+    # ---- issue #23: TRL's loss_type names, CISPO, DAPO's dynamic sampling and overlong shaping, rollout correction
+    loss_type: str | None = setting(None, "TRL GRPOConfig.loss_type: grpo | dr_grpo | dapo | bnpo | cispo, sets "
+                                          "loss_agg and policy_loss (see fastrm.loss_types); null: off")
+    policy_loss: str | None = setting(None, "ppo (clipped ratio) | cispo (MiniMax-M1: clipped stop-gradient weight "
+                                            "min(ratio, 1 + clip_eps_high) on the log-prob); null: ppo, or what "
+                                            "loss_type sets")
+    dynamic_sampling: bool = setting(False, "DAPO: drop prompts whose samples all got the same reward and draw more "
+                                            "prompt batches until batch_size prompts are kept")
+    max_extra_draws: int = setting(4, "dynamic_sampling: most extra prompt batches sampled per step (then the batch "
+                                      "is filled with dropped prompts)")
+    overlong_buffer: int = setting(0, "DAPO soft overlong punishment: the last overlong_buffer tokens before "
+                                      "max_new_tokens cost up to overlong_penalty, linearly; 0: off")
+    overlong_penalty: float = setting(1.0, "overlong_buffer: the penalty of a completion of max_new_tokens tokens")
+    rollout_correction: str = setting("none", "sampler-trainer mismatch: none | tis (weight min(pi_old/pi_rollout, "
+                                              "C)) | icepop (weight pi_old/pi_rollout inside [C_low, C], else 0)")
+    rollout_is_threshold: float = setting(2.0, "rollout_correction: C, the upper bound (> 1)")
+    rollout_is_threshold_lower: float | None = setting(None, "rollout_correction=icepop: C_low in [0, 1); null: 1/C")
+    # ---- end of issue #23's settings
     vf_coef: float = setting(0.5, "weight of the value loss")
     value_clip: float | None = setting(0.2, "clip the value prediction to old value +- value_clip; null: off")
     entropy_coef: float = setting(0.0, "weight of the entropy bonus")
@@ -153,12 +176,13 @@ class RLConfig(training.TrainerSettings):
 
     def validate(self):
         super().validate()
+        self.validate_policy_loss_options()
         for name in ("num_samples", "max_new_tokens", "ppo_epochs", "num_minibatches", "num_train_prompts",
                      "kl_horizon", "curriculum_stages"):
             require(getattr(self, name) >= 1, name, getattr(self, name), "must be >= 1")
-        choices = {"reward": ("model", "rule", "both"), "advantage": rl.ESTIMATORS,
+        choices = {"reward": ("model", "rule", "both"), "advantage": fadv.ESTIMATORS,
                    "reward_norm": ("none", "batch", "running"), "baseline": ("moving", "batch"),
-                   "loss_agg": AGG_MODES, "scale_rewards": rl.SCALE_REWARDS,
+                   "loss_agg": AGG_MODES, "scale_rewards": fadv.SCALE_REWARDS,
                    "kl_estimator": KL_KINDS, "kl_in": ("reward", "loss"),
                    "curriculum_schedule": ("linear", "step"), "curriculum_difficulty": ("auto", "length")}
         for name, allowed in choices.items():
@@ -168,7 +192,7 @@ class RLConfig(training.TrainerSettings):
             require(self.scale_rewards == "group", "grpo_scale", self.grpo_scale,
                     f"conflicts with scale_rewards={self.scale_rewards}; set scale_rewards only")
             self.scale_rewards, self.grpo_scale = ("group" if self.grpo_scale else "none"), None
-        if self.advantage in rl.GROUP_ESTIMATORS:
+        if self.advantage in fadv.GROUP_ESTIMATORS:
             require(self.num_samples >= 2, "num_samples", self.num_samples,
                     f"advantage={self.advantage} compares the samples of a prompt: needs num_samples >= 2")
         if self.reward in ("model", "both"):
@@ -234,6 +258,31 @@ class RLConfig(training.TrainerSettings):
                 require_path(spec.rpartition(":")[0], "reward_fn", "file")
             else:
                 rewards.load(spec)
+
+    def validate_policy_loss_options(self):
+        """Issue #23's settings; resolves loss_type into loss_agg and policy_loss (config.yaml records both)."""
+        self.loss_agg, self.policy_loss = resolve_loss_type(self.loss_type, self.loss_agg, self.policy_loss)
+        require(self.policy_loss in POLICY_LOSSES, "policy_loss", self.policy_loss,
+                "must be one of " + ", ".join(POLICY_LOSSES))
+        require(self.policy_loss != "cispo" or self.dual_clip is None, "dual_clip", self.dual_clip,
+                "applies to policy_loss=ppo only (cispo's weight is bounded by 1 + clip_eps_high)")
+        require(self.max_extra_draws >= 0, "max_extra_draws", self.max_extra_draws, "must be >= 0")
+        if self.dynamic_sampling:
+            require(self.num_samples >= 2, "num_samples", self.num_samples,
+                    "dynamic_sampling compares the samples of a prompt: needs num_samples >= 2")
+        require(0 <= self.overlong_buffer <= self.max_new_tokens, "overlong_buffer", self.overlong_buffer,
+                f"must lie in [0, max_new_tokens={self.max_new_tokens}]")
+        require(self.overlong_penalty >= 0 and math.isfinite(self.overlong_penalty), "overlong_penalty",
+                self.overlong_penalty, "must be >= 0 and finite")
+        require(self.rollout_correction in CORRECTIONS, "rollout_correction", self.rollout_correction,
+                "must be one of " + ", ".join(CORRECTIONS))
+        require(self.rollout_is_threshold > 1 and math.isfinite(self.rollout_is_threshold), "rollout_is_threshold",
+                self.rollout_is_threshold, "must be > 1 and finite")
+        if self.rollout_is_threshold_lower is not None:
+            require(self.rollout_correction == "icepop", "rollout_is_threshold_lower", self.rollout_is_threshold_lower,
+                    f"applies to rollout_correction=icepop only, got rollout_correction={self.rollout_correction}")
+            require(0 <= self.rollout_is_threshold_lower < 1, "rollout_is_threshold_lower",
+                    self.rollout_is_threshold_lower, "must lie in [0, 1)")
 
     def reward_fn_specs(self) -> list:
         return list(self.reward_fn) if isinstance(self.reward_fn, (list, tuple)) else [self.reward_fn]
@@ -354,16 +403,16 @@ class RLTrainer(training.Trainer):
         global_batch = c.batch_size * fdist.world_size()
         if c.curriculum:
             difficulty = self._difficulty()
-            self.sampler = rl.CurriculumSampler(self.train_rows, difficulty, global_batch,
+            self.sampler = fadv.CurriculumSampler(self.train_rows, difficulty, global_batch,
                                                 start_fraction=c.curriculum_start, warmup_steps=c.curriculum_steps,
                                                 schedule=c.curriculum_schedule, num_stages=c.curriculum_stages,
                                                 seed=c.seed)
         else:
             self.sampler = training.BatchStream(self.train_rows, global_batch, c.seed)
-        self.kl_ctl = (rl.AdaptiveKLController(c.kl_coef, c.kl_target, c.kl_horizon) if c.adaptive_kl
-                       else rl.FixedKLController(c.kl_coef))
-        self.baseline = rl.MovingAverageBaseline(c.baseline, c.baseline_decay)
-        self.normalizer = rl.RewardNormalizer(c.reward_norm, c.reward_clip)
+        self.kl_ctl = (fadv.AdaptiveKLController(c.kl_coef, c.kl_target, c.kl_horizon) if c.adaptive_kl
+                       else fadv.FixedKLController(c.kl_coef))
+        self.baseline = fadv.MovingAverageBaseline(c.baseline, c.baseline_decay)
+        self.normalizer = fadv.RewardNormalizer(c.reward_norm, c.reward_clip)
         if checkpoint is not None:
             self._restore(checkpoint, state)
         self.guard = training.DivergenceGuard(self, [m for m in (self.policy, self.value) if m is not None])
@@ -588,6 +637,19 @@ class RLTrainer(training.Trainer):
         return seqs
 
     @torch.no_grad()
+    def _sample_and_score(self, rows: list[dict]) -> dapo.ScoredSamples:
+        """``num_samples`` completions per prompt row (with the sampler's log-probs when rollout_correction is on),
+        and their rewards."""
+        c = self.config
+        gen = self.policy_p(generate, self.tokenizer, [r["prompt"] for r in rows], max_new_tokens=c.max_new_tokens,
+                            do_sample=True, temperature=c.temperature, top_p=c.top_p, num_return_sequences=c.num_samples,
+                            synced_gpus=self.policy_p.is_fsdp, return_logprobs=c.rollout_correction != "none")
+        completions = decode_completions(self.tokenizer, gen["completion_ids"], gen["completion_mask"])
+        rows_n = [r for r in rows for _ in range(c.num_samples)]
+        scores, parts = self.score(rows_n, gen, completions)
+        return dapo.ScoredSamples(gen, completions, rows_n, scores, parts)
+
+    @torch.no_grad()
     def rollout(self, rows: list[dict]) -> dict:
         """Sample, score and compute advantages for one batch of prompt rows."""
         c = self.config
@@ -597,14 +659,16 @@ class RLTrainer(training.Trainer):
             self.value.eval()
         timing = {}
         start = time.perf_counter()
-        prompts = [r["prompt"] for r in rows]
-        gen = self.policy_p(generate, self.tokenizer, prompts, max_new_tokens=c.max_new_tokens, do_sample=True,
-                            temperature=c.temperature, top_p=c.top_p, num_return_sequences=n,
-                            synced_gpus=self.policy_p.is_fsdp)
-        completions = decode_completions(self.tokenizer, gen["completion_ids"], gen["completion_mask"])
-        rows_n = [r for r in rows for _ in range(n)]
+        if c.dynamic_sampling:  # DAPO: only prompts whose samples differ in reward, drawing more as needed
+            samples, draw_stats = dapo.dynamic_sampling(
+                self._sample_and_score, rows, lambda: fdist.shard(next(self.sampler)), n, c.max_extra_draws,
+                self.tokenizer.pad_token_id, lambda x: int(training.reduce_sums(x)[0]))
+        else:
+            samples, draw_stats = self._sample_and_score(rows), {}
+        gen, completions, rows_n, raw_scores, parts = (samples.gen, samples.completions, samples.rows, samples.scores,
+                                                       {**samples.parts, **draw_stats})
         prompts_n = [r["prompt"] for r in rows_n]
-        timing["timing/generate"] = time.perf_counter() - start
+        timing["timing/generate"] = time.perf_counter() - start  # and scoring
 
         start = time.perf_counter()
         batch = self._sequences(gen)
@@ -616,19 +680,28 @@ class RLTrainer(training.Trainer):
         timing["timing/logprobs"] = time.perf_counter() - start
 
         start = time.perf_counter()
-        raw_scores, parts = self.score(rows_n, gen, completions)
-        has_eos = (gen["completion_ids"] == self.tokenizer.eos_token_id).any(dim=1)
+        # on a valid position: batches of several draws are re-padded, and pad may be the EOS token
+        has_eos = ((gen["completion_ids"] == self.tokenizer.eos_token_id) & (mask != 0)).any(dim=1)
         scores = raw_scores
         if c.missing_eos_penalty is not None:
             scores = scores - c.missing_eos_penalty * (~has_eos).float()
+        if c.overlong_buffer:  # DAPO's soft overlong punishment
+            overlong = dapo.overlong_penalty(mask.sum(1), c.max_new_tokens, c.overlong_buffer, c.overlong_penalty)
+            scores = scores + overlong.to(scores.device)
+            parts["reward/overlong_penalty"] = overlong.mean()
         scores = self.normalizer(scores)
         kl = torch.where(mask != 0, kl_penalty(old_logprobs, ref_logprobs, c.kl_estimator, backend=c.backend), 0.0)
         kl_coef = self.kl_ctl.value
-        advantages, returns = rl.compute_advantages(
+        advantages, returns = fadv.compute_advantages(
             c.advantage, scores, mask, n=n, kl=kl if c.kl_in == "reward" else None, kl_coef=kl_coef, values=values,
             gamma=c.gamma, lam=c.lam, baseline=self.baseline, scale_rewards=c.scale_rewards)
-        if c.whiten_advantages:
-            advantages = rl.whiten_advantages(advantages, mask)  # statistics over all ranks' rollouts
+        if c.whiten_advantages and c.advantage not in fadv.WHITENED_ESTIMATORS:
+            advantages = fadv.whiten_advantages(advantages, mask)  # statistics over all ranks' rollouts
+        if c.rollout_correction != "none":  # a constant weight >= 0 per token: folded into the advantage
+            weights, correction = correction_weights(old_logprobs, gen["sampler_logprobs"], mask, c.rollout_correction,
+                                                     c.rollout_is_threshold, c.rollout_is_threshold_lower)
+            advantages = advantages * weights
+            parts.update(correction)
         timing["timing/advantages"] = time.perf_counter() - start
 
         seq_kl = kl.sum(1)
@@ -662,7 +735,7 @@ class RLTrainer(training.Trainer):
         logprobs, entropy = self._logprobs(self.policy_p, batch, ro["prompt_len"], return_entropy=True)
         pol = ppo_policy_loss(logprobs, ro["old_logprobs"][idx], adv, mask, clip_eps=c.clip_eps,
                               clip_eps_high=c.clip_eps_high, dual_clip=c.dual_clip, agg=c.loss_agg,
-                              loss_scale_factor=self._loss_scale_factor(), backend=c.backend)
+                              loss_scale_factor=self._loss_scale_factor(), policy_loss=c.policy_loss, backend=c.backend)
         mean_entropy = masked_mean(entropy, mask)
         # Data parallel: token means weighted to the mean over all ranks' tokens, as one process takes it.
         # (Sequence means need nothing: ranks hold equal rows.)
