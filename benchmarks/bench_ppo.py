@@ -4,11 +4,14 @@ formula as verl / TRL write it.
     python benchmarks/bench_ppo.py --quick                          # CPU-sized: B 8,64 x T 2048
     python benchmarks/bench_ppo.py                                  # full sweep (default on CUDA)
     python benchmarks/bench_ppo.py --batch 8 --seq 2048
+    python benchmarks/bench_ppo.py --quick --policy-loss cispo      # CISPO (results: ppo_cispo_<device>)
 
 Providers: fastrm Triton (CUDA; one pass per row writes the loss sums, the metrics and d logprobs) and
 torch path; ``reference`` = ``fastrm.ppo_policy_loss_reference`` (verl's ``compute_policy_loss``: ratio,
 two clipped branches, dual clip, masked token-mean, plus the clip fraction and approx-KL metrics, each a
-separate elementwise pass); ``torch.compile`` of it.
+separate elementwise pass); ``torch.compile`` of it. With ``--policy-loss cispo`` the reference is CISPO as TRL
+writes it (``-clamp(ratio, max=1 + eps_high).detach() * A * logprobs``, masked token-mean) and fastrm runs
+``policy_loss="cispo"`` (no dual clip).
 
 Bytes the op cannot avoid (memory-bound; s = bytes per element, m = mask bytes): fwd reads logprobs,
 old_logprobs, advantages and the mask, B*T*(3s+m); fwd+bwd also writes d logprobs, B*T*(4s+m).
@@ -34,20 +37,32 @@ BYTES_FORMULA = "fwd B*T*(3s+m), bwd B*T*s, fwd+bwd B*T*(4s+m) (s = bytes per el
 DUAL_CLIP = 3.0
 
 
+CISPO_EPS_HIGH = 4.0  # TRL's recommended epsilon_high = 5.0 is the bound 1 + CISPO_EPS_HIGH
+
+
 def reference(logprobs, old, advantages, mask):
     return fastrm.ppo_policy_loss_reference(logprobs, old, advantages, mask, dual_clip=DUAL_CLIP)[0]
 
 
-def providers(device: str, compile_ref: bool) -> list[Provider]:
+def cispo_reference(logprobs, old, advantages, mask):
+    m = mask.to(logprobs.dtype)
+    weight = torch.exp(logprobs - old).clamp(max=1 + CISPO_EPS_HIGH).detach()
+    return (-weight * advantages * logprobs * m).sum() / m.sum()
+
+
+def providers(device: str, compile_ref: bool, policy_loss: str = "ppo") -> list[Provider]:
+    options = {"dual_clip": DUAL_CLIP} if policy_loss == "ppo" else {"policy_loss": "cispo",
+                                                                      "clip_eps_high": CISPO_EPS_HIGH}
+    ref = reference if policy_loss == "ppo" else cispo_reference
     out = [Provider(f"fastrm-{b}", lambda lp, old, adv, m, b=b: fastrm.ppo_policy_loss(
-        lp, old, adv, m, dual_clip=DUAL_CLIP, backend=b).loss) for b in common.fastrm_backends(device)]
-    out.append(Provider("reference", reference))
+        lp, old, adv, m, backend=b, **options).loss) for b in common.fastrm_backends(device)]
+    out.append(Provider("reference", ref))
     if compile_ref:
-        out.append(Provider("reference-compiled", torch.compile(reference)))
+        out.append(Provider("reference-compiled", torch.compile(ref)))
     return out
 
 
-def make_case(size: dict, dtype: torch.dtype, device: str) -> Case:
+def make_case(size: dict, dtype: torch.dtype, device: str, policy_loss: str = "ppo") -> Case:
     B, T = size["batch"], size["seq"]
     gen = torch.Generator(device=device).manual_seed(0)
     logprobs = (-torch.rand(B, T, generator=gen, device=device) * 3).to(dtype)
@@ -56,7 +71,8 @@ def make_case(size: dict, dtype: torch.dtype, device: str) -> Case:
     lengths = torch.randint(T // 4, T + 1, (B,), generator=gen, device=device)
     mask = torch.arange(T, device=device)[None, :] < lengths[:, None]  # right padding
     s, m = logprobs.element_size(), mask.element_size()
-    return common.autograd_case(size, reference, (logprobs, old, advantages, mask), grad_inputs=(0,),
+    ref = reference if policy_loss == "ppo" else cispo_reference
+    return common.autograd_case(size, ref, (logprobs, old, advantages, mask), grad_inputs=(0,),
                                 bytes_moved=lambda mode: {"fwd": B * T * (3 * s + m), "bwd": B * T * s,
                                                           "fwd+bwd": B * T * (4 * s + m)}[mode])
 
@@ -64,11 +80,15 @@ def make_case(size: dict, dtype: torch.dtype, device: str) -> Case:
 def main(argv=None) -> int:
     parser = common.base_parser(__doc__)
     common.add_size_options(parser, batch="B (sequences)", seq="T (tokens per sequence)")
+    parser.add_argument("--policy-loss", choices=("ppo", "cispo"), default="ppo",
+                        help="the surrogate: ppo (clipped ratio, dual clip) or cispo")
     args = parser.parse_args(argv)
-    run = common.Run("ppo", "ppo_policy_loss", args, baseline="reference", plot_x="seq", plot_panel="batch",
+    name, op = ("ppo", "ppo_policy_loss") if args.policy_loss == "ppo" else ("ppo_cispo", "ppo_policy_loss(cispo)")
+    run = common.Run(name, op, args, baseline="reference", plot_x="seq", plot_panel="batch",
                      default_dtype="float32", bytes_formula=BYTES_FORMULA)
-    return run.sweep_and_finish(common.sweep(args, QUICK, FULL), lambda size: make_case(size, run.dtype, run.device),
-                                providers(run.device, args.compile))
+    return run.sweep_and_finish(common.sweep(args, QUICK, FULL),
+                                lambda size: make_case(size, run.dtype, run.device, args.policy_loss),
+                                providers(run.device, args.compile, args.policy_loss))
 
 
 if __name__ == "__main__":

@@ -5,7 +5,7 @@ import math
 
 import pytest
 import torch
-from test_rl import TINY, answer_length, params, rl_trainer
+from test_rl import answer_length, params, rl_trainer
 
 from fastrm.config import ConfigError, load_config
 from fastrm.generation import generate
@@ -72,7 +72,8 @@ def test_loss_type_aggregates_as_trl(loss_type):
     (["policy_loss=cispo", "dual_clip=3.0"], "setting dual_clip=3.0: applies to policy_loss=ppo only"),
     (["max_extra_draws=-1"], "setting max_extra_draws=-1"),
     (["dynamic_sampling=true", "num_samples=1"], "setting num_samples=1: dynamic_sampling"),
-    (["overlong_buffer=300", "max_new_tokens=256"], r"setting overlong_buffer=300: must lie in \[0, max_new_tokens=256\]"),
+    (["overlong_buffer=300", "max_new_tokens=256"],
+     r"setting overlong_buffer=300: must lie in \[0, max_new_tokens=256\]"),
     (["overlong_buffer=4", "overlong_penalty=-1"], "setting overlong_penalty=-1"),
     (["rollout_correction=is"], "setting rollout_correction='is'"),
     (["rollout_correction=tis", "rollout_is_threshold=1.0"], "setting rollout_is_threshold=1.0: must be > 1"),
