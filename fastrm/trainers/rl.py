@@ -4,17 +4,17 @@ One step, top to bottom (seed §3.2: sample, score, estimate the gradient, updat
 
 1. **prompts**: a batch from the prompt pool (shuffled epochs, or the curriculum's easy -> hard pool);
 2. **generate** ``num_samples`` completions per prompt with :func:`fastrm.generation.generate`
-   (temperature, top-p, stop at EOS);
+   (temperature, top-p, stop at EOS); DAPO's dynamic sampling and overlong shaping (:mod:`fastrm.dapo`);
 3. **logprobs**: per-token log-probs of the sampled tokens under the policy and the frozen reference
    (and the critic's values) via :func:`fastrm.models.token_logprobs` — fused, no ``[B, T, V]`` tensor;
 4. **score**: learned reward model and/or rule reward functions (``reward_fn``, called as TRL calls them, with
    the prompt row's other fields as keyword arguments: :mod:`fastrm.rewards`), weighted; minus the missing-EOS
    penalty; normalised and clipped;
 5. **advantages** (``advantage=``): gae (fused ``compute_gae`` with the critic), reinforce, reinforce_baseline,
-   rloo, grpo (see :mod:`fastrm.advantages`); KL to the reference as a per-token reward penalty or a loss term;
-   optional whitening;
+   rloo, grpo, reinforce_pp(_baseline) (see :mod:`fastrm.advantages`); KL to the reference as a per-token reward
+   penalty or a loss term; optional whitening; TIS / ICEPOP weights (:mod:`fastrm.rollout_correction`);
 6. **update**: ``ppo_epochs`` passes over shuffled minibatches of the clipped surrogate
-   (:func:`fastrm.ops.ppo.ppo_policy_loss`, + dual clip), clipped value loss, entropy bonus; stop on a
+   (:func:`fastrm.ops.ppo.ppo_policy_loss`, + dual clip; or CISPO), clipped value loss, entropy bonus; stop on a
    non-finite loss; one optimizer step per minibatch;
 7. KL controller update, log, evaluate (greedy answers scored by the reward functions, ``eval/score``, and by
    the embedded task's checker), checkpoint.
@@ -43,11 +43,10 @@ from fastrm import data as fdata
 from fastrm import distributed as fdist
 from fastrm import advantages as fadv
 from fastrm import dapo, lora, packing, rewards, training
-from fastrm.loss_types import resolve_loss_type
-from fastrm.rollout_correction import CORRECTIONS, correction_weights
 from fastrm._checks import deferred_finite_checks
 from fastrm.config import ConfigError, parse_cli, require, require_path, setting
 from fastrm.generation import decode_completions, generate
+from fastrm.loss_types import resolve_loss_type
 from fastrm.models import (
     TINY,
     ModelConfig,
@@ -58,6 +57,7 @@ from fastrm.models import (
     token_logprobs,
 )
 from fastrm.ops.ppo import AGG_MODES, KL_KINDS, POLICY_LOSSES, kl_penalty, ppo_policy_loss, value_loss
+from fastrm.rollout_correction import CORRECTIONS, correction_weights
 
 log = logging.getLogger("fastrm")
 
