@@ -191,7 +191,7 @@ def op_axes() -> dict[str, dict[str, tuple]]:
 # Keyword options of the ops that never change what is launched (runtime floats, the backend, how work is
 # split on the host, metrics computed in torch).
 NOT_KERNEL_OPTIONS = {"temperature", "ignore_index", "backend", "chunk_size", "gamma", "lam", "clip_eps",
-                      "clip_eps_high", "return_accuracy", "loss_scale_factor"}
+                      "clip_eps_high", "return_accuracy", "loss_scale_factor", "sapo_tau_pos", "sapo_tau_neg"}
 
 
 def workload_calls(full: bool = False) -> list[tuple[str, str, dict, str]]:
@@ -270,7 +270,7 @@ def call_op(op: str, dtype: str, options: dict, gen: torch.Generator, **runtime)
         x = rand(3, 2 * T)[:, ::2] if o.pop("strided", False) else rand(3, T)
         fn = fastrm.ppo_policy_loss if op == "ppo_policy_loss" else fastrm.value_loss
         m = mask(3, T, o.pop("mask"))
-        if o.get("policy_loss") == "cispo":  # CISPO takes no dual clip (its weight is bounded already)
+        if o.get("policy_loss") in ("cispo", "sapo"):  # the dual clip is PPO's
             o["dual_clip"] = None
         out = fn(x, rand(3, T, requires_grad=False), rand(3, T, requires_grad=False), m, backend="triton",
                  **{**o, **runtime})

@@ -8,6 +8,7 @@ dr_grpo    seq-mean-token-sum-norm      ppo           token sum / (completions *
 dapo       token-mean                   ppo           token sum / valid tokens of the global batch
 bnpo       token-mean                   ppo           token sum / valid tokens of the local batch
 cispo      token-mean                   cispo         CISPO's weight, aggregated as dapo
+sapo       seq-mean-token-mean          sapo          SAPO's sigmoid gate, aggregated as grpo
 =========  ===========================  ============  =====================================================
 
 fastrm's trainer takes one minibatch per optimizer step and weights a token mean by the tokens of every rank
@@ -26,6 +27,7 @@ LOSS_TYPES = {
     "dapo": ("token-mean", "ppo"),
     "bnpo": ("token-mean", "ppo"),
     "cispo": ("token-mean", "cispo"),
+    "sapo": ("seq-mean-token-mean", "sapo"),
 }
 DEFAULT_AGG, DEFAULT_POLICY_LOSS = "token-mean", "ppo"
 

@@ -154,6 +154,87 @@ def test_cispo_option_errors():
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# SAPO
+# ---------------------------------------------------------------------------------------------------------------
+
+TAUS = (1.0, 1.05)
+
+
+def sapo_float64(logprobs, old, adv, mask, taus=TAUS, agg="seq-mean-token-mean"):
+    """The SAPO paper's objective, as TRL 1.16 and verl write it, in float64 (autograd gives its gradient)."""
+    m = mask.double()
+    ratio = torch.exp(logprobs - old)
+    tau = torch.where(adv > 0, taus[0], taus[1]).double()
+    per_token = -adv * torch.sigmoid(tau * (ratio - 1)) * 4 / tau * m
+    keep = m.sum(-1) > 0
+    if agg == "token-mean":
+        return per_token.sum() / m.sum()
+    return (per_token.sum(-1)[keep] / m.sum(-1)[keep]).mean()
+
+
+def check_sapo(backend, logprobs, old, adv, mask, agg="seq-mean-token-mean", taus=TAUS):
+    x = _leaf(logprobs)
+    kwargs = {} if taus == TAUS else {"sapo_tau_pos": taus[0], "sapo_tau_neg": taus[1]}
+    out = ppo_policy_loss(x, old, adv, mask, policy_loss="sapo", agg=agg, backend=backend, **kwargs)
+    x64 = _leaf(_clean64(logprobs, mask))
+    want = sapo_float64(x64, _clean64(old, mask), _clean64(adv, mask), mask, taus, agg)
+    torch.testing.assert_close(out.loss.double(), want.detach(), **LOSS_TOL)
+    ref = ppo_policy_loss_reference(x64.detach(), _clean64(old, mask), _clean64(adv, mask), mask, agg=agg,
+                                    policy_loss="sapo", sapo_taus=taus)
+    for got, exp in zip(out, ref):
+        torch.testing.assert_close(got.double(), exp.double(), **LOSS_TOL)
+    assert out.clipfrac == 0 and out.clipfrac_lower == 0
+    out.loss.backward()
+    want.backward()
+    assert x.grad.dtype == logprobs.dtype
+    torch.testing.assert_close(x.grad.double(), x64.grad, **TOL[logprobs.dtype])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-mean"])
+def test_sapo_matches_float64(backend, layout, agg):
+    check_sapo(backend, *make_cispo_inputs(7, 33, layout), agg=agg)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_sapo_dtypes_strides_temperatures(backend, dtype):
+    logprobs, old, adv, mask = make_cispo_inputs(5, 301, "holes", dtype)
+    check_sapo(backend, non_contiguous(logprobs), row_strided(old), adv.t().contiguous().t(), mask, taus=(0.5, 2.0))
+
+
+def test_sapo_equals_trl_grpo_trainer_math():
+    """TRL 1.16 GRPOTrainer._compute_loss, loss_type="sapo" (beta=0): soft_coef_1 = sigmoid(tau (coef_1 - 1)) * 4 /
+    tau, per_token_loss = -soft_coef_1 * A, aggregated as grpo (each completion's token mean, then the mean)."""
+    logprobs, old, adv, mask = make_cispo_inputs(6, 13, "right_pad", torch.float64)
+    mask[:, 0] = True  # TRL counts every completion (none is empty here)
+    x = _leaf(logprobs)
+    ours = ppo_policy_loss(x, old, adv, mask, policy_loss="sapo", agg="seq-mean-token-mean", backend="torch").loss
+    ours.backward()
+    y = _leaf(logprobs)
+    m = mask.double()
+    coef_1 = torch.exp(y - old)
+    temperatures = torch.where(adv > 0, 1.0, 1.05).double()
+    soft_coef_1 = torch.sigmoid(temperatures * (coef_1 - 1)) * 4 / temperatures
+    per_token_loss = -soft_coef_1 * adv
+    trl = ((per_token_loss * m).sum(-1) / m.sum(-1).clamp(min=1.0)).mean()
+    trl.backward()
+    torch.testing.assert_close(ours, trl, **TOL[torch.float64])
+    torch.testing.assert_close(x.grad, y.grad, **TOL[torch.float64])
+
+
+def test_sapo_option_errors():
+    logprobs, old, adv, mask = make_cispo_inputs(2, 3, "full")
+    with pytest.raises(ValueError, match="sapo_tau_pos applies to policy_loss='sapo' only"):
+        ppo_policy_loss(logprobs, old, adv, mask, sapo_tau_pos=1.0)
+    with pytest.raises(ValueError, match="sapo_tau_neg must be > 0"):
+        ppo_policy_loss(logprobs, old, adv, mask, policy_loss="sapo", sapo_tau_neg=0.0)
+    with pytest.raises(ValueError, match="dual_clip applies to policy_loss='ppo' only"):
+        PPOPolicyLoss(policy_loss="sapo", dual_clip=3.0)
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # REINFORCE++ and REINFORCE++-baseline
 # ---------------------------------------------------------------------------------------------------------------
 

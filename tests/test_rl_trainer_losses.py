@@ -30,7 +30,7 @@ def test_loss_type_sets_loss_agg_and_policy_loss(loss_type):
 
 def _trl_aggregate(loss_type, per_token_loss, mask, max_completion_length):
     """TRL 1.16 GRPOTrainer._compute_loss's aggregation (one process, no gradient accumulation)."""
-    if loss_type == "grpo":
+    if loss_type in ("grpo", "sapo"):
         return ((per_token_loss * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).mean()
     if loss_type == "dr_grpo":
         return (per_token_loss * mask).sum() / (per_token_loss.size(0) * max_completion_length)
@@ -54,6 +54,9 @@ def test_loss_type_aggregates_as_trl(loss_type):
     coef_1 = torch.exp(y - old)
     if loss_type == "cispo":
         per_token = -torch.clamp(coef_1, max=1 + eps_high).detach() * adv * y  # TRL's epsilon_high = 1 + eps_high
+    elif loss_type == "sapo":
+        tau = torch.where(adv > 0, 1.0, 1.05).double()
+        per_token = -torch.sigmoid(tau * (coef_1 - 1)) * 4 / tau * adv
     else:
         per_token = -torch.min(coef_1 * adv, torch.clamp(coef_1, 1 - eps, 1 + eps_high) * adv)
     trl = _trl_aggregate(loss_type, per_token, mask, max_len)
@@ -67,7 +70,10 @@ def test_loss_type_aggregates_as_trl(loss_type):
     (["loss_type=grpo", "loss_agg=token-mean"],
      r"setting loss_agg='token-mean' conflicts with loss_type=grpo \(which means loss_agg=seq-mean-token-mean\)"),
     (["loss_type=cispo", "policy_loss=ppo"], "setting policy_loss='ppo' conflicts with loss_type=cispo"),
-    (["loss_type=sapo"], "setting loss_type='sapo': must be one of grpo, dr_grpo, dapo, bnpo, cispo"),
+    (["loss_type=luspo"], "setting loss_type='luspo': must be one of grpo, dr_grpo, dapo, bnpo, cispo, sapo"),
+    (["loss_type=sapo", "dual_clip=3.0"], "setting dual_clip=3.0: applies to policy_loss=ppo only"),
+    (["sapo_temperature_pos=1.0"], "setting sapo_temperature_pos=1.0: applies to policy_loss=sapo only"),
+    (["loss_type=sapo", "sapo_temperature_neg=0"], "setting sapo_temperature_neg=0"),
     (["policy_loss=cispo2"], "setting policy_loss='cispo2'"),
     (["policy_loss=cispo", "dual_clip=3.0"], "setting dual_clip=3.0: applies to policy_loss=ppo only"),
     (["max_extra_draws=-1"], "setting max_extra_draws=-1"),
@@ -112,6 +118,7 @@ def test_sampler_logprobs_are_the_sampling_distribution(tmp_path):
     ["advantage=reinforce_pp_baseline", "loss_type=dr_grpo", "overlong_buffer=2", "overlong_penalty=0.5"],
     ["advantage=grpo", "loss_type=dapo", "dynamic_sampling=true", "max_extra_draws=2"],
     ["advantage=grpo", "loss_type=grpo", "rollout_correction=tis", "rollout_is_threshold=1.2"],
+    ["advantage=grpo", "loss_type=sapo", "sapo_temperature_pos=0.8"],
     ["advantage=rloo", "loss_type=bnpo", "rollout_correction=icepop", "rollout_is_threshold=1.2"],
 ])
 def test_one_iteration_with_the_new_options(tmp_path, overrides):

@@ -31,6 +31,13 @@ same ratio (token or sequence level)::
 
 every valid token keeping its gradient ("clipped" counts ratio > 1 + eps_high: the weight was truncated).
 
+SAPO (Qwen, with SAPO set): a sigmoid gate instead of the clip, tau = tau_pos where A > 0, tau_neg elsewhere::
+
+    s      = sigmoid(tau * (ratio - 1))
+    loss_t = -A * s * 4 / tau                     d loss_t / d logprobs_t = -A * 4 s (1 - s) * ratio
+
+(0 where the log-ratio clamp is active; nothing counts as clipped).
+
 Value loss, per token::
 
     clipped_t = clamp(values, old_values - clip, old_values + clip)   (= old + clamp(values - old, ±clip))
@@ -115,10 +122,12 @@ if HAS_TRITON:
         stride_lb, stride_lt, stride_ob, stride_ot, stride_ab, stride_at, stride_mb, stride_mt,
         ratio_low, ratio_high, dual_clip,  # 1 - eps, 1 + eps_high, dual-clip ratio (unused unless HAS_DUAL_CLIP)
         log_ratio_clamp,  # token ratios: |log ratio| <= this; sequence ratios (SEQ_RATIO): log ratio <= this
+        sapo_tau_pos, sapo_tau_neg,  # SAPO's temperatures (unused unless SAPO)
         HAS_DUAL_CLIP: tl.constexpr,
         WRITE_GRADS: tl.constexpr,
         SEQ_RATIO: tl.constexpr,
         CISPO: tl.constexpr,
+        SAPO: tl.constexpr,
         BLOCK_T: tl.constexpr,
     ):
         row = tl.program_id(0).to(tl.int64)  # int64: row * stride can exceed 2**31
@@ -162,6 +171,12 @@ if HAS_TRITON:
                 grad = -adv * tl.minimum(ratio, ratio_high)
                 loss = grad * logp
                 clipped = ratio > ratio_high
+            elif SAPO:  # a sigmoid gate of the ratio, temperature by the advantage's sign; nothing is clipped
+                tau = tl.where(adv > 0.0, sapo_tau_pos, sapo_tau_neg)
+                gate = 1.0 / (1.0 + tl.exp(-tau * (ratio - 1.0)))
+                loss = -adv * gate * (4.0 / tau)
+                clipped = lane < 0
+                grad = tl.where(outside_clamp, 0.0, -adv * 4.0 * gate * (1.0 - gate) * ratio)
             else:
                 pg1 = -adv * ratio
                 pg2 = -adv * tl.minimum(tl.maximum(ratio, ratio_low), ratio_high)
@@ -334,10 +349,10 @@ def _stats_and_grad_fake(n_stats):
 @kernel_op("ppo_policy_fwd", _stats_and_grad_fake(len(POLICY_STATS)))
 def ppo_policy_fwd(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, *,
                    clip_eps: float, clip_eps_high: float, dual_clip: float | None, write_grads: bool,
-                   seq_ratio: bool = False, cispo: bool = False,
-                   block_t: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+                   seq_ratio: bool = False, cispo: bool = False, sapo: bool = False, sapo_tau_pos: float = 1.0,
+                   sapo_tau_neg: float = 1.0, block_t: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Launch ``_ppo_policy_fwd_kernel`` on [B, T] inputs with any strides (``seq_ratio``: GSPO's sequence ratio;
-    ``cispo``: CISPO's clipped stop-gradient weight instead of the clipped ratio).
+    ``cispo``: CISPO's clipped stop-gradient weight instead of the clipped ratio; ``sapo``: SAPO's sigmoid gate).
 
     Returns ``(stats, grad)``: fp32 [6, B] per-row sums in the order of ``POLICY_STATS`` (the counts are
     whole numbers), and the fp32 [B, T] per-token d loss_t / d logprobs_t (0 where masked), or None
@@ -358,10 +373,12 @@ def ppo_policy_fwd(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantage
         1.0 - float(clip_eps), 1.0 + float(clip_eps_high),
         float(dual_clip) if dual_clip is not None else 0.0,
         SEQ_LOG_RATIO_MAX if seq_ratio else LOG_RATIO_CLAMP,
+        float(sapo_tau_pos), float(sapo_tau_neg),
         HAS_DUAL_CLIP=dual_clip is not None,
         WRITE_GRADS=write_grads,
         SEQ_RATIO=seq_ratio,
         CISPO=cispo,
+        SAPO=sapo,
         BLOCK_T=block,
         num_warps=row_num_warps(block),
     )
@@ -491,7 +508,7 @@ def _agg_loss_reference(loss_mat, mask, agg, loss_scale_factor=None):
 
 def ppo_policy_loss_reference(logprobs, old_logprobs, advantages, mask, clip_eps=0.2, clip_eps_high=None,
                               dual_clip=None, agg="token-mean", ratio_level="token", loss_scale_factor=None,
-                              policy_loss="ppo"):
+                              policy_loss="ppo", sapo_taus=(1.0, 1.05)):
     """verl's vanilla ``compute_policy_loss`` + ``agg_loss`` (``ratio_level="sequence"``: verl's
     ``compute_policy_loss_gspo`` ratio, with the dual clip still applied when ``dual_clip`` is set).
 
@@ -499,7 +516,8 @@ def ppo_policy_loss_reference(logprobs, old_logprobs, advantages, mask, clip_eps
     ``clip_ratio_c`` (None: no dual clip; verl always applies one, 3.0 by default). Returns
     ``(loss, clipfrac, approx_kl, ratio_mean, clipfrac_lower)``; approx_kl is the token mean of
     k3 = (ratio - 1) - log ratio (verl reports the k1 mean -log ratio instead). ``policy_loss="cispo"``: CISPO's
-    ``-sg(min(ratio, 1 + clip_eps_high)) * A * logprobs`` (dual_clip unused).
+    ``-sg(min(ratio, 1 + clip_eps_high)) * A * logprobs`` (dual_clip unused); ``"sapo"``: SAPO's
+    ``-A * sigmoid(tau (ratio - 1)) * 4 / tau``, ``tau = sapo_taus[0]`` where A > 0 else ``sapo_taus[1]``.
     """
     m = mask.to(logprobs.dtype)
     if ratio_level == "sequence":
@@ -517,6 +535,13 @@ def ppo_policy_loss_reference(logprobs, old_logprobs, advantages, mask, clip_eps
         zero = torch.zeros((), dtype=m.dtype, device=m.device)
         loss = _agg_loss_reference(-weight * advantages * logprobs, m, agg, loss_scale_factor)
         return loss, truncated, approx_kl.detach(), _masked_mean_reference(ratio, m).detach(), zero
+    if policy_loss == "sapo":  # SAPO paper / TRL / verl: -A * sigmoid(tau (r - 1)) * 4 / tau
+        tau = torch.where(advantages > 0, sapo_taus[0], sapo_taus[1]).to(ratio.dtype)
+        pg_losses = -advantages * torch.sigmoid(tau * (ratio - 1)) * (4 / tau)
+        zero = torch.zeros((), dtype=m.dtype, device=m.device)
+        approx_kl = _masked_mean_reference((ratio - 1) - negative_approx_kl, m)
+        return (_agg_loss_reference(pg_losses, m, agg, loss_scale_factor), zero, approx_kl.detach(),
+                _masked_mean_reference(ratio, m).detach(), zero)
     pg_losses1 = -advantages * ratio
     pg_losses2 = -advantages * torch.clamp(ratio, 1 - clip_eps, 1 + high)
     clip_pg_losses1 = torch.maximum(pg_losses1, pg_losses2)

@@ -1,9 +1,10 @@
 """The PPO-family policy losses, fused forward and backward: ``ppo_policy_loss`` and its module form
 ``PPOPolicyLoss`` (aggregation modes: :mod:`fastrm.ops.ppo_common`).
 
-Two surrogates (``policy_loss``): ``"ppo"``, the clipped ratio (PPO, GRPO, DAPO's clip-higher, GSPO with
-``ratio_level="sequence"``), and ``"cispo"``, the clipped, stop-gradient importance weight on the log-prob
-(MiniMax-M1's CISPO): every token keeps a gradient, the weight is only bounded from above.
+Three surrogates (``policy_loss``): ``"ppo"``, the clipped ratio (PPO, GRPO, DAPO's clip-higher, GSPO with
+``ratio_level="sequence"``); ``"cispo"``, the clipped, stop-gradient importance weight on the log-prob
+(MiniMax-M1's CISPO): every token keeps a gradient, the weight is only bounded from above; ``"sapo"``, a smooth
+sigmoid gate of the ratio instead of the hard clip (Qwen's SAPO).
 """
 
 from __future__ import annotations
@@ -28,14 +29,16 @@ from fastrm.ops.ppo_common import (
 )
 
 RATIO_LEVELS = ("token", "sequence")
-POLICY_LOSSES = ("ppo", "cispo")
+POLICY_LOSSES = ("ppo", "cispo", "sapo")
+SAPO_TAUS = (1.0, 1.05)  # the SAPO paper's (and TRL's, verl's) default temperatures for A > 0 and A <= 0
 
 
 class PolicyLossOutput(NamedTuple):
     """``loss`` (differentiable w.r.t. logprobs) and detached float32 metrics, token means over valid tokens."""
 
     loss: torch.Tensor
-    clipfrac: torch.Tensor  # fraction where the clipped branch is active (pg2 > pg1, as verl); cispo: ratio > bound
+    clipfrac: torch.Tensor  # fraction where the clipped branch is active (pg2 > pg1, as verl); cispo: ratio > bound;
+    # sapo: 0 (no hard clip)
     approx_kl: torch.Tensor  # mean of k3 = (ratio - 1) - log ratio
     ratio_mean: torch.Tensor  # mean of ratio
     clipfrac_lower: torch.Tensor  # fraction where the dual clip is active (0 without dual_clip)
@@ -53,10 +56,21 @@ def _check_clip_eps(op: str, clip_eps, clip_eps_high):
     return clip_eps, clip_eps_high
 
 
-def _check_cispo_options(op: str, policy_loss: str, dual_clip):
-    if policy_loss == "cispo" and dual_clip is not None:
+def _check_policy_loss_options(op: str, policy_loss: str, dual_clip, sapo_tau_pos, sapo_tau_neg):
+    """dual_clip only with ppo; the SAPO temperatures (None: the defaults) only with sapo, each > 0."""
+    if policy_loss != "ppo" and dual_clip is not None:
         raise ValueError(f"{op}: dual_clip applies to policy_loss='ppo' only; got dual_clip={dual_clip} with "
-                         "policy_loss='cispo' (its weight is already bounded by 1 + clip_eps_high)")
+                         f"policy_loss={policy_loss!r}")
+    taus = []
+    for name, tau, default in (("sapo_tau_pos", sapo_tau_pos, SAPO_TAUS[0]), ("sapo_tau_neg", sapo_tau_neg, SAPO_TAUS[1])):
+        tau = _real(op, name, tau, allow_none=True)
+        if tau is not None and policy_loss != "sapo":
+            raise ValueError(f"{op}: {name} applies to policy_loss='sapo' only, got {name}={tau} with "
+                             f"policy_loss={policy_loss!r}")
+        if tau is not None and not tau > 0:
+            raise ValueError(f"{op}: {name} must be > 0, got {tau}")
+        taus.append(default if tau is None else tau)
+    return tuple(taus)
 
 
 def _check_dual_clip(op: str, dual_clip):
@@ -72,7 +86,7 @@ def _check_dual_clip(op: str, dual_clip):
 
 
 def _policy_terms_torch(logprobs, old_logprobs, advantages, mask, clip_eps, clip_eps_high, dual_clip, write_grads,
-                        seq_ratio=False, cispo=False):
+                        seq_ratio=False, cispo=False, sapo_taus=None):
     """Plain PyTorch twin of ``_ppo_policy_fwd_kernel``: per-row sums [6, B] and d loss_t / d logprobs_t."""
     acc = _acc_dtype(logprobs.dtype)
     valid = mask if mask.dtype == torch.bool else mask != 0
@@ -93,6 +107,8 @@ def _policy_terms_torch(logprobs, old_logprobs, advantages, mask, clip_eps, clip
     ratio = log_ratio.exp()
     if cispo:
         return _cispo_terms(logp, adv, valid, ratio, log_ratio, 1.0 + clip_eps_high, acc, write_grads)
+    if sapo_taus is not None:
+        return _sapo_terms(adv, valid, ratio, log_ratio, outside_clamp, sapo_taus, acc, write_grads)
     pg1 = -adv * ratio
     pg2 = -adv * ratio.clamp(1.0 - clip_eps, 1.0 + clip_eps_high)
     loss = torch.maximum(pg1, pg2)
@@ -136,6 +152,27 @@ def _cispo_terms(logp, adv, valid, ratio, log_ratio, bound, acc, write_grads):
     return stats, (torch.where(valid, grad, 0) if write_grads else None)
 
 
+def _sapo_terms(adv, valid, ratio, log_ratio, outside_clamp, taus, acc, write_grads):
+    """SAPO's per-row sums and d loss_t / d logprobs_t = -A * 4 * sigma * (1 - sigma) * ratio (d ratio / d logp =
+    ratio; 0 where the log-ratio clamp is active)."""
+    tau = torch.where(adv > 0, taus[0], taus[1]).to(acc)
+    gate = torch.sigmoid(tau * (ratio - 1))
+    loss = -adv * gate * (4 / tau)
+    zeros = torch.zeros(valid.shape[0], dtype=acc, device=valid.device)
+    stats = torch.stack([
+        torch.where(valid, loss, 0).sum(dim=1),
+        valid.sum(dim=1).to(acc),
+        zeros,
+        zeros,
+        torch.where(valid, (ratio - 1) - log_ratio, 0).sum(dim=1),
+        torch.where(valid, ratio, 0).sum(dim=1),
+    ])
+    if not write_grads:
+        return stats, None
+    grad = torch.where(outside_clamp, 0.0, -adv * 4 * gate * (1 - gate) * ratio)
+    return stats, torch.where(valid, grad, 0)
+
+
 def ppo_policy_loss(
     logprobs: torch.Tensor,
     old_logprobs: torch.Tensor,
@@ -149,6 +186,8 @@ def ppo_policy_loss(
     ratio_level: str = "token",
     loss_scale_factor: float | None = None,
     policy_loss: str = "ppo",
+    sapo_tau_pos: float | None = None,
+    sapo_tau_neg: float | None = None,
     backend: str | None = None,
 ) -> PolicyLossOutput:
     """PPO clipped policy loss (with optional asymmetric clip and dual clip), fused forward and backward.
@@ -178,6 +217,14 @@ def ppo_policy_loss(
     ``1 - clip_ratio_low``; this does not. ``clipfrac`` is the fraction of valid tokens whose weight was
     truncated (ratio > bound); ``clipfrac_lower`` is 0.
 
+    ``policy_loss="sapo"`` is SAPO (Soft Adaptive Policy Optimization, arXiv:2511.20347; TRL's ``loss_type="sapo"``,
+    verl's ``loss_mode="sapo"``): a sigmoid gate instead of the hard clip, with ``tau = sapo_tau_pos`` where
+    ``A > 0`` and ``sapo_tau_neg`` elsewhere (defaults 1.0 and 1.05, the paper's)::
+
+        loss_t = -A * sigmoid(tau * (ratio - 1)) * 4 / tau     d loss_t / d logprobs_t = -A * 4 s (1 - s) * ratio
+
+    (``s`` the sigmoid; 0 where the log-ratio clamp is active). ``clipfrac`` and ``clipfrac_lower`` are 0.
+
     Args:
         logprobs: [B, T] float (float32 / bfloat16 / float16; float64 on the PyTorch path): log-probs of
             the taken tokens under the current policy. The only input that gets a gradient.
@@ -192,7 +239,9 @@ def ppo_policy_loss(
             mean over rows.
         ratio_level: ``"token"`` (PPO) | ``"sequence"`` (GSPO).
         loss_scale_factor: the divisor of ``"seq-mean-token-sum-norm"`` (> 0; default: T). Only with that mode.
-        policy_loss: ``"ppo"`` (the clipped ratio) | ``"cispo"`` (the clipped stop-gradient weight).
+        policy_loss: ``"ppo"`` (the clipped ratio) | ``"cispo"`` (the clipped stop-gradient weight) | ``"sapo"``
+            (the sigmoid gate).
+        sapo_tau_pos, sapo_tau_neg: SAPO's temperatures (> 0; None: 1.0 and 1.05). Only with ``policy_loss="sapo"``.
         backend: ``"auto"`` | ``"triton"`` | ``"torch"`` (default: ``$FASTRM_BACKEND`` or auto).
 
     Returns:
@@ -213,23 +262,25 @@ def ppo_policy_loss(
     check_choice(op, "agg", agg, AGG_MODES)
     check_choice(op, "ratio_level", ratio_level, RATIO_LEVELS)
     check_choice(op, "policy_loss", policy_loss, POLICY_LOSSES)
-    _check_cispo_options(op, policy_loss, dual_clip)
+    sapo_taus = _check_policy_loss_options(op, policy_loss, dual_clip, sapo_tau_pos, sapo_tau_neg)
     loss_scale_factor = _check_loss_scale_factor(op, agg, loss_scale_factor)
     impl = resolve_backend(backend, logprobs.device, op, logprobs.dtype, "logprobs")
     _check_values(op, tensors, mask)
 
     write_grads = torch.is_grad_enabled() and logprobs.requires_grad
     seq_ratio, cispo = ratio_level == "sequence", policy_loss == "cispo"
+    sapo_taus = sapo_taus if policy_loss == "sapo" else None
     if impl == "triton":
         stats, grad = ppo_kernels.ppo_policy_fwd(
             logprobs.detach(), old_logprobs.detach(), advantages.detach(), mask,
             clip_eps=clip_eps, clip_eps_high=clip_eps_high, dual_clip=dual_clip, write_grads=write_grads,
-            seq_ratio=seq_ratio, cispo=cispo,
+            seq_ratio=seq_ratio, cispo=cispo, sapo=sapo_taus is not None,
+            sapo_tau_pos=sapo_taus[0] if sapo_taus else 1.0, sapo_tau_neg=sapo_taus[1] if sapo_taus else 1.0,
         )
     else:
         stats, grad = _policy_terms_torch(
             logprobs, old_logprobs, advantages, mask, clip_eps, clip_eps_high, dual_clip, write_grads, seq_ratio,
-            cispo,
+            cispo, sapo_taus,
         )
     # stats rows: loss, count, clipped, dual_clipped, approx_kl, ratio -> metrics in that order.
     factor = _scale_factor(agg, loss_scale_factor, logprobs.shape[1])
@@ -243,7 +294,8 @@ class PPOPolicyLoss(nn.Module):
 
     def __init__(self, clip_eps: float = 0.2, clip_eps_high: float | None = None, dual_clip: float | None = None,
                  agg: str = "token-mean", ratio_level: str = "token", loss_scale_factor: float | None = None,
-                 policy_loss: str = "ppo", backend: str | None = None):
+                 policy_loss: str = "ppo", sapo_tau_pos: float | None = None, sapo_tau_neg: float | None = None,
+                 backend: str | None = None):
         super().__init__()
         op = "PPOPolicyLoss"
         self.clip_eps, high = _check_clip_eps(op, clip_eps, clip_eps_high)
@@ -252,7 +304,8 @@ class PPOPolicyLoss(nn.Module):
         self.agg = check_choice(op, "agg", agg, AGG_MODES)
         self.ratio_level = check_choice(op, "ratio_level", ratio_level, RATIO_LEVELS)
         self.policy_loss = check_choice(op, "policy_loss", policy_loss, POLICY_LOSSES)
-        _check_cispo_options(op, policy_loss, self.dual_clip)
+        _check_policy_loss_options(op, policy_loss, self.dual_clip, sapo_tau_pos, sapo_tau_neg)
+        self.sapo_tau_pos, self.sapo_tau_neg = sapo_tau_pos, sapo_tau_neg
         self.loss_scale_factor = _check_loss_scale_factor(op, agg, loss_scale_factor)
         self.backend = backend
 
@@ -260,7 +313,8 @@ class PPOPolicyLoss(nn.Module):
         return ppo_policy_loss(
             logprobs, old_logprobs, advantages, mask, clip_eps=self.clip_eps, clip_eps_high=self.clip_eps_high,
             dual_clip=self.dual_clip, agg=self.agg, ratio_level=self.ratio_level,
-            loss_scale_factor=self.loss_scale_factor, policy_loss=self.policy_loss, backend=self.backend,
+            loss_scale_factor=self.loss_scale_factor, policy_loss=self.policy_loss, sapo_tau_pos=self.sapo_tau_pos,
+            sapo_tau_neg=self.sapo_tau_neg, backend=self.backend,
         )
 
     def extra_repr(self) -> str:

@@ -14,7 +14,7 @@ One step, top to bottom (seed §3.2: sample, score, estimate the gradient, updat
    rloo, grpo, reinforce_pp(_baseline) (see :mod:`fastrm.advantages`); KL to the reference as a per-token reward
    penalty or a loss term; optional whitening; TIS / ICEPOP weights (:mod:`fastrm.rollout_correction`);
 6. **update**: ``ppo_epochs`` passes over shuffled minibatches of the clipped surrogate
-   (:func:`fastrm.ops.ppo.ppo_policy_loss`, + dual clip; or CISPO), clipped value loss, entropy bonus; stop on a
+   (:func:`fastrm.ops.ppo.ppo_policy_loss`, + dual clip; or CISPO, SAPO), clipped value loss, entropy bonus; stop on a
    non-finite loss; one optimizer step per minibatch;
 7. KL controller update, log, evaluate (greedy answers scored by the reward functions, ``eval/score``, and by
    the embedded task's checker), checkpoint.
@@ -127,11 +127,14 @@ class RLConfig(training.TrainerSettings):
                                          "seq-mean-token-sum-norm (divided by max_new_tokens: Dr. GRPO); null: "
                                          "token-mean, or what loss_type sets")
     # ---- issue #23: TRL's loss_type names, CISPO, DAPO's dynamic sampling and overlong shaping, rollout correction
-    loss_type: str | None = setting(None, "TRL GRPOConfig.loss_type: grpo | dr_grpo | dapo | bnpo | cispo, sets "
-                                          "loss_agg and policy_loss (see fastrm.loss_types); null: off")
+    loss_type: str | None = setting(None, "TRL GRPOConfig.loss_type: grpo | dr_grpo | dapo | bnpo | cispo | sapo, "
+                                          "sets loss_agg and policy_loss (see fastrm.loss_types); null: off")
     policy_loss: str | None = setting(None, "ppo (clipped ratio) | cispo (MiniMax-M1: clipped stop-gradient weight "
-                                            "min(ratio, 1 + clip_eps_high) on the log-prob); null: ppo, or what "
-                                            "loss_type sets")
+                                            "min(ratio, 1 + clip_eps_high) on the log-prob) | sapo (sigmoid gate of "
+                                            "the ratio); null: ppo, or what loss_type sets")
+    sapo_temperature_pos: float | None = setting(None, "policy_loss=sapo: gate temperature where A > 0 (TRL's name); "
+                                                       "null: 1.0")
+    sapo_temperature_neg: float | None = setting(None, "policy_loss=sapo: gate temperature where A <= 0; null: 1.05")
     dynamic_sampling: bool = setting(False, "DAPO: drop prompts whose samples all got the same reward and draw more "
                                             "prompt batches until batch_size prompts are kept")
     max_extra_draws: int = setting(4, "dynamic_sampling: most extra prompt batches sampled per step (then the batch "
@@ -264,8 +267,14 @@ class RLConfig(training.TrainerSettings):
         self.loss_agg, self.policy_loss = resolve_loss_type(self.loss_type, self.loss_agg, self.policy_loss)
         require(self.policy_loss in POLICY_LOSSES, "policy_loss", self.policy_loss,
                 "must be one of " + ", ".join(POLICY_LOSSES))
-        require(self.policy_loss != "cispo" or self.dual_clip is None, "dual_clip", self.dual_clip,
-                "applies to policy_loss=ppo only (cispo's weight is bounded by 1 + clip_eps_high)")
+        require(self.policy_loss == "ppo" or self.dual_clip is None, "dual_clip", self.dual_clip,
+                f"applies to policy_loss=ppo only, got policy_loss={self.policy_loss}")
+        for name in ("sapo_temperature_pos", "sapo_temperature_neg"):
+            value = getattr(self, name)
+            if value is not None:
+                require(self.policy_loss == "sapo", name, value,
+                        f"applies to policy_loss=sapo only, got policy_loss={self.policy_loss}")
+                require(value > 0 and math.isfinite(value), name, value, "must be > 0 and finite")
         require(self.max_extra_draws >= 0, "max_extra_draws", self.max_extra_draws, "must be >= 0")
         if self.dynamic_sampling:
             require(self.num_samples >= 2, "num_samples", self.num_samples,
@@ -736,7 +745,9 @@ class RLTrainer(training.Trainer):
         logprobs, entropy = self._logprobs(self.policy_p, batch, ro["prompt_len"], return_entropy=True)
         pol = ppo_policy_loss(logprobs, ro["old_logprobs"][idx], adv, mask, clip_eps=c.clip_eps,
                               clip_eps_high=c.clip_eps_high, dual_clip=c.dual_clip, agg=c.loss_agg,
-                              loss_scale_factor=self._loss_scale_factor(), policy_loss=c.policy_loss, backend=c.backend)
+                              loss_scale_factor=self._loss_scale_factor(), policy_loss=c.policy_loss,
+                              sapo_tau_pos=c.sapo_temperature_pos, sapo_tau_neg=c.sapo_temperature_neg,
+                              backend=c.backend)
         mean_entropy = masked_mean(entropy, mask)
         # Data parallel: token means weighted to the mean over all ranks' tokens, as one process takes it.
         # (Sequence means need nothing: ranks hold equal rows.)
