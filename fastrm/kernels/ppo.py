@@ -24,19 +24,12 @@ with verl's stop-gradient construction ``log s_bt = sg(log s_b) + logprobs_t - s
 
 The kernel then makes two passes over the row: the mean log-ratio first, the loss second.
 
-CISPO (MiniMax-M1, with CISPO set): the clipped ratio is replaced by a stop-gradient weight on the log-prob,
-same ratio (token or sequence level)::
+CISPO (MiniMax-M1; CISPO set) and SAPO (SAPO set; s = sigmoid(tau (ratio - 1)), tau = tau_pos if A > 0 else tau_neg)
+replace the clipped ratio, with the same ratio (token or sequence level)::
 
-    loss_t = -min(ratio, 1 + eps_high) * A * logprobs      d loss_t / d logprobs_t = -min(ratio, 1 + eps_high) * A
-
-every valid token keeping its gradient ("clipped" counts ratio > 1 + eps_high: the weight was truncated).
-
-SAPO (Qwen, with SAPO set): a sigmoid gate instead of the clip, tau = tau_pos where A > 0, tau_neg elsewhere::
-
-    s      = sigmoid(tau * (ratio - 1))
-    loss_t = -A * s * 4 / tau                     d loss_t / d logprobs_t = -A * 4 s (1 - s) * ratio
-
-(0 where the log-ratio clamp is active; nothing counts as clipped).
+    CISPO: loss_t = -min(ratio, 1 + eps_high) * A * logprobs    d loss_t / d logprobs_t = -min(ratio, 1 + eps_high) * A
+    SAPO:  loss_t = -A * s * 4 / tau                            d loss_t / d logprobs_t = -A * 4 s (1 - s) * ratio
+    ("clipped": CISPO's ratio > 1 + eps_high; SAPO's never; SAPO's gradient is 0 past the log-ratio clamp.)
 
 Value loss, per token::
 
@@ -335,9 +328,6 @@ if HAS_TRITON:
 # ----------------------------------------------------------------------------------------------
 
 
-
-
-
 def _stats_and_grad_fake(n_stats):
     def fake(x, *args, write_grads, **kwargs):
         B, T = x.shape
@@ -515,9 +505,8 @@ def ppo_policy_loss_reference(logprobs, old_logprobs, advantages, mask, clip_eps
     ``clip_eps`` / ``clip_eps_high`` are verl's ``cliprange_low`` / ``cliprange_high``, ``dual_clip`` its
     ``clip_ratio_c`` (None: no dual clip; verl always applies one, 3.0 by default). Returns
     ``(loss, clipfrac, approx_kl, ratio_mean, clipfrac_lower)``; approx_kl is the token mean of
-    k3 = (ratio - 1) - log ratio (verl reports the k1 mean -log ratio instead). ``policy_loss="cispo"``: CISPO's
-    ``-sg(min(ratio, 1 + clip_eps_high)) * A * logprobs`` (dual_clip unused); ``"sapo"``: SAPO's
-    ``-A * sigmoid(tau (ratio - 1)) * 4 / tau``, ``tau = sapo_taus[0]`` where A > 0 else ``sapo_taus[1]``.
+    k3 = (ratio - 1) - log ratio (verl reports the k1 mean -log ratio instead). ``policy_loss``: "cispo" / "sapo"
+    as in the module docstring (``sapo_taus``: tau where A > 0, tau elsewhere; dual_clip unused).
     """
     m = mask.to(logprobs.dtype)
     if ratio_level == "sequence":
@@ -528,20 +517,16 @@ def ppo_policy_loss_reference(logprobs, old_logprobs, advantages, mask, clip_eps
         negative_approx_kl = torch.clamp(logprobs - old_logprobs, min=-LOG_RATIO_CLAMP, max=LOG_RATIO_CLAMP)
     ratio = torch.exp(negative_approx_kl)
     high = clip_eps if clip_eps_high is None else clip_eps_high
-    if policy_loss == "cispo":  # MiniMax-M1 / TRL: -sg(min(ratio, 1 + eps_high)) * A * logprobs
-        weight = torch.clamp(ratio, max=1 + high).detach()
-        approx_kl = _masked_mean_reference((ratio - 1) - negative_approx_kl, m)
-        truncated = _masked_mean_reference((ratio > 1 + high).to(m.dtype), m)
+    if policy_loss in ("cispo", "sapo"):  # MiniMax-M1 / SAPO, as TRL and verl write them; no dual clip
         zero = torch.zeros((), dtype=m.dtype, device=m.device)
-        loss = _agg_loss_reference(-weight * advantages * logprobs, m, agg, loss_scale_factor)
-        return loss, truncated, approx_kl.detach(), _masked_mean_reference(ratio, m).detach(), zero
-    if policy_loss == "sapo":  # SAPO paper / TRL / verl: -A * sigmoid(tau (r - 1)) * 4 / tau
-        tau = torch.where(advantages > 0, sapo_taus[0], sapo_taus[1]).to(ratio.dtype)
-        pg_losses = -advantages * torch.sigmoid(tau * (ratio - 1)) * (4 / tau)
-        zero = torch.zeros((), dtype=m.dtype, device=m.device)
-        approx_kl = _masked_mean_reference((ratio - 1) - negative_approx_kl, m)
-        return (_agg_loss_reference(pg_losses, m, agg, loss_scale_factor), zero, approx_kl.detach(),
-                _masked_mean_reference(ratio, m).detach(), zero)
+        if policy_loss == "cispo":
+            pg_losses = -torch.clamp(ratio, max=1 + high).detach() * advantages * logprobs
+            clipfrac = _masked_mean_reference((ratio > 1 + high).to(m.dtype), m)
+        else:
+            tau = torch.where(advantages > 0, sapo_taus[0], sapo_taus[1]).to(ratio.dtype)
+            pg_losses, clipfrac = -advantages * torch.sigmoid(tau * (ratio - 1)) * (4 / tau), zero
+        metrics = [_masked_mean_reference(x, m).detach() for x in ((ratio - 1) - negative_approx_kl, ratio)]
+        return _agg_loss_reference(pg_losses, m, agg, loss_scale_factor), clipfrac, *metrics, zero
     pg_losses1 = -advantages * ratio
     pg_losses2 = -advantages * torch.clamp(ratio, 1 - clip_eps, 1 + high)
     clip_pg_losses1 = torch.maximum(pg_losses1, pg_losses2)
