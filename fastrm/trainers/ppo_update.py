@@ -1,6 +1,6 @@
 """The RL trainer's update (step 6 of :mod:`fastrm.trainers.rl`): ``ppo_epochs`` passes over shuffled minibatches
-of a :class:`fastrm.trainers.rollout.Rollout`, clipped surrogate (or CISPO, SAPO) + value loss + entropy bonus (+ KL as a loss term),
-the divergence guard's check, one optimizer step per minibatch."""
+of a :class:`fastrm.trainers.rollout.Rollout`, clipped surrogate (or CISPO, SAPO) + value loss + entropy bonus (+ KL
+as a loss term), the divergence guard's check, one optimizer step per minibatch."""
 
 from __future__ import annotations
 

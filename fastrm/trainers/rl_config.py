@@ -245,7 +245,8 @@ class RLConfig(base.TrainerSettings):
         if self.rollout_is_threshold_lower is not None:
             require_setting(self.rollout_correction == "icepop", "rollout_is_threshold_lower",
                             self.rollout_is_threshold_lower,
-                            f"applies to rollout_correction=icepop only, got rollout_correction={self.rollout_correction}")
+                            "applies to rollout_correction=icepop only, got "
+                            f"rollout_correction={self.rollout_correction}")
             require_setting(0 <= self.rollout_is_threshold_lower < 1, "rollout_is_threshold_lower",
                             self.rollout_is_threshold_lower, "must lie in [0, 1)")
 
