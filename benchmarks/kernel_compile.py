@@ -178,7 +178,8 @@ def op_axes() -> dict[str, dict[str, tuple]]:
                             "softcap": (None, 30.0), "grad": (False, True)},
         "compute_gae": {**rows, "bootstrap_value": (False, True), "grad": (False, True)},
         "ppo_policy_loss": {**rows, "grad": (False, True), "dual_clip": (None, 3.0), "agg": ppo.AGG_MODES,
-                            "ratio_level": ppo.RATIO_LEVELS, "strided": (False, True)},
+                            "ratio_level": ppo.RATIO_LEVELS, "strided": (False, True),
+                            "policy_loss": tuple(reversed(ppo.POLICY_LOSSES))},  # heaviest: ppo, with the dual clip
         "value_loss": {**rows, "grad": (False, True), "clip": (None, 0.2), "agg": ppo.AGG_MODES},
         "kl_penalty": {"T": rows["T"], "kind": ppo.KL_KINDS, "grad": ("none", "ref_logprobs", "logprobs", "both")},
         "pairwise_ranking_loss": {"N": (37, 3000), "margin": (None, 0.5, "tensor"), "center_coef": (0.0, 0.01),
@@ -190,7 +191,7 @@ def op_axes() -> dict[str, dict[str, tuple]]:
 # Keyword options of the ops that never change what is launched (runtime floats, the backend, how work is
 # split on the host, metrics computed in torch).
 NOT_KERNEL_OPTIONS = {"temperature", "ignore_index", "backend", "chunk_size", "gamma", "lam", "clip_eps",
-                      "clip_eps_high", "return_accuracy", "loss_scale_factor"}
+                      "clip_eps_high", "return_accuracy", "loss_scale_factor", "sapo_tau_pos", "sapo_tau_neg"}
 
 
 def workload_calls(full: bool = False) -> list[tuple[str, str, dict, str]]:
@@ -269,6 +270,8 @@ def call_op(op: str, dtype: str, options: dict, gen: torch.Generator, **runtime)
         x = rand(3, 2 * T)[:, ::2] if o.pop("strided", False) else rand(3, T)
         fn = fastrm.ppo_policy_loss if op == "ppo_policy_loss" else fastrm.value_loss
         m = mask(3, T, o.pop("mask"))
+        if o.get("policy_loss") in ("cispo", "sapo"):  # the dual clip is PPO's
+            o["dual_clip"] = None
         out = fn(x, rand(3, T, requires_grad=False), rand(3, T, requires_grad=False), m, backend="triton",
                  **{**o, **runtime})
         backward(out.loss, [x])

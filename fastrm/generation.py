@@ -33,12 +33,17 @@ def prompt_token_ids(tokenizer, prompts: list[str]) -> list[list[int]]:
 @torch.no_grad()
 def generate(model, tokenizer, prompts: list[str], *, max_new_tokens: int, do_sample: bool = True,
              temperature: float = 1.0, top_p: float = 1.0, num_return_sequences: int = 1,
-             synced_gpus: bool = False) -> dict:
+             synced_gpus: bool = False, return_logprobs: bool = False) -> dict:
     """Sample completions. Returns ``prompt_ids`` [N, P] (left-padded), ``completion_ids`` [N, C]
     (right-padded with pad after EOS), ``completion_mask`` [N, C] (1 up to and including EOS).
 
     ``synced_gpus``: keep stepping until every rank is done (FSDP: each forward is a collective, so a rank
-    whose sequences all ended early must still join the others' forwards)."""
+    whose sequences all ended early must still join the others' forwards).
+
+    ``return_logprobs``: also ``sampler_logprobs`` [N, C] float32, the log-probability of each sampled token
+    under the distribution it was sampled from: log-softmax of ``generate``'s processed scores (``output_scores``:
+    after the temperature, top-p and every other logits processor), 0 after EOS. Costs one [N, V] float32 tensor
+    per generated token, kept until generation ends (as HF keeps them)."""
     device = next(model.parameters()).device
     enc = encode_prompts(tokenizer, prompts, device)
     kwargs = {"do_sample": do_sample, "max_new_tokens": max_new_tokens, "num_return_sequences": num_return_sequences,
@@ -49,7 +54,11 @@ def generate(model, tokenizer, prompts: list[str], *, max_new_tokens: int, do_sa
         # assert on CUDA) before the trainer's divergence guard sees them; replaced, the rollout completes and the
         # guard stops the step on its non-finite log-probs. Finite logits sample exactly as without it.
         kwargs.update(temperature=temperature, top_p=top_p, top_k=0, remove_invalid_values=True)
+    if return_logprobs:
+        kwargs.update(return_dict_in_generate=True, output_scores=True)
     out = model.generate(**enc, **kwargs)
+    scores = out.scores if return_logprobs else None
+    out = out.sequences if return_logprobs else out
     prompt_len = enc["input_ids"].shape[1]
     completion = out[:, prompt_len:]
     is_eos = completion == tokenizer.eos_token_id
@@ -59,8 +68,23 @@ def generate(model, tokenizer, prompts: list[str], *, max_new_tokens: int, do_sa
     completion = completion.masked_fill(after_eos, tokenizer.pad_token_id)
     prompt_ids = enc["input_ids"].repeat_interleave(num_return_sequences, 0)
     prompt_mask = enc["attention_mask"].repeat_interleave(num_return_sequences, 0)
-    return {"prompt_ids": prompt_ids, "prompt_mask": prompt_mask, "completion_ids": completion,
-            "completion_mask": completion_mask}
+    result = {"prompt_ids": prompt_ids, "prompt_mask": prompt_mask, "completion_ids": completion,
+              "completion_mask": completion_mask}
+    if return_logprobs:
+        result["sampler_logprobs"] = sampled_logprobs(scores, out[:, prompt_len:], completion_mask)
+    return result
+
+
+def sampled_logprobs(scores, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``[N, C]`` float32 log-probs of ``tokens`` under ``scores`` (C processed-logit tensors [N, V], one per
+    step, as ``generate(output_scores=True)`` returns them), 0 where ``mask`` is 0. One step at a time: no
+    [N, C, V] tensor."""
+    if len(scores) != tokens.shape[1]:
+        raise ValueError(f"{len(scores)} score tensors for {tokens.shape[1]} generated positions")
+    out = torch.zeros(tokens.shape, dtype=torch.float32, device=tokens.device)
+    for t, step in enumerate(scores):
+        out[:, t] = torch.log_softmax(step.float(), dim=-1).gather(1, tokens[:, t:t + 1]).squeeze(1)
+    return torch.where(mask != 0, out, 0.0)
 
 
 def decode_completions(tokenizer, completion_ids, completion_mask) -> list[str]:

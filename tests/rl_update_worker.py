@@ -10,7 +10,8 @@ import sys
 import torch
 from sgd_worker import use_sgd
 
-from fastrm import distributed, rl
+from fastrm import advantages as fadv
+from fastrm import distributed
 from fastrm.cli import exit_process
 from fastrm.config import load_config
 from fastrm.trainers.rl import RLConfig, RLTrainer, Rollout
@@ -41,12 +42,12 @@ def main():
 
     # statistics over ranks == statistics of the whole batch
     scores, adv, mask = saved["scores"], saved["advantages"], saved["rollout"]["mask"]
-    torch.testing.assert_close(rl.whiten_advantages(adv[rank::2], mask[rank::2]), saved["whitened"][rank::2])
+    torch.testing.assert_close(fadv.whiten_advantages(adv[rank::2], mask[rank::2]), saved["whitened"][rank::2])
     for kind in ("batch", "running"):
-        norm = rl.RewardNormalizer(kind)
+        norm = fadv.RewardNormalizer(kind)
         norm(scores[rank::2] + 1.0)  # running: a first batch to merge with
         torch.testing.assert_close(norm(scores[rank::2]), saved[f"normalized_{kind}"][rank::2])
-    baseline = rl.MovingAverageBaseline("moving", decay=0.5)
+    baseline = fadv.MovingAverageBaseline("moving", decay=0.5)
     baseline(scores[rank::2] + 1.0)
     torch.testing.assert_close(baseline(scores[rank::2]), saved["baselined"][rank::2])
     exit_process(0)

@@ -20,7 +20,8 @@ from test_rl import TINY as RL_TINY
 from test_rl import params, rl_trainer
 from test_trainers import TINY, reward_trainer, sft_trainer
 
-from fastrm import optim, rl
+from fastrm import advantages as fadv
+from fastrm import optim
 from fastrm.checkpoint import load_trainer_state
 from fastrm.config import ConfigError, load_config
 from fastrm.trainers.reward_model import RewardConfig
@@ -178,12 +179,12 @@ def save_rollout(ro, path):
     rows = ro.mask.shape[0]
     scores, advantages = torch.randn(rows, generator=generator), torch.randn(ro.mask.shape, generator=generator)
     saved = {"rollout": {k: getattr(ro, k) for k in keys}, "scores": scores, "advantages": advantages,
-             "whitened": rl.whiten_advantages(advantages, ro.mask)}
+             "whitened": fadv.whiten_advantages(advantages, ro.mask)}
     for kind in ("batch", "running"):
-        norm = rl.RewardNormalizer(kind)
+        norm = fadv.RewardNormalizer(kind)
         norm(scores + 1.0)
         saved[f"normalized_{kind}"] = norm(scores)
-    baseline = rl.MovingAverageBaseline("moving", decay=0.5)
+    baseline = fadv.MovingAverageBaseline("moving", decay=0.5)
     baseline(scores + 1.0)
     saved["baselined"] = baseline(scores)
     torch.save(saved, path)

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from fastrm import rl
+from fastrm import advantages as fadv
 from fastrm.config import ConfigError, load_config
 from fastrm.layout import PaddedBatch
 from fastrm.models import ModelConfig, load_reward_model
@@ -60,12 +60,12 @@ MASK = torch.tensor([[1, 1, 1], [1, 1, 0]])
 
 def test_reinforce_discounted_returns_by_hand():
     scores = torch.tensor([1.0, 2.0])
-    adv, ret = rl.compute_advantages("reinforce", scores, MASK, gamma=0.5)
+    adv, ret = fadv.compute_advantages("reinforce", scores, MASK, gamma=0.5)
     assert ret is None
     torch.testing.assert_close(adv, torch.tensor([[0.25, 0.5, 1.0], [1.0, 2.0, 0.0]]))
     # with a per-token KL penalty in the rewards: r_t = -0.5 * kl_t (+ score on the last token)
     kl = torch.tensor([[0.2, 0.4, 0.6], [1.0, 2.0, 9.0]])
-    adv, _ = rl.compute_advantages("reinforce", scores, MASK, gamma=1.0, kl=kl, kl_coef=0.5)
+    adv, _ = fadv.compute_advantages("reinforce", scores, MASK, gamma=1.0, kl=kl, kl_coef=0.5)
     row0 = [-0.1 - 0.2 + 0.7, -0.2 + 0.7, 1 - 0.3]
     row1 = [-0.5 + 1.0, 2.0 - 1.0, 0.0]  # the masked 9.0 never counts
     torch.testing.assert_close(adv, torch.tensor([row0, row1]))
@@ -73,43 +73,43 @@ def test_reinforce_discounted_returns_by_hand():
 
 def test_reinforce_baseline_moving_and_batch_by_hand():
     mask = torch.ones(2, 1)
-    moving = rl.MovingAverageBaseline("moving", decay=0.5)
-    adv1, _ = rl.compute_advantages("reinforce_baseline", torch.tensor([1.0, 3.0]), mask, baseline=moving)
+    moving = fadv.MovingAverageBaseline("moving", decay=0.5)
+    adv1, _ = fadv.compute_advantages("reinforce_baseline", torch.tensor([1.0, 3.0]), mask, baseline=moving)
     torch.testing.assert_close(adv1[:, 0], torch.tensor([-1.0, 1.0]))  # first batch: its own mean 2
-    adv2, _ = rl.compute_advantages("reinforce_baseline", torch.tensor([6.0, 6.0]), mask, baseline=moving)
+    adv2, _ = fadv.compute_advantages("reinforce_baseline", torch.tensor([6.0, 6.0]), mask, baseline=moving)
     torch.testing.assert_close(adv2[:, 0], torch.tensor([4.0, 4.0]))  # baseline 2 from before this batch
     assert moving.value == pytest.approx(0.5 * 2 + 0.5 * 6)
-    batch = rl.MovingAverageBaseline("batch")
-    adv3, _ = rl.compute_advantages("reinforce_baseline", torch.tensor([6.0, 2.0]), mask, baseline=batch)
+    batch = fadv.MovingAverageBaseline("batch")
+    adv3, _ = fadv.compute_advantages("reinforce_baseline", torch.tensor([6.0, 2.0]), mask, baseline=batch)
     torch.testing.assert_close(adv3[:, 0], torch.tensor([2.0, -2.0]))
 
 
 def test_rloo_and_grpo_by_hand():
     scores = torch.tensor([1.0, 2.0, 6.0, 0.0, 0.0, 3.0])  # two prompts, n = 3
     mask = torch.ones(6, 2)
-    adv, _ = rl.compute_advantages("rloo", scores, mask, n=3)
+    adv, _ = fadv.compute_advantages("rloo", scores, mask, n=3)
     expected = torch.tensor([1 - 4.0, 2 - 3.5, 6 - 1.5, 0 - 1.5, 0 - 1.5, 3 - 0.0])
     torch.testing.assert_close(adv, expected[:, None].expand(6, 2))
-    adv, _ = rl.compute_advantages("grpo", scores, mask, n=3, grpo_eps=0.0)
+    adv, _ = fadv.compute_advantages("grpo", scores, mask, n=3, grpo_eps=0.0)
     s1, s2 = math.sqrt(7.0), math.sqrt(3.0)  # unbiased stds: (4 + 1 + 9) / 2, (1 + 1 + 4) / 2
     expected = torch.tensor([-2 / s1, -1 / s1, 3 / s1, -1 / s2, -1 / s2, 2 / s2])
     torch.testing.assert_close(adv, expected[:, None].expand(6, 2))
-    adv, _ = rl.compute_advantages("grpo", scores, mask, n=3, scale_rewards="none")
+    adv, _ = fadv.compute_advantages("grpo", scores, mask, n=3, scale_rewards="none")
     torch.testing.assert_close(adv[:, 0], torch.tensor([-2.0, -1.0, 3.0, -1.0, -1.0, 2.0]))
-    adv, _ = rl.compute_advantages("grpo", scores, mask, n=3, scale_rewards="batch", grpo_eps=0.0)
+    adv, _ = fadv.compute_advantages("grpo", scores, mask, n=3, scale_rewards="batch", grpo_eps=0.0)
     s = math.sqrt(((scores - 2.0) ** 2).sum().item() / 5)  # unbiased std of all six scores (mean 2)
     torch.testing.assert_close(adv[:, 0], torch.tensor([-2.0, -1.0, 3.0, -1.0, -1.0, 2.0]) / s)
     with pytest.raises(ValueError, match="scale_rewards must be one of"):
-        rl.grpo_scores(scores, 3, scale_rewards="global")
+        fadv.grpo_scores(scores, 3, scale_rewards="global")
     with pytest.raises(ValueError, match="n >= 2"):
-        rl.rloo_scores(scores, 1)
+        fadv.rloo_scores(scores, 1)
 
 
 def test_gae_by_hand():
     scores = torch.tensor([1.0, 2.0])
     values = torch.tensor([[0.5, 0.2, 0.1], [0.3, 0.4, 7.0]])
     gamma, lam = 0.9, 0.8
-    adv, ret = rl.compute_advantages("gae", scores, MASK, values=values, gamma=gamma, lam=lam)
+    adv, ret = fadv.compute_advantages("gae", scores, MASK, values=values, gamma=gamma, lam=lam)
     expected = torch.zeros(2, 3)
     for b, length in ((0, 3), (1, 2)):
         rewards = [0.0] * (length - 1) + [float(scores[b])]
@@ -121,17 +121,17 @@ def test_gae_by_hand():
     torch.testing.assert_close(adv, expected)
     torch.testing.assert_close(ret, (expected + values) * MASK)
     with pytest.raises(ValueError, match="needs values"):
-        rl.compute_advantages("gae", scores, MASK)
+        fadv.compute_advantages("gae", scores, MASK)
     with pytest.raises(ValueError, match="unknown advantage estimator"):
-        rl.compute_advantages("ppo2", scores, MASK)
+        fadv.compute_advantages("ppo2", scores, MASK)
 
 
 def test_reward_normalizer_and_clip():
-    norm = rl.RewardNormalizer("batch", clip=1.0)
+    norm = fadv.RewardNormalizer("batch", clip=1.0)
     out = norm(torch.tensor([0.0, 0.0, 0.0, 10.0]))
     z = (10 - 2.5) / math.sqrt(25.0)  # unbiased std of [0, 0, 0, 10] is 5
     torch.testing.assert_close(out, torch.tensor([-0.5, -0.5, -0.5, min(z, 1.0)]))
-    running = rl.RewardNormalizer("running")
+    running = fadv.RewardNormalizer("running")
     running(torch.tensor([1.0, 3.0]))
     running(torch.tensor([5.0, 7.0]))
     assert (running.count, running.mean) == (4, pytest.approx(4.0))
@@ -191,17 +191,17 @@ def test_minibatch_loss_equals_hand_computation(tmp_path):
 # ---- KL controllers -------------------------------------------------------------------------------------------
 
 def test_kl_controllers():
-    adaptive = rl.AdaptiveKLController(0.1, target=1.0, horizon=100)
+    adaptive = fadv.AdaptiveKLController(0.1, target=1.0, horizon=100)
     adaptive.update(current_kl=2.0, n_steps=10)  # above target: error clipped to +0.2
     assert adaptive.value == pytest.approx(0.1 * (1 + 0.2 * 10 / 100))
     grown = adaptive.value
     adaptive.update(current_kl=0.9, n_steps=10)  # below target: shrinks by the proportional error -0.1
     assert adaptive.value == pytest.approx(grown * (1 - 0.1 * 10 / 100))
     assert adaptive.value < grown
-    fresh = rl.AdaptiveKLController(0.0, 1.0, 10)
+    fresh = fadv.AdaptiveKLController(0.0, 1.0, 10)
     fresh.load_state_dict(adaptive.state_dict())
     assert fresh.value == adaptive.value
-    fixed = rl.FixedKLController(0.05)
+    fixed = fadv.FixedKLController(0.05)
     for kl in (0.0, 10.0, 1e6):
         fixed.update(kl, 64)
     assert fixed.value == 0.05
@@ -219,7 +219,7 @@ def test_trainer_adaptive_kl_moves_coefficient(tmp_path):
 def test_curriculum_order_and_widening():
     prompts = ["p0", "p1", "p2", "p3", "p4", "p5", "p6", "p7"]
     difficulty = [5, 1, 7, 1, 3, 0, 9, 2]
-    sampler = rl.CurriculumSampler(prompts, difficulty, batch_size=2, start_fraction=0.25, warmup_steps=4, seed=3)
+    sampler = fadv.CurriculumSampler(prompts, difficulty, batch_size=2, start_fraction=0.25, warmup_steps=4, seed=3)
     assert sampler.order == [5, 1, 3, 7, 4, 0, 2, 6]  # easy -> hard, ties in data order
     assert [sampler.pool_size(s) for s in range(6)] == [2, 4, 5, 7, 8, 8]  # ceil(8 * (0.25 + 0.75 s / 4))
     first = next(sampler)
@@ -229,14 +229,14 @@ def test_curriculum_order_and_widening():
         seen.update(next(sampler))
     assert all(difficulty[int(p[1])] <= 5 for p in seen)  # never beyond the pool of step 3 (7 easiest)
     # step schedule: constant within each stage
-    staged = rl.CurriculumSampler(prompts, difficulty, batch_size=2, start_fraction=0.5, warmup_steps=4,
+    staged = fadv.CurriculumSampler(prompts, difficulty, batch_size=2, start_fraction=0.5, warmup_steps=4,
                                   schedule="step", num_stages=2)
     assert [staged.pool_size(s) for s in range(5)] == [4, 4, 6, 6, 8]
     # by a function (prompt length), and resume from the state
-    by_len = rl.CurriculumSampler(["aaaa", "a", "aaa", "aa"], len, batch_size=1, warmup_steps=0)
+    by_len = fadv.CurriculumSampler(["aaaa", "a", "aaa", "aa"], len, batch_size=1, warmup_steps=0)
     assert by_len.order == [1, 3, 2, 0]
-    a = rl.CurriculumSampler(prompts, difficulty, 2, warmup_steps=4, seed=1)
-    b = rl.CurriculumSampler(prompts, difficulty, 2, warmup_steps=4, seed=1)
+    a = fadv.CurriculumSampler(prompts, difficulty, 2, warmup_steps=4, seed=1)
+    b = fadv.CurriculumSampler(prompts, difficulty, 2, warmup_steps=4, seed=1)
     [next(a) for _ in range(3)]
     b.load_state_dict(a.state_dict())
     assert next(a) == next(b)

@@ -24,6 +24,13 @@ with verl's stop-gradient construction ``log s_bt = sg(log s_b) + logprobs_t - s
 
 The kernel then makes two passes over the row: the mean log-ratio first, the loss second.
 
+CISPO (MiniMax-M1; CISPO set) and SAPO (SAPO set; s = sigmoid(tau (ratio - 1)), tau = tau_pos if A > 0 else tau_neg)
+replace the clipped ratio, with the same ratio (token or sequence level)::
+
+    CISPO: loss_t = -min(ratio, 1 + eps_high) * A * logprobs    d loss_t / d logprobs_t = -min(ratio, 1 + eps_high) * A
+    SAPO:  loss_t = -A * s * 4 / tau                            d loss_t / d logprobs_t = -A * 4 s (1 - s) * ratio
+    ("clipped": CISPO's ratio > 1 + eps_high; SAPO's never; SAPO's gradient is 0 past the log-ratio clamp.)
+
 Value loss, per token::
 
     clipped_t = clamp(values, old_values - clip, old_values + clip)   (= old + clamp(values - old, ±clip))
@@ -108,9 +115,12 @@ if HAS_TRITON:
         stride_lb, stride_lt, stride_ob, stride_ot, stride_ab, stride_at, stride_mb, stride_mt,
         ratio_low, ratio_high, dual_clip,  # 1 - eps, 1 + eps_high, dual-clip ratio (unused unless HAS_DUAL_CLIP)
         log_ratio_clamp,  # token ratios: |log ratio| <= this; sequence ratios (SEQ_RATIO): log ratio <= this
+        sapo_tau_pos, sapo_tau_neg,  # SAPO's temperatures (unused unless SAPO)
         HAS_DUAL_CLIP: tl.constexpr,
         WRITE_GRADS: tl.constexpr,
         SEQ_RATIO: tl.constexpr,
+        CISPO: tl.constexpr,
+        SAPO: tl.constexpr,
         BLOCK_T: tl.constexpr,
     ):
         row = tl.program_id(0).to(tl.int64)  # int64: row * stride can exceed 2**31
@@ -150,12 +160,23 @@ if HAS_TRITON:
                 log_ratio = tl.minimum(tl.maximum(raw, -log_ratio_clamp), log_ratio_clamp)
                 outside_clamp = (raw < -log_ratio_clamp) | (raw > log_ratio_clamp)
             ratio = tl.exp(log_ratio)
-            pg1 = -adv * ratio
-            pg2 = -adv * tl.minimum(tl.maximum(ratio, ratio_low), ratio_high)
-            loss = tl.maximum(pg1, pg2)
-            clipped = pg2 > pg1
-            # d pg1 / d logp = -A * ratio, blocked by the log-ratio clamp (closed interval, as torch.clamp).
-            grad = tl.where(clipped | outside_clamp, 0.0, pg1)
+            if CISPO:  # the weight min(ratio, 1 + eps_high) is a constant: every token keeps -A * weight
+                grad = -adv * tl.minimum(ratio, ratio_high)
+                loss = grad * logp
+                clipped = ratio > ratio_high
+            elif SAPO:  # a sigmoid gate of the ratio, temperature by the advantage's sign; nothing is clipped
+                tau = tl.where(adv > 0.0, sapo_tau_pos, sapo_tau_neg)
+                gate = 1.0 / (1.0 + tl.exp(-tau * (ratio - 1.0)))
+                loss = -adv * gate * (4.0 / tau)
+                clipped = lane < 0
+                grad = tl.where(outside_clamp, 0.0, -adv * 4.0 * gate * (1.0 - gate) * ratio)
+            else:
+                pg1 = -adv * ratio
+                pg2 = -adv * tl.minimum(tl.maximum(ratio, ratio_low), ratio_high)
+                loss = tl.maximum(pg1, pg2)
+                clipped = pg2 > pg1
+                # d pg1 / d logp = -A * ratio, blocked by the log-ratio clamp (closed interval, as torch.clamp).
+                grad = tl.where(clipped | outside_clamp, 0.0, pg1)
             if HAS_DUAL_CLIP:
                 pg3 = -adv * dual_clip
                 dual = (adv < 0.0) & (loss > pg3)
@@ -307,9 +328,6 @@ if HAS_TRITON:
 # ----------------------------------------------------------------------------------------------
 
 
-
-
-
 def _stats_and_grad_fake(n_stats):
     def fake(x, *args, write_grads, **kwargs):
         B, T = x.shape
@@ -321,8 +339,10 @@ def _stats_and_grad_fake(n_stats):
 @kernel_op("ppo_policy_fwd", _stats_and_grad_fake(len(POLICY_STATS)))
 def ppo_policy_fwd(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, *,
                    clip_eps: float, clip_eps_high: float, dual_clip: float | None, write_grads: bool,
-                   seq_ratio: bool = False, block_t: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Launch ``_ppo_policy_fwd_kernel`` on [B, T] inputs with any strides (``seq_ratio``: GSPO's sequence ratio).
+                   seq_ratio: bool = False, cispo: bool = False, sapo: bool = False, sapo_tau_pos: float = 1.0,
+                   sapo_tau_neg: float = 1.0, block_t: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Launch ``_ppo_policy_fwd_kernel`` on [B, T] inputs with any strides (``seq_ratio``: GSPO's sequence ratio;
+    ``cispo``: CISPO's clipped stop-gradient weight instead of the clipped ratio; ``sapo``: SAPO's sigmoid gate).
 
     Returns ``(stats, grad)``: fp32 [6, B] per-row sums in the order of ``POLICY_STATS`` (the counts are
     whole numbers), and the fp32 [B, T] per-token d loss_t / d logprobs_t (0 where masked), or None
@@ -343,9 +363,12 @@ def ppo_policy_fwd(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantage
         1.0 - float(clip_eps), 1.0 + float(clip_eps_high),
         float(dual_clip) if dual_clip is not None else 0.0,
         SEQ_LOG_RATIO_MAX if seq_ratio else LOG_RATIO_CLAMP,
+        float(sapo_tau_pos), float(sapo_tau_neg),
         HAS_DUAL_CLIP=dual_clip is not None,
         WRITE_GRADS=write_grads,
         SEQ_RATIO=seq_ratio,
+        CISPO=cispo,
+        SAPO=sapo,
         BLOCK_T=block,
         num_warps=row_num_warps(block),
     )
@@ -474,14 +497,16 @@ def _agg_loss_reference(loss_mat, mask, agg, loss_scale_factor=None):
 
 
 def ppo_policy_loss_reference(logprobs, old_logprobs, advantages, mask, clip_eps=0.2, clip_eps_high=None,
-                              dual_clip=None, agg="token-mean", ratio_level="token", loss_scale_factor=None):
+                              dual_clip=None, agg="token-mean", ratio_level="token", loss_scale_factor=None,
+                              policy_loss="ppo", sapo_taus=(1.0, 1.05)):
     """verl's vanilla ``compute_policy_loss`` + ``agg_loss`` (``ratio_level="sequence"``: verl's
     ``compute_policy_loss_gspo`` ratio, with the dual clip still applied when ``dual_clip`` is set).
 
     ``clip_eps`` / ``clip_eps_high`` are verl's ``cliprange_low`` / ``cliprange_high``, ``dual_clip`` its
     ``clip_ratio_c`` (None: no dual clip; verl always applies one, 3.0 by default). Returns
     ``(loss, clipfrac, approx_kl, ratio_mean, clipfrac_lower)``; approx_kl is the token mean of
-    k3 = (ratio - 1) - log ratio (verl reports the k1 mean -log ratio instead).
+    k3 = (ratio - 1) - log ratio (verl reports the k1 mean -log ratio instead). ``policy_loss``: "cispo" / "sapo"
+    as in the module docstring (``sapo_taus``: tau where A > 0, tau elsewhere; dual_clip unused).
     """
     m = mask.to(logprobs.dtype)
     if ratio_level == "sequence":
@@ -492,6 +517,16 @@ def ppo_policy_loss_reference(logprobs, old_logprobs, advantages, mask, clip_eps
         negative_approx_kl = torch.clamp(logprobs - old_logprobs, min=-LOG_RATIO_CLAMP, max=LOG_RATIO_CLAMP)
     ratio = torch.exp(negative_approx_kl)
     high = clip_eps if clip_eps_high is None else clip_eps_high
+    if policy_loss in ("cispo", "sapo"):  # MiniMax-M1 / SAPO, as TRL and verl write them; no dual clip
+        zero = torch.zeros((), dtype=m.dtype, device=m.device)
+        if policy_loss == "cispo":
+            pg_losses = -torch.clamp(ratio, max=1 + high).detach() * advantages * logprobs
+            clipfrac = _masked_mean_reference((ratio > 1 + high).to(m.dtype), m)
+        else:
+            tau = torch.where(advantages > 0, sapo_taus[0], sapo_taus[1]).to(ratio.dtype)
+            pg_losses, clipfrac = -advantages * torch.sigmoid(tau * (ratio - 1)) * (4 / tau), zero
+        metrics = [_masked_mean_reference(x, m).detach() for x in ((ratio - 1) - negative_approx_kl, ratio)]
+        return _agg_loss_reference(pg_losses, m, agg, loss_scale_factor), clipfrac, *metrics, zero
     pg_losses1 = -advantages * ratio
     pg_losses2 = -advantages * torch.clamp(ratio, 1 - clip_eps, 1 + high)
     clip_pg_losses1 = torch.maximum(pg_losses1, pg_losses2)

@@ -1,6 +1,6 @@
 """The RL trainer's update (step 6 of :mod:`fastrm.trainers.rl`): ``ppo_epochs`` passes over shuffled minibatches
-of a :class:`fastrm.trainers.rollout.Rollout`, clipped surrogate + value loss + entropy bonus (+ KL as a loss term),
-the divergence guard's check, one optimizer step per minibatch."""
+of a :class:`fastrm.trainers.rollout.Rollout`, clipped surrogate (or CISPO, SAPO) + value loss + entropy bonus (+ KL
+as a loss term), the divergence guard's check, one optimizer step per minibatch."""
 
 from __future__ import annotations
 
@@ -24,7 +24,9 @@ class PPOUpdate:
         logprobs, entropy = self._logprobs(self.policy_p, batch, ro.prompt_len, return_entropy=True)
         pol = ppo_policy_loss(logprobs, ro.old_logprobs[idx], adv, mask, clip_eps=c.clip_eps,
                               clip_eps_high=c.clip_eps_high, dual_clip=c.dual_clip, agg=c.loss_agg,
-                              loss_scale_factor=self._loss_scale_factor(), backend=c.backend)
+                              loss_scale_factor=self._loss_scale_factor(), policy_loss=c.policy_loss,
+                              sapo_tau_pos=c.sapo_temperature_pos, sapo_tau_neg=c.sapo_temperature_neg,
+                              backend=c.backend)
         mean_entropy = masked_mean(entropy, mask)
         # Data parallel: token means weighted to the mean over all ranks' tokens, as one process takes it.
         # (Sequence means need nothing: ranks hold equal rows.)

@@ -4,17 +4,17 @@ One step, top to bottom (seed §3.2: sample, score, estimate the gradient, updat
 
 1. **prompts**: a batch from the prompt pool (shuffled epochs, or the curriculum's easy -> hard pool);
 2. **generate** ``num_samples`` completions per prompt with :func:`fastrm.generation.generate`
-   (temperature, top-p, stop at EOS);
+   (temperature, top-p, stop at EOS); DAPO's dynamic sampling and overlong shaping (:mod:`fastrm.dapo`);
 3. **logprobs**: per-token log-probs of the sampled tokens under the policy and the frozen reference
    (and the critic's values) via :func:`fastrm.models.token_logprobs` — fused, no ``[B, T, V]`` tensor;
 4. **score**: learned reward model and/or rule reward functions (``reward_fn``, called as TRL calls them, with
    the prompt row's other fields as keyword arguments: :mod:`fastrm.rewards`), weighted; minus the missing-EOS
    penalty; normalised and clipped;
 5. **advantages** (``advantage=``): gae (fused ``compute_gae`` with the critic), reinforce, reinforce_baseline,
-   rloo, grpo (see :mod:`fastrm.rl`); KL to the reference as a per-token reward penalty or a loss term;
-   optional whitening;
+   rloo, grpo, reinforce_pp(_baseline) (see :mod:`fastrm.advantages`); KL to the reference as a per-token reward
+   penalty or a loss term; optional whitening; TIS / ICEPOP weights (:mod:`fastrm.rollout_correction`);
 6. **update**: ``ppo_epochs`` passes over shuffled minibatches of the clipped surrogate
-   (:func:`fastrm.ops.ppo.ppo_policy_loss`, + dual clip), clipped value loss, entropy bonus; stop on a
+   (:func:`fastrm.ops.ppo.ppo_policy_loss`, + dual clip; or CISPO, SAPO), clipped value loss, entropy bonus; stop on a
    non-finite loss; one optimizer step per minibatch;
 7. KL controller update, log, evaluate (greedy answers scored by the reward functions, ``eval/score``, and by
    the embedded task's checker), checkpoint.
@@ -40,7 +40,8 @@ from tqdm.auto import tqdm
 from fastrm import checkpoint as ckpt
 from fastrm import data as fdata
 from fastrm import distributed as fdist
-from fastrm import guard, lora, optim, rewards, rl, runtime, tokenization
+from fastrm import advantages as fadv
+from fastrm import guard, lora, optim, rewards, runtime, tokenization
 from fastrm._checks import deferred_finite_checks
 from fastrm.config import ConfigError, parse_cli
 from fastrm.generation import decode_completions, generate, prompt_token_ids
@@ -144,16 +145,16 @@ class RLTrainer(RolloutSteps, PPOUpdate, base.Trainer):
         global_batch = c.batch_size * fdist.world_size()
         if c.curriculum:
             difficulty = self._difficulty()
-            self.sampler = rl.CurriculumSampler(self.train_rows, difficulty, global_batch,
-                                                start_fraction=c.curriculum_start, warmup_steps=c.curriculum_steps,
-                                                schedule=c.curriculum_schedule, num_stages=c.curriculum_stages,
-                                                seed=c.seed)
+            self.sampler = fadv.CurriculumSampler(self.train_rows, difficulty, global_batch,
+                                                 start_fraction=c.curriculum_start, warmup_steps=c.curriculum_steps,
+                                                 schedule=c.curriculum_schedule, num_stages=c.curriculum_stages,
+                                                 seed=c.seed)
         else:
             self.sampler = loop.BatchStream(self.train_rows, global_batch, c.seed)
-        self.kl_ctl = (rl.AdaptiveKLController(c.kl_coef, c.kl_target, c.kl_horizon) if c.adaptive_kl
-                       else rl.FixedKLController(c.kl_coef))
-        self.baseline = rl.MovingAverageBaseline(c.baseline, c.baseline_decay)
-        self.normalizer = rl.RewardNormalizer(c.reward_norm, c.reward_clip)
+        self.kl_ctl = (fadv.AdaptiveKLController(c.kl_coef, c.kl_target, c.kl_horizon) if c.adaptive_kl
+                       else fadv.FixedKLController(c.kl_coef))
+        self.baseline = fadv.MovingAverageBaseline(c.baseline, c.baseline_decay)
+        self.normalizer = fadv.RewardNormalizer(c.reward_norm, c.reward_clip)
         if checkpoint is not None:
             self._restore(checkpoint, state)
         self.guard = guard.DivergenceGuard(self, [m for m in (self.policy, self.value) if m is not None])

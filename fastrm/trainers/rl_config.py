@@ -8,9 +8,12 @@ from typing import Any, ClassVar
 
 import torch
 
-from fastrm import rewards, rl, tokenization
+from fastrm import advantages as fadv
+from fastrm import rewards, tokenization
 from fastrm.config import TINY, require_path, require_setting, setting
-from fastrm.ops.ppo import AGG_MODES, KL_KINDS
+from fastrm.loss_types import resolve_loss_type
+from fastrm.ops.ppo import AGG_MODES, KL_KINDS, POLICY_LOSSES
+from fastrm.rollout_correction import CORRECTIONS
 from fastrm.trainers import base
 
 EMBEDDED = rewards.EMBEDDED
@@ -57,7 +60,8 @@ class RLConfig(base.TrainerSettings):
     temperature: float = setting(1.0, "sampling temperature (log-probs are taken at the same temperature)")
     top_p: float = setting(1.0, "nucleus sampling: keep the smallest token set with this much probability")
     # Advantages
-    advantage: str = setting("gae", "gae (critic) | reinforce | reinforce_baseline | rloo | grpo")
+    advantage: str = setting("gae", "gae (critic) | reinforce | reinforce_baseline | rloo | grpo | reinforce_pp "
+                                    "(REINFORCE++) | reinforce_pp_baseline (REINFORCE++-baseline)")
     gamma: float = setting(1.0, "discount per token")
     lam: float = setting(0.95, "GAE lambda")
     whiten_advantages: bool = setting(True, "normalise advantages to mean 0, std 1 over the batch's tokens")
@@ -74,8 +78,30 @@ class RLConfig(base.TrainerSettings):
                                                 "clip_eps")
     dual_clip: float | None = setting(None, "dual-clip constant c > 1 bounding the loss of negative advantages; "
                                             "null: off")
-    loss_agg: str = setting("token-mean", "token-mean | seq-mean-token-mean | seq-mean-token-sum | "
-                                          "seq-mean-token-sum-norm (divided by max_new_tokens: Dr. GRPO)")
+    loss_agg: str | None = setting(None, "token-mean | seq-mean-token-mean | seq-mean-token-sum | "
+                                         "seq-mean-token-sum-norm (divided by max_new_tokens: Dr. GRPO); null: "
+                                         "token-mean, or what loss_type sets")
+    # ---- issue #23: TRL's loss_type names, CISPO, DAPO's dynamic sampling and overlong shaping, rollout correction
+    loss_type: str | None = setting(None, "TRL GRPOConfig.loss_type: grpo | dr_grpo | dapo | bnpo | cispo | sapo, "
+                                          "sets loss_agg and policy_loss (see fastrm.loss_types); null: off")
+    policy_loss: str | None = setting(None, "ppo (clipped ratio) | cispo (MiniMax-M1: clipped stop-gradient weight "
+                                            "min(ratio, 1 + clip_eps_high) on the log-prob) | sapo (sigmoid gate of "
+                                            "the ratio); null: ppo, or what loss_type sets")
+    sapo_temperature_pos: float | None = setting(None, "policy_loss=sapo: gate temperature where A > 0 (TRL's name); "
+                                                       "null: 1.0")
+    sapo_temperature_neg: float | None = setting(None, "policy_loss=sapo: gate temperature where A <= 0; null: 1.05")
+    dynamic_sampling: bool = setting(False, "DAPO: drop prompts whose samples all got the same reward and draw more "
+                                            "prompt batches until batch_size prompts are kept")
+    max_extra_draws: int = setting(4, "dynamic_sampling: most extra prompt batches sampled per step (then the batch "
+                                      "is filled with dropped prompts)")
+    overlong_buffer: int = setting(0, "DAPO soft overlong punishment: the last overlong_buffer tokens before "
+                                      "max_new_tokens cost up to overlong_penalty, linearly; 0: off")
+    overlong_penalty: float = setting(1.0, "overlong_buffer: the penalty of a completion of max_new_tokens tokens")
+    rollout_correction: str = setting("none", "sampler-trainer mismatch: none | tis (weight min(pi_old/pi_rollout, "
+                                              "C)) | icepop (weight pi_old/pi_rollout inside [C_low, C], else 0)")
+    rollout_is_threshold: float = setting(2.0, "rollout_correction: C, the upper bound (> 1)")
+    rollout_is_threshold_lower: float | None = setting(None, "rollout_correction=icepop: C_low in [0, 1); null: 1/C")
+    # ---- end of issue #23's settings
     vf_coef: float = setting(0.5, "weight of the value loss")
     value_clip: float | None = setting(0.2, "clip the value prediction to old value +- value_clip; null: off")
     entropy_coef: float = setting(0.0, "weight of the entropy bonus")
@@ -108,12 +134,13 @@ class RLConfig(base.TrainerSettings):
 
     def validate(self):
         super().validate()
+        self.validate_policy_loss_options()
         for name in ("num_samples", "max_new_tokens", "ppo_epochs", "num_minibatches", "num_train_prompts",
                      "kl_horizon", "curriculum_stages"):
             require_setting(getattr(self, name) >= 1, name, getattr(self, name), "must be >= 1")
-        choices = {"reward": ("model", "rule", "both"), "advantage": rl.ESTIMATORS,
+        choices = {"reward": ("model", "rule", "both"), "advantage": fadv.ESTIMATORS,
                    "reward_norm": ("none", "batch", "running"), "baseline": ("moving", "batch"),
-                   "loss_agg": AGG_MODES, "scale_rewards": rl.SCALE_REWARDS,
+                   "loss_agg": AGG_MODES, "scale_rewards": fadv.SCALE_REWARDS,
                    "kl_estimator": KL_KINDS, "kl_in": ("reward", "loss"),
                    "curriculum_schedule": ("linear", "step"), "curriculum_difficulty": ("auto", "length")}
         for name, allowed in choices.items():
@@ -123,7 +150,7 @@ class RLConfig(base.TrainerSettings):
             require_setting(self.scale_rewards == "group", "grpo_scale", self.grpo_scale,
                     f"conflicts with scale_rewards={self.scale_rewards}; set scale_rewards only")
             self.scale_rewards, self.grpo_scale = ("group" if self.grpo_scale else "none"), None
-        if self.advantage in rl.GROUP_ESTIMATORS:
+        if self.advantage in fadv.GROUP_ESTIMATORS:
             require_setting(self.num_samples >= 2, "num_samples", self.num_samples,
                     f"advantage={self.advantage} compares the samples of a prompt: needs num_samples >= 2")
         if self.reward in ("model", "both"):
@@ -189,6 +216,39 @@ class RLConfig(base.TrainerSettings):
                 require_path(spec.rpartition(":")[0], "reward_fn", "file")
             else:
                 rewards.load(spec)
+
+    def validate_policy_loss_options(self):
+        """Issue #23's settings; resolves loss_type into loss_agg and policy_loss (config.yaml records both)."""
+        self.loss_agg, self.policy_loss = resolve_loss_type(self.loss_type, self.loss_agg, self.policy_loss)
+        require_setting(self.policy_loss in POLICY_LOSSES, "policy_loss", self.policy_loss,
+                        "must be one of " + ", ".join(POLICY_LOSSES))
+        require_setting(self.policy_loss == "ppo" or self.dual_clip is None, "dual_clip", self.dual_clip,
+                        f"applies to policy_loss=ppo only, got policy_loss={self.policy_loss}")
+        for name in ("sapo_temperature_pos", "sapo_temperature_neg"):
+            value = getattr(self, name)
+            if value is not None:
+                require_setting(self.policy_loss == "sapo", name, value,
+                                f"applies to policy_loss=sapo only, got policy_loss={self.policy_loss}")
+                require_setting(value > 0 and math.isfinite(value), name, value, "must be > 0 and finite")
+        require_setting(self.max_extra_draws >= 0, "max_extra_draws", self.max_extra_draws, "must be >= 0")
+        if self.dynamic_sampling:
+            require_setting(self.num_samples >= 2, "num_samples", self.num_samples,
+                            "dynamic_sampling compares the samples of a prompt: needs num_samples >= 2")
+        require_setting(0 <= self.overlong_buffer <= self.max_new_tokens, "overlong_buffer", self.overlong_buffer,
+                        f"must lie in [0, max_new_tokens={self.max_new_tokens}]")
+        require_setting(self.overlong_penalty >= 0 and math.isfinite(self.overlong_penalty), "overlong_penalty",
+                        self.overlong_penalty, "must be >= 0 and finite")
+        require_setting(self.rollout_correction in CORRECTIONS, "rollout_correction", self.rollout_correction,
+                        "must be one of " + ", ".join(CORRECTIONS))
+        require_setting(self.rollout_is_threshold > 1 and math.isfinite(self.rollout_is_threshold),
+                        "rollout_is_threshold", self.rollout_is_threshold, "must be > 1 and finite")
+        if self.rollout_is_threshold_lower is not None:
+            require_setting(self.rollout_correction == "icepop", "rollout_is_threshold_lower",
+                            self.rollout_is_threshold_lower,
+                            "applies to rollout_correction=icepop only, got "
+                            f"rollout_correction={self.rollout_correction}")
+            require_setting(0 <= self.rollout_is_threshold_lower < 1, "rollout_is_threshold_lower",
+                            self.rollout_is_threshold_lower, "must lie in [0, 1)")
 
     def reward_fn_specs(self) -> list:
         return list(self.reward_fn) if isinstance(self.reward_fn, (list, tuple)) else [self.reward_fn]

@@ -11,13 +11,15 @@ import torch
 from torch import nn
 
 from fastrm import distributed as fdist
-from fastrm import rewards, rl, runtime
+from fastrm import advantages as fadv
+from fastrm import dapo, rewards, runtime
 from fastrm.generation import decode_completions, generate
 from fastrm.layout import IGNORE_INDEX, Batch, PaddedBatch, arrange, collate_sequences
 from fastrm.metrics import reduce_sums
 from fastrm.models import reward_scores, token_logprobs
 from fastrm.ops.ppo import kl_penalty
 from fastrm.packing import Packing
+from fastrm.rollout_correction import correction_weights
 
 
 @dataclass
@@ -35,6 +37,7 @@ class Rollout:
     values: torch.Tensor | None = None   # [N, C] the critic's values when sampled (gae)
     scores: torch.Tensor | None = None   # [N] the rewards after penalty, normalisation and clipping
     seq_kl: torch.Tensor | None = None   # [N] KL to the reference summed over each completion
+    sampler_logprobs: torch.Tensor | None = None  # [N, C] under the sampler's own distribution (rollout_correction)
     stats: dict = field(default_factory=dict)           # what the step logs of the rollout
     completions: list[str] = field(default_factory=list)
     prompts: list[str] = field(default_factory=list)    # the prompt of each row
@@ -179,6 +182,20 @@ class RolloutSteps:
         return seqs
 
     @torch.no_grad()
+    def _sample_and_score(self, rows: list[dict]) -> dapo.ScoredSamples:
+        """``num_samples`` completions per prompt row (with the sampler's log-probs when rollout_correction is on),
+        and their rewards."""
+        c = self.config
+        gen = self.policy_p(generate, self.tokenizer, [r["prompt"] for r in rows], max_new_tokens=c.max_new_tokens,
+                            do_sample=True, temperature=c.temperature, top_p=c.top_p,
+                            num_return_sequences=c.num_samples, synced_gpus=self.policy_p.is_fsdp,
+                            return_logprobs=c.rollout_correction != "none")
+        completions = decode_completions(self.tokenizer, gen["completion_ids"], gen["completion_mask"])
+        rows_n = [r for r in rows for _ in range(c.num_samples)]
+        scores, parts = self.score(rows_n, gen, completions)
+        return dapo.ScoredSamples(gen, completions, rows_n, scores, parts)
+
+    @torch.no_grad()
     def rollout(self, rows: list[dict]) -> Rollout:
         """Sample, score and compute advantages for one batch of prompt rows."""
         c = self.config
@@ -188,14 +205,16 @@ class RolloutSteps:
             self.value.eval()
         timing = {}
         start = time.perf_counter()
-        prompts = [r["prompt"] for r in rows]
-        gen = self.policy_p(generate, self.tokenizer, prompts, max_new_tokens=c.max_new_tokens, do_sample=True,
-                            temperature=c.temperature, top_p=c.top_p, num_return_sequences=n,
-                            synced_gpus=self.policy_p.is_fsdp)
-        completions = decode_completions(self.tokenizer, gen["completion_ids"], gen["completion_mask"])
-        rows_n = [r for r in rows for _ in range(n)]
+        if c.dynamic_sampling:  # DAPO: only prompts whose samples differ in reward, drawing more as needed
+            samples, draw_stats = dapo.dynamic_sampling(
+                self._sample_and_score, rows, lambda: fdist.shard(next(self.sampler)), n, c.max_extra_draws,
+                self.tokenizer.pad_token_id, lambda x: int(reduce_sums(x)[0]))
+        else:
+            samples, draw_stats = self._sample_and_score(rows), {}
+        gen, completions, rows_n, raw_scores, parts = (samples.gen, samples.completions, samples.rows, samples.scores,
+                                                       {**samples.parts, **draw_stats})
         prompts_n = [r["prompt"] for r in rows_n]
-        timing["timing/generate"] = time.perf_counter() - start
+        timing["timing/generate"] = time.perf_counter() - start  # and scoring
 
         start = time.perf_counter()
         batch = self._sequences(gen)
@@ -207,19 +226,29 @@ class RolloutSteps:
         timing["timing/logprobs"] = time.perf_counter() - start
 
         start = time.perf_counter()
-        raw_scores, parts = self.score(rows_n, gen, completions)
-        has_eos = (gen["completion_ids"] == self.tokenizer.eos_token_id).any(dim=1)
+        # on a valid position: batches of several draws are re-padded, and pad may be the EOS token
+        has_eos = ((gen["completion_ids"] == self.tokenizer.eos_token_id) & (mask != 0)).any(dim=1)
         scores = raw_scores
         if c.missing_eos_penalty is not None:
             scores = scores - c.missing_eos_penalty * (~has_eos).float()
+        if c.overlong_buffer:  # DAPO's soft overlong punishment
+            overlong = dapo.overlong_penalty(mask.sum(1), c.max_new_tokens, c.overlong_buffer, c.overlong_penalty)
+            scores = scores + overlong.to(scores.device)
+            parts["reward/overlong_penalty"] = overlong.mean()
         scores = self.normalizer(scores)
         kl = torch.where(mask != 0, kl_penalty(old_logprobs, ref_logprobs, c.kl_estimator, backend=c.backend), 0.0)
         kl_coef = self.kl_ctl.value
-        advantages, returns = rl.compute_advantages(
+        advantages, returns = fadv.compute_advantages(
             c.advantage, scores, mask, n=n, kl=kl if c.kl_in == "reward" else None, kl_coef=kl_coef, values=values,
             gamma=c.gamma, lam=c.lam, baseline=self.baseline, scale_rewards=c.scale_rewards)
-        if c.whiten_advantages:
-            advantages = rl.whiten_advantages(advantages, mask)  # statistics over all ranks' rollouts
+        if c.whiten_advantages and c.advantage not in fadv.WHITENED_ESTIMATORS:
+            advantages = fadv.whiten_advantages(advantages, mask)  # statistics over all ranks' rollouts
+        sampler_logprobs = gen.get("sampler_logprobs")
+        if c.rollout_correction != "none":  # a constant weight >= 0 per token: folded into the advantage
+            weights, correction = correction_weights(old_logprobs, sampler_logprobs, mask, c.rollout_correction,
+                                                     c.rollout_is_threshold, c.rollout_is_threshold_lower)
+            advantages = advantages * weights
+            parts.update(correction)
         timing["timing/advantages"] = time.perf_counter() - start
 
         seq_kl = kl.sum(1)
@@ -241,6 +270,7 @@ class RolloutSteps:
                                                    for p, x in zip(prompts_n, completions)) / len(truth)
         return Rollout(batch=batch, prompt_len=prompt_len, mask=mask, old_logprobs=old_logprobs,
                        ref_logprobs=ref_logprobs, values=values, advantages=advantages, returns=returns, scores=scores,
-                       seq_kl=seq_kl, stats=stats, completions=completions, prompts=prompts_n)
+                       seq_kl=seq_kl, sampler_logprobs=sampler_logprobs, stats=stats, completions=completions,
+                       prompts=prompts_n)
 
     # ---- the update --------------------------------------------------------------------------------------------
