@@ -12,6 +12,8 @@ from fastrm.errors import EXIT_CHECKPOINT_WRITE, EXIT_INTERRUPTED, EXIT_NON_FINI
 COMMANDS = {
     "sft": ("fastrm.trainers.sft:main", "supervised fine-tuning (no arguments: the embedded arithmetic task)"),
     "train-rm": ("fastrm.trainers.reward:main", "train a reward model (no arguments: the embedded task, on CPU)"),
+    "dpo": ("fastrm.trainers.dpo:main", "direct preference optimisation of a policy on preference pairs: DPO, IPO, "
+                                        "hinge, robust, SimPO"),
     "ppo": ("fastrm.trainers.rl:main", "RL fine-tuning: PPO / REINFORCE / RLOO / GRPO against a reward model and/or a rule"),
     "export": ("fastrm.export:main", "merge a LoRA adapter (output_dir/final of a lora.r > 0 run) into its base: a "
                                      "plain checkpoint folder"),
@@ -107,7 +109,7 @@ def run_command(argv=None) -> int:
     from fastrm.training import NonFiniteLossError
 
     module, function = COMMANDS[command][0].split(":")
-    if command in ("sft", "train-rm", "ppo", "demo"):
+    if command in ("sft", "train-rm", "dpo", "ppo", "demo"):
         quiet_transformers()
     try:
         return getattr(importlib.import_module(module), function)(rest)
