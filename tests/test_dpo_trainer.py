@@ -66,12 +66,12 @@ def test_packed_and_padded_sequence_logps_are_equal(tmp_path):
 
 
 def test_resume_continues_exactly(tmp_path):
-    straight = dpo_trainer(tmp_path / "a")
+    straight = dpo_trainer(tmp_path / "a", "eval_generate=0")
     straight.train()
-    first = dpo_trainer(tmp_path / "b")
+    first = dpo_trainer(tmp_path / "b", "eval_generate=0")
     first.config.max_steps = 2  # stop half-way, as a killed run would
     first.train()
-    resumed = dpo_trainer(tmp_path / "b", "resume=true")
+    resumed = dpo_trainer(tmp_path / "b", "eval_generate=0", "resume=true")
     assert resumed.step == 2
     resumed.train()
     a, b = params(straight.model), params(resumed.model)
@@ -86,11 +86,12 @@ def test_precomputed_reference_trains_as_the_frozen_copy(tmp_path):
     live.train()
     pre = dpo_trainer(tmp_path / "b", "max_steps=2", "precompute_ref_logprobs=true")
     assert pre.ref is None and "ref_chosen_logps" in pre.train_examples[0]
+    init = params(pre.model)  # the same seed: the live run's initial weights too
+    assert all(torch.equal(init[k], v) for k, v in params(live.ref).items())
     pre.train()
     # The reference log-probs come from other packed rows (other batch neighbours): float32 rounding of the
     # sums, through 2 AdamW steps of lr 1e-2 whose per-weight step is sign-like: compare the trained weights loosely
     # against how far they moved.
-    init = params(dpo_trainer(tmp_path / "c", "max_steps=2").model)
     a, b = params(live.model), params(pre.model)
     moved = max((a[k] - init[k]).abs().max().item() for k in a)
     assert moved > 1e-3
