@@ -141,7 +141,7 @@ def test_ranking_rows_become_pairs_of_the_best(tmp_path):
 
 
 def test_lora_reference_is_the_policy_without_adapters(tmp_path_factory):
-    peft = pytest.importorskip("peft")  # noqa: F841
+    pytest.importorskip("peft")
     from families import build_checkpoint
 
     path = build_checkpoint("llama", tmp_path_factory.mktemp("llama"))
