@@ -269,8 +269,9 @@ def main(argv=None) -> int:
                         help="an SFTConfig setting for stage 1 (repeatable; fastrm sft --help lists them)")
     parser.add_argument("--rm", action="append", default=[], metavar="KEY=VALUE",
                         help="a RewardConfig setting for stage 2 (repeatable; fastrm train-rm --help lists them)")
-    parser.add_argument("--dpo", dest="dpo_mode", action="store_true", help="SFT then DPO (fastrm dpo) on the task's preference pairs "
-                        "instead of the reward model and RL (--write-docs: docs/dpo_demo_results.md)")
+    parser.add_argument("--dpo", dest="dpo_mode", action="store_true",
+                        help="SFT then DPO (fastrm dpo) on the task's preference pairs instead of the reward model and "
+                             "RL (--write-docs: docs/dpo_demo_results.md)")
     parser.add_argument("--dpo-steps", type=int, default=STEPS["dpo"], help="DPO steps (with --dpo)")
     parser.add_argument("--dpo-arg", dest="dpo", action="append", default=[], metavar="KEY=VALUE",
                         help="a DPOConfig setting for the DPO stage (repeatable; fastrm dpo --help lists them)")

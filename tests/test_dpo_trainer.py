@@ -55,14 +55,15 @@ def test_packed_and_padded_sequence_logps_are_equal(tmp_path):
     assert "attention_mask" in batch
     padded = sequence_logps(trainer.model, batch)
     # float32 sums of ~10 log-probs, each from a different attention layout: a few float32 ulps of the sums
-    torch.testing.assert_close(packed, padded, rtol=0, atol=64 * torch.finfo(torch.float32).eps * padded.abs().max().item())
+    ulps = 64 * torch.finfo(torch.float32).eps
+    torch.testing.assert_close(packed, padded, rtol=0, atol=ulps * padded.abs().max().item())
     # the completion tokens only: a sequence's log-prob equals the sum over its completion tokens by hand
     e = examples[0]
     ids = torch.tensor([e["chosen_ids"]])
     with torch.no_grad():
         logits = trainer.model(input_ids=ids).logits.log_softmax(-1)[0, :-1]
     by_hand = logits.gather(1, ids[0, 1:, None])[e["prompt_len"] - 1:].sum()
-    torch.testing.assert_close(padded[0], by_hand, rtol=0, atol=64 * torch.finfo(torch.float32).eps * by_hand.abs().item())
+    torch.testing.assert_close(padded[0], by_hand, rtol=0, atol=ulps * by_hand.abs().item())
 
 
 def test_resume_continues_exactly(tmp_path):

@@ -89,8 +89,8 @@ class DPOConfig(training.SupervisedSettings):
 
 def _collate_pairs(examples, pad_id: int, decision: packing.Packing, device: torch.device) -> dict:
     """``2B`` sequences, the ``B`` chosen then the ``B`` rejected, labels -100 on the prompt: one packed row
-    (``decision.mode == "packed"``), or padded (bucketed) rows; plus ``completion_tokens`` ``[2B]`` and, when precomputed,
-    ``ref_logps`` ``[2B]``."""
+    (``decision.mode == "packed"``), or padded (bucketed) rows; plus ``completion_tokens`` ``[2B]`` and, when
+    precomputed, ``ref_logps`` ``[2B]``."""
     sequences = [(e["chosen_ids"], e["prompt_len"]) for e in examples] + \
                 [(e["rejected_ids"], e["prompt_len"]) for e in examples]
     rows = [{"input_ids": ids, "labels": [fdata.IGNORE_INDEX] * n + ids[n:]} for ids, n in sequences]
