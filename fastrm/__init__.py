@@ -2,7 +2,8 @@
 
 Ops (each with ``backend="auto" | "triton" | "torch"``, an nn.Module form and a plain reference):
 ``gather_logprobs``, ``linear_logprobs``, ``compute_gae`` (+ ``whiten``), ``pairwise_ranking_loss``,
-``ranking_loss``, ``ppo_policy_loss``, ``value_loss``, ``kl_penalty``.
+``ranking_loss``, ``ppo_policy_loss``, ``value_loss``, ``kl_penalty``; ``dpo_loss`` (DPO, IPO, hinge, robust,
+SimPO: [B]-sized, plain PyTorch).
 
 Inside other libraries: ``fastrm.integrations.trl.patch()`` (TRL's trainers on fastrm's ops) and
 ``fastrm.integrations.verl`` (verl's loss functions, ``register()`` for a verl run).
@@ -16,6 +17,7 @@ from fastrm.kernels.linear_logprobs import linear_logprobs_reference
 from fastrm.kernels.logprobs import gather_logprobs_reference
 from fastrm.kernels.ppo import kl_penalty_reference, ppo_policy_loss_reference, value_loss_reference
 from fastrm.kernels.ranking import pairwise_ranking_loss_reference, ranking_loss_reference
+from fastrm.ops.dpo import DPOLoss, DPOLossOutput, dpo_loss
 from fastrm.ops.gae import GAE, compute_gae, whiten
 from fastrm.ops.linear_logprobs import LinearLogprobs, linear_logprobs
 from fastrm.ops.logprobs import GatherLogprobs, gather_logprobs
@@ -32,6 +34,9 @@ from fastrm.ops.ppo import (
 from fastrm.ops.ranking import PairwiseRankingLoss, RankingLoss, pairwise_ranking_loss, ranking_loss
 
 __all__ = [
+    "DPOLoss",
+    "DPOLossOutput",
+    "dpo_loss",
     "KLPenalty",
     "PPOPolicyLoss",
     "PolicyLossOutput",

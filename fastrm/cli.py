@@ -18,6 +18,8 @@ from fastrm.runtime import quiet_third_parties
 COMMANDS = {
     "sft": ("fastrm.trainers.sft:main", "supervised fine-tuning (no arguments: the embedded arithmetic task)"),
     "train-rm": ("fastrm.trainers.reward_model:main", "train a reward model (no arguments: the embedded task, on CPU)"),
+    "dpo": ("fastrm.trainers.dpo:main", "direct preference optimisation of a policy on preference pairs: DPO, IPO, "
+                                        "hinge, robust, SimPO"),
     "ppo": ("fastrm.trainers.rl:main", "RL fine-tuning: PPO / REINFORCE / RLOO / GRPO against a reward model and/or a rule"),
     "export": ("fastrm.export:main", "merge a LoRA adapter (output_dir/final of a lora.r > 0 run) into its base: a "
                                      "plain checkpoint folder"),
@@ -113,7 +115,7 @@ def run_command(argv=None) -> int:
         print(f"fastrm: unknown command {command!r}\n\n{usage()}", file=sys.stderr)
         return EXIT_USER_ERROR
     module, function = COMMANDS[command][0].split(":")
-    if command in ("sft", "train-rm", "ppo", "demo", "export"):
+    if command in ("sft", "train-rm", "dpo", "ppo", "demo", "export"):
         quiet_third_parties()
     try:
         return getattr(importlib.import_module(module), function)(rest)

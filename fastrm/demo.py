@@ -11,7 +11,8 @@
 The ground-truth task score (greedy answers to all 100 one-digit sums, checked by the task's checker) is
 printed after SFT and after RL. Every setting of every stage is given here explicitly, so the demo's result
 does not move when a trainer's defaults change; per seed it is deterministic on a machine.
-``--seeds 0-4 --write-docs`` regenerates docs/rl_demo_results.md.
+``--seeds 0-4 --write-docs`` regenerates docs/rl_demo_results.md. ``--dpo``: SFT then DPO instead (no reward model,
+no RL; :mod:`fastrm.demo_dpo`, docs/dpo_demo_results.md).
 """
 
 from __future__ import annotations
@@ -20,13 +21,13 @@ import argparse
 import json
 import logging
 import os
-import platform
 import sys
 import time
 from pathlib import Path
 
 from fastrm import distributed
 from fastrm.config import load_config
+from fastrm.demo_settings import RL, RM, SFT, STEPS, THREADS, all_level0_prompts, environment, overrides
 from fastrm.errors import ConfigError
 from fastrm.runtime import quiet_third_parties, setup_logging
 from fastrm.trainers.reward_model import RewardConfig, RewardTrainer
@@ -34,50 +35,6 @@ from fastrm.trainers.rl import RLConfig, RLTrainer
 from fastrm.trainers.sft import SFTConfig, SFTTrainer
 
 log = logging.getLogger("fastrm")
-
-# The demo runs on at most this many CPU threads: the tiny models gain nothing from more, and the same thread
-# count keeps results comparable across machines.
-THREADS = 2
-
-# Every setting each stage depends on, explicit (see the module docstring). Steps are set by the command line.
-MODEL = {"model.name_or_path": "tiny", "model.hidden_size": 64, "model.num_layers": 2, "model.num_heads": 4,
-         "model.intermediate_size": 256, "model.max_position_embeddings": 64, "model.attn_implementation": "sdpa",
-         "model.gradient_checkpointing": False, "model.load_in_8bit": False}
-# The stage folders are the demo's own: a second demo replaces the first one's (overwrite_output_dir). The tiny preset
-# is asked for in every stage (the RL policy is the SFT checkpoint, not "tiny"), under these explicit values.
-COMMON = {"preset": "tiny", "overwrite_output_dir": True, "device": "cpu", "distributed": "auto", "optimizer": "adamw",
-          "mixed_precision": "no", "backend": "torch", "weight_decay": 0.0, "max_grad_norm": 1.0, "warmup_ratio": 0.0,
-          "tensorboard": False, "keep_checkpoints": 1}
-SUPERVISED = {**MODEL, **COMMON, "tokenizer": "embedded", "train_data": None, "eval_data": None,
-              "task_max_level": 0, "max_length": 32, "truncation": "truncate", "packed": True, "grad_accum_steps": 1,
-              "skip_malformed": False, "batch_size": 64, "lr_scheduler": "cosine"}
-SFT = {**SUPERVISED, "num_train_examples": 4000, "num_eval_examples": 200, "eval_fraction": 0.05, "lr": 3e-3,
-       "warmup_steps": 10, "eval_generate": 0, "max_new_tokens": 6, "log_steps": 20}
-RM = {**SUPERVISED, "num_train_pairs": 6000, "num_eval_pairs": 500, "eval_fraction": 0.1, "annotator_noise": 0.1,
-      "center_coef": 0.0, "use_margin": False, "lr": 2e-3, "warmup_steps": 30, "log_steps": 20}
-RL = {**COMMON, "tokenizer": "auto", "train_data": None, "eval_data": None, "task_max_level": 0,
-      "num_train_prompts": 2000, "num_eval_prompts": 100, "reward": "both", "reward_model_weight": 0.1,
-      "rule_weight": 1.0, "reward_fn": "embedded", "reward_model_8bit": False, "missing_eos_penalty": 1.0,
-      "reward_norm": "none", "reward_clip": None, "value_model": "auto", "ref_8bit": False, "batch_size": 32,
-      "num_samples": 4, "max_new_tokens": 4, "temperature": 0.7, "top_p": 1.0, "advantage": "rloo", "gamma": 1.0,
-      "lam": 0.95, "whiten_advantages": True, "ppo_epochs": 1, "num_minibatches": 1, "clip_eps": 0.2,
-      "clip_eps_high": None, "dual_clip": None, "loss_agg": "token-mean", "entropy_coef": 0.0, "kl_coef": 0.05,
-      "kl_estimator": "k1", "kl_in": "reward", "adaptive_kl": False, "curriculum": False, "lr": 1e-3,
-      "lr_scheduler": "cosine", "warmup_steps": 0, "log_steps": 10, "eval_steps": 100_000}
-STEPS = {"sft": 50, "rm": 300, "rl": 400}
-
-
-def overrides(settings: dict) -> list[str]:
-    """``key=value`` strings as the command line takes them (None -> null, booleans lower-case)."""
-    def show(value):
-        return "null" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
-
-    return [f"{key}={show(value)}" for key, value in settings.items()]
-
-
-def all_level0_prompts() -> list[dict]:
-    return [{"prompt": f"{a}+{b}=", "difficulty": 0} for a in range(10) for b in range(10)]
-
 
 def run(output_dir: str, seed: int, sft_steps: int = STEPS["sft"], rm_steps: int = STEPS["rm"],
         rl_steps: int = STEPS["rl"], rl_overrides=(), progress: bool = False, sft_overrides=(),
@@ -162,46 +119,6 @@ def summary_line(r: dict) -> str:
             f"{a.get('eval/model_score', float('nan')):.3f}")
 
 
-def environment() -> dict:
-    """Versions, device and commit, for the results file."""
-    import subprocess
-
-    import torch
-    import transformers
-
-    def version(name):
-        try:
-            from importlib.metadata import version as dist_version
-
-            return dist_version(name)
-        except Exception:  # not installed
-            return "not installed"
-
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    repo = Path(__file__).resolve().parents[1]
-
-    def git(*args):
-        try:
-            return subprocess.run(["git", *args], cwd=repo, capture_output=True, text=True, timeout=10).stdout.strip()
-        except (OSError, subprocess.SubprocessError):
-            return ""
-
-    commit = git("rev-parse", "--short=12", "HEAD") or "unknown (not a git checkout)"
-    if git("status", "--porcelain", "--untracked-files=no"):
-        commit += " (with uncommitted changes)"
-    return {"device": f"CPU: {cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads",
-            "python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
-            "triton": version("triton"), "tokenizers": version("tokenizers"), "fastrm_commit": commit,
-            "platform": platform.platform()}
-
-
 def write_docs(path: Path, results: list[dict], env: dict, command: str):
     """docs/rl_demo_results.md from the runs of ``--seeds ... --write-docs``."""
     rows = []
@@ -263,6 +180,12 @@ def main(argv=None) -> int:
                         help="an SFTConfig setting for stage 1 (repeatable; fastrm sft --help lists them)")
     parser.add_argument("--rm", action="append", default=[], metavar="KEY=VALUE",
                         help="a RewardConfig setting for stage 2 (repeatable; fastrm train-rm --help lists them)")
+    parser.add_argument("--dpo", dest="dpo_mode", action="store_true",
+                        help="SFT then DPO (fastrm dpo) on the task's preference pairs instead of the reward model and "
+                             "RL (--write-docs: docs/dpo_demo_results.md)")
+    parser.add_argument("--dpo-steps", type=int, default=STEPS["dpo"], help="DPO steps (with --dpo)")
+    parser.add_argument("--dpo-arg", dest="dpo", action="append", default=[], metavar="KEY=VALUE",
+                        help="a DPOConfig setting for the DPO stage (repeatable; fastrm dpo --help lists them)")
     parser.add_argument("--debug", action="store_true", help="print the traceback of a user error too")
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                         help="RLConfig settings for stage 3 (fastrm ppo --help lists them)")
@@ -272,7 +195,7 @@ def main(argv=None) -> int:
     if distributed.launched_by_torchrun():
         raise ConfigError("fastrm demo is a single-process CPU walk-through; under torchrun launch the stages "
                           "themselves: fastrm sft, fastrm train-rm, fastrm ppo (see the README's Multi-GPU section)")
-    for name in ("sft_steps", "rm_steps", "rl_steps"):
+    for name in ("sft_steps", "rm_steps", "rl_steps", "dpo_steps"):
         if getattr(args, name) < 1:
             raise ConfigError(f"--{name.replace('_', '-')}={getattr(args, name)}: must be >= 1")
     seeds = parse_seeds(args.seeds) if args.seeds else [args.seed]
@@ -280,6 +203,10 @@ def main(argv=None) -> int:
 
     torch.set_num_threads(min(THREADS, os.cpu_count() or 1))
     quiet_libraries()
+    if args.dpo_mode:
+        from fastrm import demo_dpo
+
+        return demo_dpo.main(args, seeds, argv)
     progress = not args.no_progress
     print(f"fastrm demo: SFT -> reward model -> RL on one-digit sums, CPU; seed{'s' if len(seeds) > 1 else ''} "
           f"{', '.join(map(str, seeds))}", flush=True)

@@ -271,10 +271,12 @@ def _fit(prompt: list[int], responses: list[list[int]], template: SequenceTempla
     return fitted
 
 
-def _prepare(rows, tokenizer, max_length, truncation, task: str):
+def _prepare(rows, tokenizer, max_length, truncation, task: str, *, policy: bool = False):
+    """Validated rows, each as (prompt ids, [response ids]), and the template: a policy's (EOS-ended) for SFT or
+    ``policy``, else a reward model's."""
     if truncation not in TRUNCATION_MODES:
         raise ValueError(f"truncation must be one of {TRUNCATION_MODES}, got {truncation!r}")
-    template = sequence_template(tokenizer, reward=task != "sft")
+    template = sequence_template(tokenizer, reward=not (policy or task == "sft"))
     if max_length is not None:
         need = len(template.head) + len(template.tail) + 1
         if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < need:
@@ -298,15 +300,15 @@ def _prepare(rows, tokenizer, max_length, truncation, task: str):
     return rows, encoded, template
 
 
-def _tokenize_responses(rows, tokenizer, max_length, truncation, task: str, make_example):
+def _tokenize_responses(rows, tokenizer, max_length, truncation, task: str, make_example, *, policy: bool = False):
     """One prompt, several responses per row (preference pairs, K-way rankings): fit each row to
-    ``max_length`` (responses keep their EOS when cut), count truncations and drops, and build each
-    example with ``make_example(row, fitted)``."""
-    rows, encoded, template = _prepare(rows, tokenizer, max_length, truncation, task)
+    ``max_length``, count truncations and drops, and build each example with ``make_example(row, fitted)``.
+    Scored sequences keep their tail when cut; a policy's (``policy``: the SFT template) lose it, as in SFT."""
+    rows, encoded, template = _prepare(rows, tokenizer, max_length, truncation, task, policy=policy)
     report = TokenizeReport(n_rows=len(rows))
     examples = []
     for row, (prompt, responses) in zip(rows, encoded):
-        fitted = _fit(prompt, responses, template, max_length, truncation, tail_on_cut=True)
+        fitted = _fit(prompt, responses, template, max_length, truncation, tail_on_cut=not policy)
         if fitted is None:
             report.dropped += 1
             continue
@@ -332,6 +334,23 @@ def tokenize_preference(rows, tokenizer, max_length: int | None = None, truncati
         return ex
 
     return _tokenize_responses(rows, tokenizer, max_length, truncation, "preference", example)
+
+
+def tokenize_policy_preference(rows, tokenizer, max_length: int | None = None, truncation: str = "truncate"):
+    """Tokenize preference rows (any preference format) as a policy's sequences, for a loss on its log-probs
+    (DPO): ``{"chosen_ids", "rejected_ids", "chosen_labels", "rejected_labels", "prompt_len"}``. The SFT template
+    (EOS after each completion, none after one cut at max_length: a policy must not learn to stop mid-answer);
+    labels -100 on the head and prompt tokens, the token ids elsewhere.
+
+    Returns ``(examples, TokenizeReport)``.
+    """
+    def example(row, fitted):
+        chosen, rejected = fitted.sequences()
+        n = fitted.prompt_len
+        return {"chosen_ids": chosen, "rejected_ids": rejected, "prompt_len": n,
+                "chosen_labels": [IGNORE_INDEX] * n + chosen[n:], "rejected_labels": [IGNORE_INDEX] * n + rejected[n:]}
+
+    return _tokenize_responses(rows, tokenizer, max_length, truncation, "preference", example, policy=True)
 
 
 def tokenize_ranking(rows, tokenizer, max_length: int | None = None, truncation: str = "truncate"):

@@ -16,11 +16,12 @@ from fastrm.config import ConfigError, describe_settings, load_config, parse_cli
 from fastrm.errors import DataError, UserError
 from fastrm.models import ModelConfig
 from fastrm.trainers import base
+from fastrm.trainers.dpo import DPOConfig
 from fastrm.trainers.reward_model import RewardConfig
 from fastrm.trainers.rl import RLConfig
 from fastrm.trainers.sft import SFTConfig
 
-COMMANDS = {"train-rm": RewardConfig, "sft": SFTConfig, "ppo": RLConfig}
+COMMANDS = {"train-rm": RewardConfig, "sft": SFTConfig, "ppo": RLConfig, "dpo": DPOConfig}
 
 
 def config_classes():
