@@ -295,6 +295,8 @@ class RLTrainer(training.Trainer):
         if c.lora.enabled:
             self.policy = lora.add_adapters(self.policy, c.lora, "causal")
             self.ref = None
+        elif not self.uses_reference():
+            self.ref = None  # no KL term reads it: no copy, no reference forward
         elif c.ref_8bit:
             self.ref = load_causal_lm(replace(c.model, load_in_8bit=True), self.tokenizer, self.device)
             if self.policy_packing.mode == "packed":  # the policy's architecture, proven by its probe
@@ -375,8 +377,21 @@ class RLTrainer(training.Trainer):
                  len(self.train_rows), len(self.eval_rows), c.curriculum, self.device)
         log.info("models in memory: %.1f MiB of parameters and buffers (policy, reference%s, critic, reward model; "
                  "shared tensors counted once)", self.model_bytes() / 2**20,
-                 ": the policy with its adapters disabled" if self.ref is None else "")
+                 ": the policy with its adapters disabled" if c.lora.enabled else
+                 "" if self.ref is not None else ": none, no KL term")
         return self
+
+    def uses_reference(self) -> bool:
+        """Whether a KL term reads the reference's log-probs (none does with a fixed kl_coef of 0)."""
+        c = self.config
+        return c.kl_coef > 0 or c.adaptive_kl
+
+    def on_policy(self) -> bool:
+        """One optimizer step per rollout: the update starts from the policy that sampled, so the old log-probs
+        are the update's own, detached (as TRL takes them), and no forward computes them before, unless a KL
+        penalty in the rewards reads them."""
+        c = self.config
+        return c.ppo_epochs == 1 and c.num_minibatches == 1 and not (c.kl_in == "reward" and self.uses_reference())
 
     def _load_prompts(self):
         """Prompt rows (:func:`fastrm.data.prepare_prompts`) for training and evaluation, and the names of their
@@ -610,19 +625,26 @@ class RLTrainer(training.Trainer):
         batch = self._sequences(gen)
         prompt_len = gen["prompt_ids"].shape[1]
         mask = gen["completion_mask"]
-        old_logprobs = self._logprobs(self.policy_p, batch, prompt_len)
-        ref_logprobs = self._ref_logprobs(batch, prompt_len)
+        old_logprobs = None if self.on_policy() else self._logprobs(self.policy_p, batch, prompt_len)
+        ref_logprobs = self._ref_logprobs(batch, prompt_len) if self.uses_reference() else None
         values = self._values(batch, prompt_len) if self.value is not None else None
         timing["timing/logprobs"] = time.perf_counter() - start
 
         start = time.perf_counter()
         raw_scores, parts = self.score(rows_n, gen, completions)
+        timing["timing/score"] = time.perf_counter() - start
+
+        start = time.perf_counter()
         has_eos = (gen["completion_ids"] == self.tokenizer.eos_token_id).any(dim=1)
         scores = raw_scores
         if c.missing_eos_penalty is not None:
             scores = scores - c.missing_eos_penalty * (~has_eos).float()
         scores = self.normalizer(scores)
-        kl = torch.where(mask != 0, kl_penalty(old_logprobs, ref_logprobs, c.kl_estimator, backend=c.backend), 0.0)
+        kl_measured = old_logprobs is not None and ref_logprobs is not None
+        if kl_measured:
+            kl = torch.where(mask != 0, kl_penalty(old_logprobs, ref_logprobs, c.kl_estimator, backend=c.backend), 0.0)
+        else:  # no KL term, or on-policy: the update measures it on its own log-probs (compute_loss)
+            kl = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device)
         kl_coef = self.kl_ctl.value
         advantages, returns = rl.compute_advantages(
             c.advantage, scores, mask, n=n, kl=kl if c.kl_in == "reward" else None, kl_coef=kl_coef, values=values,
@@ -635,7 +657,6 @@ class RLTrainer(training.Trainer):
         non_score = -kl_coef * seq_kl if c.kl_in == "reward" else torch.zeros_like(seq_kl)
         stats = {
             "objective/scores": raw_scores.mean(),
-            "objective/kl": seq_kl.mean(),
             "objective/non_score_reward": non_score.mean(),
             "objective/rlhf_reward": (raw_scores + non_score).mean(),
             "objective/kl_coef": kl_coef,
@@ -643,11 +664,15 @@ class RLTrainer(training.Trainer):
             "rollout/eos_fraction": has_eos.float().mean(),
             **parts, **timing,
         }
+        if kl_measured:
+            stats["objective/kl"] = seq_kl.mean()
         if self.task is not None:
+            start = time.perf_counter()
             truth = [self.task.score(p, x) for p, x in zip(prompts_n, completions)]
             stats["objective/true_score"] = sum(truth) / len(truth)
             stats["objective/true_accuracy"] = sum(self.task.is_correct(p, x)
                                                    for p, x in zip(prompts_n, completions)) / len(truth)
+            stats["timing/score"] += time.perf_counter() - start  # the task's own scores, for the log
         return {"batch": batch, "prompt_len": prompt_len, "mask": mask, "old_logprobs": old_logprobs,
                 "ref_logprobs": ref_logprobs, "values": values, "advantages": advantages, "returns": returns,
                 "scores": scores, "seq_kl": seq_kl, "stats": stats, "completions": completions, "prompts": prompts_n}
@@ -660,7 +685,9 @@ class RLTrainer(training.Trainer):
         batch = {k: v[idx] for k, v in ro["batch"].items()}
         mask, adv = ro["mask"][idx], ro["advantages"][idx]
         logprobs, entropy = self._logprobs(self.policy_p, batch, ro["prompt_len"], return_entropy=True)
-        pol = ppo_policy_loss(logprobs, ro["old_logprobs"][idx], adv, mask, clip_eps=c.clip_eps,
+        # on-policy (old_logprobs None): the ratio is 1 and its gradient the policy gradient, as TRL computes it
+        old = logprobs.detach() if ro["old_logprobs"] is None else ro["old_logprobs"][idx]
+        pol = ppo_policy_loss(logprobs, old, adv, mask, clip_eps=c.clip_eps,
                               clip_eps_high=c.clip_eps_high, dual_clip=c.dual_clip, agg=c.loss_agg,
                               loss_scale_factor=self._loss_scale_factor(), backend=c.backend)
         mean_entropy = masked_mean(entropy, mask)
@@ -674,6 +701,12 @@ class RLTrainer(training.Trainer):
                    "objective/entropy": mean_entropy.detach()}
         if c.entropy_coef:
             loss = loss - c.entropy_coef * token_weight * mean_entropy
+        if ro["old_logprobs"] is None and ro["ref_logprobs"] is not None:
+            # on-policy: the rollout's KL is the one of these log-probs (the controller reads ro["seq_kl"])
+            kl = torch.where(mask != 0, kl_penalty(old, ro["ref_logprobs"][idx], c.kl_estimator, backend=c.backend),
+                             0.0)
+            ro["seq_kl"][idx] = kl.sum(1)
+            metrics["objective/kl"] = kl.sum(1).mean()
         if c.kl_in == "loss" and self.kl_ctl.value:
             kl_loss = masked_mean(kl_penalty(logprobs, ro["ref_logprobs"][idx], c.kl_estimator, backend=c.backend), mask)
             loss = loss + self.kl_ctl.value * token_weight * kl_loss
@@ -714,11 +747,13 @@ class RLTrainer(training.Trainer):
             return (f"The largest |reward| of this step's rollouts is {ro['scores'].abs().max().item():.3g}: "
                     f"normalise or clip rewards (reward_norm, reward_clip).")
 
+        optimizer_time = 0.0
         for _ in range(c.ppo_epochs):
             order = torch.randperm(rows, generator=generator).to(self.device)
             for idx in order.tensor_split(c.num_minibatches):
                 loss, metrics = self.compute_loss(ro, idx)
                 loss.backward()
+                start = time.perf_counter()
                 norms = {"policy gradient norm": training.clip_gradients(self.policy, c.max_grad_norm)}
                 if self.value is not None:
                     norms["value gradient norm"] = training.clip_gradients(self.value, c.max_grad_norm)
@@ -729,8 +764,9 @@ class RLTrainer(training.Trainer):
                     training.apply_update(self.value_optimizer, self.value_scheduler)
                     metrics["val/grad_norm"] = norms[1]
                 self.guard.parameters_updated()
+                optimizer_time += time.perf_counter() - start
                 window.add(metrics, int(ro["mask"][idx].sum()))
-        return window.summary()
+        return {**window.summary(), "timing/optimizer": optimizer_time}
 
     def train_step(self) -> dict:
         c = self.config
@@ -741,14 +777,16 @@ class RLTrainer(training.Trainer):
         ro = self.rollout(rows)
         start = time.perf_counter()
         row.update(self.update(ro))
-        row["timing/update"] = time.perf_counter() - start
+        row["timing/update"] = time.perf_counter() - start - row["timing/optimizer"]  # forward, loss, backward
         row.update(training.mean_over_ranks(ro["stats"]))
         # The controller sees the KL of the whole global batch.
         count, mean_kl, _ = fdist.global_moments(ro["seq_kl"])
         self.kl_ctl.update(float(mean_kl), int(count))
         row["lr"] = self.scheduler.get_last_lr()[0]
         self.step += 1
+        start = time.perf_counter()
         self.guard.check_parameters()  # before the next rollout samples from them (or an evaluation, a checkpoint)
+        row["timing/checks"] = time.perf_counter() - start
         return row
 
     def train(self):
@@ -760,17 +798,26 @@ class RLTrainer(training.Trainer):
                    disable=not (c.progress and fdist.is_main()))
         try:
             with deferred_finite_checks():
+                logging_time = 0.0
                 while self.step < c.max_steps:
+                    start = time.perf_counter()
                     row = self.train_step()
+                    # a step's wall time: its train_step and the logging, evaluation and checkpoint after the
+                    # previous one (timed only once they are done, so they go in this row)
+                    row["timing/logging"] = logging_time
+                    row["timing/step"] = time.perf_counter() - start + logging_time
+                    start = time.perf_counter()
                     bar.update(1)
                     if self.step % c.log_steps == 0 or self.step == c.max_steps:
                         self.metrics.log(self.step, row)
-                        postfix = {"score": f"{float(row['objective/scores']):.3f}",
-                                   "kl": f"{float(row['objective/kl']):.3f}"}
+                        postfix = {"score": f"{float(row['objective/scores']):.3f}"}
+                        if "objective/kl" in row:
+                            postfix["kl"] = f"{float(row['objective/kl']):.3f}"
                         if "objective/true_score" in row:
                             postfix["true"] = f"{row['objective/true_score']:.3f}"
                         bar.set_postfix(**postfix)
                     self.evaluate_and_save(bool(self.eval_rows))
+                    logging_time = time.perf_counter() - start
             self.final_model = training.save_final(self.policy_p, self.tokenizer, self.out_dir)
         finally:
             bar.close()
