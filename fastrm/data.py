@@ -503,8 +503,11 @@ def load_tokenizer(spec=EMBEDDED_TOKENIZER, model_name_or_path: str | None = Non
         return build_tokenizer()
     from transformers import AutoTokenizer
 
+    from fastrm.gguf_files import pretrained_args
+
+    path, gguf = pretrained_args(str(spec))  # a .gguf file: the tokenizer it carries
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(spec), local_files_only=True)
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True, **gguf)
     except (OSError, ValueError) as err:
         raise ConfigError(f"tokenizer {str(spec)!r} is neither {EMBEDDED_TOKENIZER!r} nor a local tokenizer folder "
                           f"or cached checkpoint (fastrm never downloads; save the tokenizer with save_pretrained "

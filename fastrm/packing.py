@@ -635,8 +635,15 @@ def _relative_difference(got: torch.Tensor, want: torch.Tensor) -> float:
 
 
 def _float64_castable(model) -> bool:
-    return all(type(p) is nn.Parameter and p.dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-               for p in model.parameters()) and base_attention(model) not in FLASH
+    params = list(model.parameters())
+    if not all(type(p) is nn.Parameter and p.dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+               for p in params) or base_attention(model) in FLASH:
+        return False
+    device = params[0].device
+    if device.type == "cuda":  # a float64 copy of a large model would not fit beside it: compare with padded
+        extra = sum(p.numel() * (8 - p.element_size()) for p in params)
+        return extra < 0.5 * torch.cuda.mem_get_info(device)[0]
+    return True
 
 
 @contextlib.contextmanager

@@ -20,7 +20,7 @@ import torch
 
 from fastrm import _checks
 from fastrm import checkpoint as ckpt
-from fastrm import distributed, lora, packing
+from fastrm import distributed, gguf_files, lora, packing
 from fastrm.checkpoint import CHECKPOINT_PREFIX, LATEST_FILE, latest_checkpoint, load_trainer_state  # noqa: F401
 from fastrm.config import ConfigError, require, setting
 from fastrm.data import AUTO_TOKENIZER, EMBEDDED_TOKENIZER
@@ -57,9 +57,11 @@ def check_device(name: str, setting_name: str = "device"):
 def check_tokenizer(spec: str, setting_name: str, *keywords: str):
     """One of ``keywords``, a local tokenizer folder, or a name in Hugging Face hub form (read from the local cache;
     fastrm never downloads a tokenizer)."""
-    if spec not in keywords and not Path(spec).expanduser().is_dir():
+    if gguf_files.is_gguf(spec):  # the tokenizer a .gguf file carries
+        gguf_files.check(spec, setting_name)
+    elif spec not in keywords and not Path(spec).expanduser().is_dir():
         require(is_hub_name(spec), setting_name, spec,
-                f"must be {' or '.join(keywords)}, or a tokenizer folder (no such folder)")
+                f"must be {' or '.join(keywords)}, a .gguf file, or a tokenizer folder (no such folder)")
 
 
 @dataclass
