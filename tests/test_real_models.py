@@ -82,6 +82,16 @@ def test_a_gguf_path_that_is_not_there_is_one_line(tmp_path):
         load_config(SFTConfig, None, [f"model.name_or_path={tmp_path / 'missing.gguf'}", f"output_dir={tmp_path}"])
 
 
+def test_a_gguf_tokenizer_that_is_not_there_and_8bit_gguf_are_one_line(tmp_path):
+    from fastrm import gguf_files
+
+    with pytest.raises(ConfigError, match=r"tokenizer=.*no such \.gguf file"):
+        load_config(SFTConfig, None, [f"tokenizer={tmp_path / 'tok.gguf'}", f"output_dir={tmp_path}"])
+    with pytest.raises(ConfigError, match="a .gguf file loads dequantized to float32"):
+        gguf_files.model_args(str(tmp_path / "m.gguf"), {"quantization_config": object()})
+    assert gguf_files.model_args(str(tmp_path), {}) == (str(tmp_path), {})  # a folder: unchanged
+
+
 @needs_smol
 def test_smollm2_loads_from_its_gguf_file_with_its_tokenizer(smol):
     model, tokenizer = smol
