@@ -103,8 +103,8 @@ def run_fastrm(workload: str, folder: Path, steps: int, out: Path) -> dict:
     else:
         from fastrm.trainers.reward import RewardConfig, RewardTrainer
 
-        config = load_config(RewardConfig, None, common + [f"batch_size={PAIRS}", f"max_length={RM_MAX_LENGTH}",
-                                                           "num_eval_pairs=0"])
+        # (the held-out pairs are evaluated after the last step only: not in the timed steps)
+        config = load_config(RewardConfig, None, common + [f"batch_size={PAIRS}", f"max_length={RM_MAX_LENGTH}"])
         trainer = RewardTrainer(config, train_data=pairs()).setup()
     rows = []
     log = trainer.metrics.log
