@@ -110,8 +110,9 @@ def run_fastrm(workload: str, folder: Path, steps: int, out: Path) -> dict:
     log = trainer.metrics.log
 
     def logged(step, row):
-        clock.mark()
-        rows.append({k: float(v) for k, v in row.items() if k.startswith("timing/")})
+        if not any(k.startswith("eval/") for k in row):  # the evaluation after the last step is not a step
+            clock.mark()
+            rows.append({k: float(v) for k, v in row.items() if k.startswith("timing/")})
         return log(step, row)
 
     trainer.metrics.log = logged
@@ -248,8 +249,8 @@ def summary(runs: list[dict], env: dict, args) -> str:
             ratio = f"{stats['trl'][0] / cpu:.2f}x" if fw == "fastrm" and "trl" in stats else ""
             lines.append(f"| {workload} | {fw} | {mode} | {cpu:.2f} | {wall:.2f} | {rss:.0f} | {n} | {ratio} |")
         phases = [p for r in runs if r["workload"] == workload and r["framework"] == "fastrm" for p in r["phases"]]
-        if phases:
-            keys = sorted({k for p in phases for k in p})
+        keys = sorted({k for p in phases for k in p})
+        if keys:
             lines.append("")
             lines.append(f"fastrm {workload} per phase (wall s, median over steps): " + ", ".join(
                 f"{k[len('timing/'):]} {statistics.median(p.get(k, 0.0) for p in phases):.2f}" for k in keys))
