@@ -6,6 +6,7 @@
     python -m benchmarks readme                     # rewrite benchmarks/README.md's tables from results/*.json
     python -m benchmarks --gpu-suite                # = fastrm bench --gpu-suite: tests, selfcheck, every op, e2e
     python -m benchmarks resources                  # static per-kernel resource report (no GPU needed)
+    python -m benchmarks vs-trl --steps 2           # = fastrm bench vs-trl: fastrm and TRL 1.16 on SmolLM2-135M
 
 OPs: logprobs, gae, pairwise, ranking and every other bench_<OP>.py here (default: all; --list names them).
 Options after the ops go to every chosen op's
@@ -36,6 +37,10 @@ def main(argv=None) -> int:
         from benchmarks import gpu_suite
 
         return gpu_suite.main([a for a in argv if a != "--gpu-suite"])
+    if argv[:1] == ["vs-trl"]:  # fastrm and TRL side by side on SmolLM2 (minutes; not among the op scripts)
+        from benchmarks import vs_trl
+
+        return vs_trl.main(argv[1:])
     if argv[:1] == ["resources"]:
         import os
 

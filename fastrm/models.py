@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from fastrm import lora
+from fastrm import gguf_files, lora
 from fastrm.config import TINY, ConfigError, require_setting, setting
 from fastrm.layout import Batch, text_config
 from fastrm.ops.linear_logprobs import linear_logprobs
@@ -31,7 +31,8 @@ __all__ = ["TINY", "ModelConfig", "backbone_hidden", "load_causal_lm", "load_rew
 
 @dataclass
 class ModelConfig:
-    name_or_path: str = setting(TINY, "a local Hugging Face model folder or hub-cache name, or tiny: a small Llama "
+    name_or_path: str = setting(TINY, "a local Hugging Face model folder or hub-cache name, a .gguf file (weights "
+                                      "dequantized to float32, tokenizer from the file), or tiny: a small Llama "
                                       "built from scratch with the sizes below (never downloaded)")
     hidden_size: int = setting(64, "tiny model: hidden size")
     num_layers: int = setting(2, "tiny model: transformer blocks")
@@ -67,15 +68,18 @@ def is_hub_name(name: str) -> bool:
 def check_model_path(name_or_path: str, setting: str):
     """``tiny``, an existing local folder, or a name in Hugging Face hub form (resolved by transformers from its
     cache); anything else that does not exist is a mistyped path."""
-    if name_or_path != TINY and not Path(name_or_path).expanduser().is_dir():
+    if gguf_files.is_gguf(name_or_path):
+        gguf_files.check(name_or_path, setting)
+    elif name_or_path != TINY and not Path(name_or_path).expanduser().is_dir():
         require_setting(is_hub_name(name_or_path), setting, name_or_path,
                 f"no such folder (and not {TINY!r} or a hub name org/name)")
 
 
 def from_pretrained(auto_class, name_or_path: str, **kwargs):
     """``auto_class.from_pretrained``, a path or name it cannot load being the user's error, not a crash."""
+    path, gguf = gguf_files.pretrained_args(name_or_path)
     try:
-        return auto_class.from_pretrained(name_or_path, **kwargs)
+        return auto_class.from_pretrained(path, **gguf, **kwargs)
     except OSError as err:  # transformers: not a model folder, not in the cache, no network for the hub
         raise ConfigError(f"cannot load a model from {name_or_path!r}: {str(err).splitlines()[0]}") from None
 
@@ -169,8 +173,10 @@ def load_reward_model(config: ModelConfig, tokenizer, device: torch.device, quan
     if config.name_or_path == TINY:
         model, fresh = LlamaForSequenceClassification(tiny_config(config, tokenizer, attn, num_labels=1)), []
     else:
-        model, fresh = lora.from_pretrained(AutoModelForSequenceClassification, config.name_or_path, num_labels=1,
-                                            attn_implementation=attn, **_quantization(config, device, quantize))
+        path, kwargs = gguf_files.model_args(config.name_or_path, _quantization(config, device, quantize))
+        model, fresh = lora.from_pretrained(AutoModelForSequenceClassification, path, num_labels=1,
+                                            attn_implementation=attn, **kwargs)
+        model = gguf_files.as_dense(model)
     model.fastrm_new_modules = fresh
     _match_tokenizer(model, tokenizer, config)
     return _finish(model, config, device, quantize)
@@ -185,8 +191,9 @@ def load_causal_lm(config: ModelConfig, tokenizer, device: torch.device, quantiz
     if config.name_or_path == TINY:
         model = LlamaForCausalLM(tiny_config(config, tokenizer, attn))
     else:
-        model, _ = lora.from_pretrained(AutoModelForCausalLM, config.name_or_path, attn_implementation=attn,
-                                        **_quantization(config, device, quantize))
+        path, kwargs = gguf_files.model_args(config.name_or_path, _quantization(config, device, quantize))
+        model, _ = lora.from_pretrained(AutoModelForCausalLM, path, attn_implementation=attn, **kwargs)
+        model = gguf_files.as_dense(model)
     _match_tokenizer(model, tokenizer, config)
     model = _finish(model, config, device, quantize)
     if not attends_causally(model):

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
+from fastrm import gguf_files
 from fastrm.config import TINY
 from fastrm.data import TRUNCATION_MODES, check_messages, common_prefix_len, extract_prompt, load_rows, validate_row
 from fastrm.errors import ConfigError, DataError
@@ -63,8 +64,9 @@ def load_tokenizer(spec=EMBEDDED_TOKENIZER, model_name_or_path: str | None = Non
         return build_tokenizer()
     from transformers import AutoTokenizer
 
+    path, gguf = gguf_files.pretrained_args(str(spec))  # a .gguf file: the tokenizer it carries
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(spec), local_files_only=True)
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True, **gguf)
     except (OSError, ValueError) as err:
         raise ConfigError(f"tokenizer {str(spec)!r} is neither {EMBEDDED_TOKENIZER!r} nor a local tokenizer folder "
                           f"or cached checkpoint (fastrm never downloads; save the tokenizer with save_pretrained "

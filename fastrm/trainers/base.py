@@ -14,7 +14,7 @@ from typing import Any, ClassVar, Protocol
 import torch
 
 from fastrm import checkpoint as ckpt
-from fastrm import distributed, lora, packing
+from fastrm import distributed, gguf_files, lora, packing
 from fastrm.config import (
     ConfigError,
     config_to_dict,
@@ -43,9 +43,11 @@ MIN_LENGTH = 3  # one special token + one token of text + EOS
 def check_tokenizer(spec: str, setting_name: str, *keywords: str):
     """One of ``keywords``, a local tokenizer folder, or a name in Hugging Face hub form (read from the local cache;
     fastrm never downloads a tokenizer)."""
-    if spec not in keywords and not Path(spec).expanduser().is_dir():
+    if gguf_files.is_gguf(spec):  # the tokenizer a .gguf file carries
+        gguf_files.check(spec, setting_name)
+    elif spec not in keywords and not Path(spec).expanduser().is_dir():
         require_setting(is_hub_name(spec), setting_name, spec,
-                f"must be {' or '.join(keywords)}, or a tokenizer folder (no such folder)")
+                        f"must be {' or '.join(keywords)}, a .gguf file, or a tokenizer folder (no such folder)")
 
 
 @dataclass

@@ -4,6 +4,8 @@ as a loss term), the divergence guard's check, one optimizer step per minibatch.
 
 from __future__ import annotations
 
+import time
+
 import torch
 
 from fastrm import distributed as fdist
@@ -22,7 +24,9 @@ class PPOUpdate:
         batch = ro.batch.select(idx)
         mask, adv = ro.mask[idx], ro.advantages[idx]
         logprobs, entropy = self._logprobs(self.policy_p, batch, ro.prompt_len, return_entropy=True)
-        pol = ppo_policy_loss(logprobs, ro.old_logprobs[idx], adv, mask, clip_eps=c.clip_eps,
+        # on-policy (old_logprobs None): the ratio is 1 and its gradient the policy gradient, as TRL computes it
+        old = logprobs.detach() if ro.old_logprobs is None else ro.old_logprobs[idx]
+        pol = ppo_policy_loss(logprobs, old, adv, mask, clip_eps=c.clip_eps,
                               clip_eps_high=c.clip_eps_high, dual_clip=c.dual_clip, agg=c.loss_agg,
                               loss_scale_factor=self._loss_scale_factor(), policy_loss=c.policy_loss,
                               sapo_tau_pos=c.sapo_temperature_pos, sapo_tau_neg=c.sapo_temperature_neg,
@@ -38,6 +42,11 @@ class PPOUpdate:
                    "objective/entropy": mean_entropy.detach()}
         if c.entropy_coef:
             loss = loss - c.entropy_coef * token_weight * mean_entropy
+        if ro.old_logprobs is None and ro.ref_logprobs is not None:
+            # on-policy: the rollout's KL is the one of these log-probs (the controller reads ro.seq_kl)
+            kl = torch.where(mask != 0, kl_penalty(old, ro.ref_logprobs[idx], c.kl_estimator, backend=c.backend), 0.0)
+            ro.seq_kl[idx] = kl.sum(1)
+            metrics["objective/kl"] = kl.sum(1).mean()
         if c.kl_in == "loss" and self.kl_ctl.value:
             kl_loss = masked_mean(kl_penalty(logprobs, ro.ref_logprobs[idx], c.kl_estimator, backend=c.backend), mask)
             loss = loss + self.kl_ctl.value * token_weight * kl_loss
@@ -78,11 +87,13 @@ class PPOUpdate:
             return (f"The largest |reward| of this step's rollouts is {ro.scores.abs().max().item():.3g}: "
                     f"normalise or clip rewards (reward_norm, reward_clip).")
 
+        optimizer_time = 0.0
         for _ in range(c.ppo_epochs):
             order = torch.randperm(rows, generator=generator).to(self.device)
             for idx in order.tensor_split(c.num_minibatches):
                 loss, metrics = self.compute_loss(ro, idx)
                 loss.backward()
+                start = time.perf_counter()
                 norms = {"policy gradient norm": optim.clip_gradients(self.policy, c.max_grad_norm)}
                 if self.value is not None:
                     norms["value gradient norm"] = optim.clip_gradients(self.value, c.max_grad_norm)
@@ -93,5 +104,6 @@ class PPOUpdate:
                     optim.apply_update(self.value_optimizer, self.value_scheduler)
                     metrics["val/grad_norm"] = norms[1]
                 self.guard.parameters_updated()
+                optimizer_time += time.perf_counter() - start
                 window.add(metrics, int(ro.mask[idx].sum()))
-        return window.summary()
+        return {**window.summary(), "timing/optimizer": optimizer_time}

@@ -86,6 +86,8 @@ class RLTrainer(RolloutSteps, PPOUpdate, base.Trainer):
         if c.lora.enabled:
             self.policy = lora.add_adapters(self.policy, c.lora, "causal")
             self.ref = None
+        elif not self.uses_reference():
+            self.ref = None  # no KL term reads it: no copy, no reference forward
         elif c.ref_8bit:
             self.ref = load_causal_lm(replace(c.model, load_in_8bit=True), self.tokenizer, self.device)
             self.policy_packing.adopt(self.ref)  # the policy's architecture, proven by its probe
@@ -166,8 +168,22 @@ class RLTrainer(RolloutSteps, PPOUpdate, base.Trainer):
                  len(self.train_rows), len(self.eval_rows), c.curriculum, self.device)
         log.info("models in memory: %.1f MiB of parameters and buffers (policy, reference%s, critic, reward model; "
                  "shared tensors counted once)", self.model_bytes() / 2**20,
-                 ": the policy with its adapters disabled" if self.ref is None else "")
+                 ": the policy with its adapters disabled" if c.lora.enabled else
+                 "" if self.ref is not None else ": none, no KL term")
         return self
+
+    def uses_reference(self) -> bool:
+        """Whether a KL term reads the reference's log-probs (none does with a fixed kl_coef of 0)."""
+        c = self.config
+        return c.kl_coef > 0 or c.adaptive_kl
+
+    def on_policy(self) -> bool:
+        """One optimizer step per rollout: the update starts from the policy that sampled, so the old log-probs
+        are the update's own, detached (as TRL takes them), and no forward computes them before, unless a KL
+        penalty in the rewards or a rollout correction (it weighs the advantages by them) reads them first."""
+        c = self.config
+        return (c.ppo_epochs == 1 and c.num_minibatches == 1 and c.rollout_correction == "none"
+                and not (c.kl_in == "reward" and self.uses_reference()))
 
     def _load_prompts(self):
         """Prompt rows (:func:`fastrm.data.prepare_prompts`) for training and evaluation, and the names of their
@@ -284,14 +300,16 @@ class RLTrainer(RolloutSteps, PPOUpdate, base.Trainer):
         ro = self.rollout(rows)
         start = time.perf_counter()
         row.update(self.update(ro))
-        row["timing/update"] = time.perf_counter() - start
+        row["timing/update"] = time.perf_counter() - start - row["timing/optimizer"]  # forward, loss, backward
         row.update(mean_over_ranks(ro.stats))
         # The controller sees the KL of the whole global batch.
         count, mean_kl, _ = fdist.global_moments(ro.seq_kl)
         self.kl_ctl.update(float(mean_kl), int(count))
         row["lr"] = self.scheduler.get_last_lr()[0]
         self.step += 1
+        start = time.perf_counter()
         self.guard.check_parameters()  # before the next rollout samples from them (or an evaluation, a checkpoint)
+        row["timing/checks"] = time.perf_counter() - start
         return row
 
     def train(self):
@@ -303,17 +321,26 @@ class RLTrainer(RolloutSteps, PPOUpdate, base.Trainer):
                    disable=not (c.progress and fdist.is_main()))
         try:
             with deferred_finite_checks():
+                logging_time = 0.0
                 while self.step < c.max_steps:
+                    start = time.perf_counter()
                     row = self.train_step()
+                    # a step's wall time: its train_step and the logging, evaluation and checkpoint after the
+                    # previous one (timed only once they are done, so they go in this row)
+                    row["timing/logging"] = logging_time
+                    row["timing/step"] = time.perf_counter() - start + logging_time
+                    start = time.perf_counter()
                     bar.update(1)
                     if self.step % c.log_steps == 0 or self.step == c.max_steps:
                         self.metrics.log(self.step, row)
-                        postfix = {"score": f"{float(row['objective/scores']):.3f}",
-                                   "kl": f"{float(row['objective/kl']):.3f}"}
+                        postfix = {"score": f"{float(row['objective/scores']):.3f}"}
+                        if "objective/kl" in row:
+                            postfix["kl"] = f"{float(row['objective/kl']):.3f}"
                         if "objective/true_score" in row:
                             postfix["true"] = f"{row['objective/true_score']:.3f}"
                         bar.set_postfix(**postfix)
                     self.evaluate_and_save(bool(self.eval_rows))
+                    logging_time = time.perf_counter() - start
             self.final_model = loop.save_final(self.policy_p, self.tokenizer, self.out_dir)
         finally:
             bar.close()

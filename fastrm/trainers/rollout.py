@@ -30,8 +30,8 @@ class Rollout:
     batch: PaddedBatch           # prompt (left-padded) + completion (right-padded), labels on the completion
     prompt_len: int              # columns of the prompt part of ``batch``
     mask: torch.Tensor           # [N, C] 1 on completion tokens
-    old_logprobs: torch.Tensor   # [N, C] under the policy that sampled
-    ref_logprobs: torch.Tensor   # [N, C] under the frozen reference
+    old_logprobs: torch.Tensor | None  # [N, C] under the policy that sampled; None on-policy (the update's own)
+    ref_logprobs: torch.Tensor | None  # [N, C] under the frozen reference; None when no KL term reads it
     advantages: torch.Tensor     # [N, C]
     returns: torch.Tensor | None = None  # [N, C] the critic's targets (gae)
     values: torch.Tensor | None = None   # [N, C] the critic's values when sampled (gae)
@@ -192,7 +192,9 @@ class RolloutSteps:
                             return_logprobs=c.rollout_correction != "none")
         completions = decode_completions(self.tokenizer, gen["completion_ids"], gen["completion_mask"])
         rows_n = [r for r in rows for _ in range(c.num_samples)]
+        start = time.perf_counter()
         scores, parts = self.score(rows_n, gen, completions)
+        self._score_time += time.perf_counter() - start
         return dapo.ScoredSamples(gen, completions, rows_n, scores, parts)
 
     @torch.no_grad()
@@ -205,6 +207,7 @@ class RolloutSteps:
             self.value.eval()
         timing = {}
         start = time.perf_counter()
+        self._score_time = 0.0  # of every draw: _sample_and_score adds to it
         if c.dynamic_sampling:  # DAPO: only prompts whose samples differ in reward, drawing more as needed
             samples, draw_stats = dapo.dynamic_sampling(
                 self._sample_and_score, rows, lambda: fdist.shard(next(self.sampler)), n, c.max_extra_draws,
@@ -214,14 +217,15 @@ class RolloutSteps:
         gen, completions, rows_n, raw_scores, parts = (samples.gen, samples.completions, samples.rows, samples.scores,
                                                        {**samples.parts, **draw_stats})
         prompts_n = [r["prompt"] for r in rows_n]
-        timing["timing/generate"] = time.perf_counter() - start  # and scoring
+        timing["timing/score"] = self._score_time
+        timing["timing/generate"] = time.perf_counter() - start - self._score_time
 
         start = time.perf_counter()
         batch = self._sequences(gen)
         prompt_len = gen["prompt_ids"].shape[1]
         mask = gen["completion_mask"]
-        old_logprobs = self._logprobs(self.policy_p, batch, prompt_len)
-        ref_logprobs = self._ref_logprobs(batch, prompt_len)
+        old_logprobs = None if self.on_policy() else self._logprobs(self.policy_p, batch, prompt_len)
+        ref_logprobs = self._ref_logprobs(batch, prompt_len) if self.uses_reference() else None
         values = self._values(batch, prompt_len) if self.value is not None else None
         timing["timing/logprobs"] = time.perf_counter() - start
 
@@ -236,7 +240,11 @@ class RolloutSteps:
             scores = scores + overlong.to(scores.device)
             parts["reward/overlong_penalty"] = overlong.mean()
         scores = self.normalizer(scores)
-        kl = torch.where(mask != 0, kl_penalty(old_logprobs, ref_logprobs, c.kl_estimator, backend=c.backend), 0.0)
+        kl_measured = old_logprobs is not None and ref_logprobs is not None
+        if kl_measured:
+            kl = torch.where(mask != 0, kl_penalty(old_logprobs, ref_logprobs, c.kl_estimator, backend=c.backend), 0.0)
+        else:  # no KL term, or on-policy: the update measures it on its own log-probs (compute_loss)
+            kl = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device)
         kl_coef = self.kl_ctl.value
         advantages, returns = fadv.compute_advantages(
             c.advantage, scores, mask, n=n, kl=kl if c.kl_in == "reward" else None, kl_coef=kl_coef, values=values,
@@ -255,7 +263,6 @@ class RolloutSteps:
         non_score = -kl_coef * seq_kl if c.kl_in == "reward" else torch.zeros_like(seq_kl)
         stats = {
             "objective/scores": raw_scores.mean(),
-            "objective/kl": seq_kl.mean(),
             "objective/non_score_reward": non_score.mean(),
             "objective/rlhf_reward": (raw_scores + non_score).mean(),
             "objective/kl_coef": kl_coef,
@@ -263,11 +270,15 @@ class RolloutSteps:
             "rollout/eos_fraction": has_eos.float().mean(),
             **parts, **timing,
         }
+        if kl_measured:
+            stats["objective/kl"] = seq_kl.mean()
         if self.task is not None:
+            start = time.perf_counter()
             truth = [self.task.score(p, x) for p, x in zip(prompts_n, completions)]
             stats["objective/true_score"] = sum(truth) / len(truth)
             stats["objective/true_accuracy"] = sum(self.task.is_correct(p, x)
                                                    for p, x in zip(prompts_n, completions)) / len(truth)
+            stats["timing/score"] += time.perf_counter() - start  # the task's own scores, for the log
         return Rollout(batch=batch, prompt_len=prompt_len, mask=mask, old_logprobs=old_logprobs,
                        ref_logprobs=ref_logprobs, values=values, advantages=advantages, returns=returns, scores=scores,
                        seq_kl=seq_kl, sampler_logprobs=sampler_logprobs, stats=stats, completions=completions,
