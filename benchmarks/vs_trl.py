@@ -237,6 +237,7 @@ def summary(runs: list[dict], env: dict, args) -> str:
              "loading included.", "",
              "| workload | framework | batches | CPU s / step | wall s / step | peak RSS MiB | steps | TRL / fastrm (CPU) |",
              "|---|---|---|---|---|---|---|---|"]
+    notes = []
     for workload in sorted({r["workload"] for r in runs}):
         stats = {}
         for fw in ("fastrm", "trl"):
@@ -250,12 +251,10 @@ def summary(runs: list[dict], env: dict, args) -> str:
             lines.append(f"| {workload} | {fw} | {mode} | {cpu:.2f} | {wall:.2f} | {rss:.0f} | {n} | {ratio} |")
         phases = [p for r in runs if r["workload"] == workload and r["framework"] == "fastrm" for p in r["phases"]]
         keys = sorted({k for p in phases for k in p})
-        if keys:
-            lines.append("")
-            lines.append(f"fastrm {workload} per phase (wall s, median over steps): " + ", ".join(
+        if keys:  # after the table
+            notes.append(f"fastrm {workload} per phase (wall s, median over steps): " + ", ".join(
                 f"{k[len('timing/'):]} {statistics.median(p.get(k, 0.0) for p in phases):.2f}" for k in keys))
-            lines.append("")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + [""] + notes) + "\n"
 
 
 def main(argv=None) -> int:
