@@ -18,7 +18,8 @@ import torch
 
 from fastrm import packing
 from fastrm.config import ConfigError, load_config
-from fastrm.data import load_tokenizer
+from fastrm.layout import PaddedBatch
+from fastrm.tokenization import load_tokenizer
 from fastrm.models import ModelConfig, load_causal_lm, reward_scores, token_logprobs
 from fastrm.trainers.reward_model import RewardConfig, RewardTrainer
 from fastrm.trainers.rl import RLConfig, RLTrainer
@@ -117,7 +118,7 @@ def test_smollm2_log_probs_are_the_auto_models_own(smol, smol_folder):
         ids[i, :len(s)], mask[i, :len(s)] = torch.tensor(s), 1
     labels = ids.masked_fill(mask == 0, -100)
     with torch.no_grad():
-        ours = token_logprobs(model, {"input_ids": ids, "attention_mask": mask, "labels": labels})
+        ours = token_logprobs(model, PaddedBatch(input_ids=ids, attention_mask=mask, labels=labels))
         for i, s in enumerate(seqs):  # the Auto model alone on each sequence: no padding, nothing of fastrm's
             logits = auto(input_ids=torch.tensor([s])).logits[0, :-1].double()
             theirs = torch.log_softmax(logits, -1).gather(-1, torch.tensor(s[1:])[:, None])[:, 0]
@@ -145,22 +146,20 @@ def test_smollm2_sft_and_reward_model_train_packed_and_match_the_reloaded_auto_m
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     sft = SFTTrainer(load_config(SFTConfig, None, COMMON + [
-        f"model.name_or_path={SMOL}", f"output_dir={tmp_path / 'sft'}", "max_length=32", "batch_size=4",
+        f"model.name_or_path={smol_folder}", f"output_dir={tmp_path / 'sft'}", "max_length=32", "batch_size=4",
         "num_train_examples=8", "num_eval_examples=4", "eval_generate=0", "lr=1e-5"])).setup().train()
     assert sft.packing.mode == "packed", sft.packing.reason
     examples = sft.eval_examples[:3]
     reloaded = AutoModelForCausalLM.from_pretrained(sft.final_model).eval()
     with torch.no_grad():
-        ours = token_logprobs(sft.model.eval(), sft.collate(examples))
-        start = 0
-        for e in examples:  # the Auto model alone on each sequence; ours: its tokens in the packed row
+        ours = token_logprobs(sft.model.eval(), sft.collate(examples))  # packed, back in the padded layout
+        for i, e in enumerate(examples):  # the Auto model alone on each sequence
             n = len(e["input_ids"])
             logits = reloaded(input_ids=torch.tensor([e["input_ids"]])).logits[0, :-1].double()
             labels = torch.tensor(e["labels"][1:])
             theirs = torch.where(labels != -100, torch.log_softmax(logits, -1).gather(
                 -1, labels.clamp_min(0)[:, None])[:, 0], 0.0)
-            mine = ours[0, start:start + n - 1].double()
-            start += n
+            mine = ours[i, :n - 1].double()
             tol = tolerance(reloaded) * float(logits.abs().max())
             torch.testing.assert_close(mine, theirs, rtol=0, atol=tol)
 
@@ -170,7 +169,7 @@ def test_smollm2_sft_and_reward_model_train_packed_and_match_the_reloaded_auto_m
     assert rm.packing.mode == "packed", rm.packing.reason
     pairs = rm.eval_examples[:3]
     with torch.no_grad():
-        ours = reward_scores(rm.model.eval(), rm.collate(pairs))
+        ours = reward_scores(rm.model.eval(), rm.collate(pairs).sequences)
     reloaded = AutoModelForSequenceClassification.from_pretrained(rm.final_model).eval()
     seqs = [p["chosen_ids"] for p in pairs] + [p["rejected_ids"] for p in pairs]
     with torch.no_grad():  # the Auto model alone on each sequence
@@ -184,8 +183,8 @@ def test_smollm2_grpo_steps(tmp_path, smol_folder):
         return [float(len(c)) for c in completions]
 
     trainer = RLTrainer(load_config(RLConfig, None, COMMON + [
-        f"model.name_or_path={smol_folder}", f"output_dir={tmp_path}", "reward=rule", "advantage=grpo", "batch_size=2",
-        "num_samples=2", "max_new_tokens=8", "num_train_prompts=4", "num_eval_prompts=0", "ppo_epochs=1",
+        f"model.name_or_path={smol_folder}", f"output_dir={tmp_path}", "reward=rule", "advantage=grpo", "batch_size=1",
+        "num_samples=2", "max_new_tokens=4", "num_train_prompts=2", "num_eval_prompts=0", "ppo_epochs=1",
         "kl_in=loss", "kl_estimator=k3", "kl_coef=0.04", "lr=1e-6"]), reward_fn=length).setup()
     assert trainer.policy_packing.mode == "packed", trainer.policy_packing.reason
     assert trainer.on_policy()
@@ -206,7 +205,7 @@ def test_minilm_reward_model_trains_bucketed_and_matches_the_reloaded_auto_model
     assert rm.packing.mode == "bucketed"  # an encoder pooling [CLS]: packed rows cannot be scored
     pairs = rm.eval_examples[:3]
     with torch.no_grad():
-        ours = reward_scores(rm.model.eval(), rm.collate(pairs))
+        ours = reward_scores(rm.model.eval(), rm.collate(pairs).sequences)
     reloaded = AutoModelForSequenceClassification.from_pretrained(rm.final_model).eval()
     seqs = [p["chosen_ids"] for p in pairs] + [p["rejected_ids"] for p in pairs]
     with torch.no_grad():
