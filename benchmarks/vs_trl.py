@@ -184,7 +184,7 @@ def convert(gguf: Path, folder: Path):
     """The GGUF file dequantized into a Hugging Face folder, once (fastrm's loader: model and tokenizer)."""
     import torch
 
-    from fastrm.data import load_tokenizer
+    from fastrm.tokenization import load_tokenizer
     from fastrm.models import ModelConfig, load_causal_lm
 
     tokenizer = load_tokenizer("auto", str(gguf))

@@ -28,13 +28,13 @@ from fastrm.layout import (
     IGNORE_INDEX,
     PackingUnsupported,
     PaddedBatch,
+    arrange,
     attention_path,
     base_attention,
     count_varlen_calls,
     disable_varlen,
     enable_varlen,
     first_id,
-    pack,
     text_config,
 )
 from fastrm.layout.varlen import attention_bucket_overhead
@@ -42,15 +42,17 @@ from fastrm.models import backbone_hidden, base_model, reward_scores, token_logp
 
 log = logging.getLogger("fastrm")
 
-SETTINGS = ("auto", "true", "false", "bucketed")
-SETTING_HELP = ("padding-free batches: auto (packed rows where exact for the model, else length buckets) | true "
-                "(packed rows; an error where not exact) | bucketed (padded micro-batches of similar lengths) | "
-                "false (plain padded batches)")
+SETTINGS = ("auto", "true", "unshared", "false", "bucketed")
+SETTING_HELP = ("padding-free batches: auto (packed rows where exact for the model, a shared prompt computed once "
+                "for all its responses where that is exact too, else length buckets) | true (as auto; an error where "
+                "packing is not exact) | unshared (as auto, every sequence computed whole) | bucketed (padded "
+                "micro-batches of similar lengths) | false (plain padded batches)")
 
 # ============================================================================ exact for this model?
 
 HEADS = ("reward", "causal_lm", "backbone")  # what a probed model ends in: its output is compared too
 PROBE_LENGTHS = (5, 17, 11, 26)
+PROBE_SHARED_ROWS, PROBE_SHARED_PREFIX = (1, 2, 3), 7  # these rows begin with the same 7 tokens: one prompt
 # The probe's tolerance comes from the model itself. Packing only reorders float sums (other matmul shapes,
 # attention per sequence); so does any change of batch shape. The padded forward recomputed in float64 is the
 # truth; the padded forward in the working dtype is some distance from it (rounding, grown over the model's depth
@@ -68,13 +70,15 @@ PROBE_FALLBACK_ULPS_PER_LAYER = 64
 
 @dataclass
 class Packing:
-    """How a model runs its batches (``mode``: packed | bucketed | padded), and why."""
+    """How a model runs its batches (``mode``: shared | packed | bucketed | padded), and why."""
 
     mode: str
     reason: str
-    attention: str | None = None  # the packed rows' attention (packed mode)
+    attention: str | None = None  # the packed rows' attention (shared and packed modes)
 
     def describe(self) -> str:
+        if self.mode == "shared":
+            return f"packed rows, a shared prompt computed once, attention {self.attention} ({self.reason})"
         if self.mode == "packed":
             return f"packed rows, attention {self.attention} ({self.reason})"
         if self.mode == "bucketed":
@@ -84,7 +88,7 @@ class Packing:
     def adopt(self, model):
         """Give ``model``, another instance of the probed architecture (e.g. the reference reloaded in 8 bits), the
         attention this decision needs."""
-        if self.mode == "packed":
+        if self.mode in ("shared", "packed"):
             enable_varlen(model)
 
 
@@ -123,8 +127,14 @@ def _probe_batch(model, special_ids, generator) -> dict:
         if eos is not None:
             tokens[-1] = eos  # as every fastrm sequence ends
         ids[row, :n], mask[row, :n] = tokens, 1
+    # (a row past a short sliding window shares the prompt too: the window must count the prompt's positions)
+    shared = [r for r in PROBE_SHARED_ROWS if r < len(lengths)] + list(range(len(PROBE_LENGTHS), len(lengths)))
+    groups = torch.full((len(lengths),), -1, dtype=torch.long)
+    for r in shared:  # a prompt and its responses: the shared layout computes the prompt once
+        ids[r, :PROBE_SHARED_PREFIX] = ids[shared[0], :PROBE_SHARED_PREFIX]
+        groups[r] = 0
     labels = ids.masked_fill(mask == 0, IGNORE_INDEX)
-    return PaddedBatch(ids, mask, labels)
+    return PaddedBatch(ids, mask, labels, group_ids=groups)
 
 
 @contextlib.contextmanager
@@ -144,10 +154,11 @@ def _capture_embeddings(model):
         handle.remove()
 
 
-def _probe_outputs(model, head: str, batch: PaddedBatch, packed: bool, weights: dict):
+def _probe_outputs(model, head: str, batch: PaddedBatch, mode: str, weights: dict):
     """Hidden states of the real tokens, the head's output, and the gradient of a fixed random function of
-    both with respect to the input embeddings (real tokens), for a padded or packed batch."""
-    inputs = pack(batch) if packed else batch
+    both with respect to the input embeddings (real tokens; in the ``shared`` layout, its row's tokens), for the
+    batch in layout ``mode`` (padded | packed | shared)."""
+    inputs = arrange(batch, mode)
     real = batch.attention_mask.reshape(-1) != 0
     with _capture_embeddings(model) as captured:
         hidden = backbone_hidden(base_model(model), inputs)  # the padded layout either way
@@ -162,8 +173,19 @@ def _probe_outputs(model, head: str, batch: PaddedBatch, packed: bool, weights: 
         weights.setdefault("out", torch.randn(out.shape, generator=weights["generator"]).to(out))
         loss = (hidden.float() * weights["hidden"].float()).sum() + (out.float() * weights["out"].float()).sum()
         grads = torch.autograd.grad(loss, captured)
-    grad = sum(g.reshape(-1, g.shape[-1]) if packed else g.reshape(-1, g.shape[-1])[real] for g in grads)
-    return {"hidden states": hidden.detach(), "outputs": out.detach(), "input gradients": grad}
+    grad = sum(g.reshape(-1, g.shape[-1]) if mode != "padded" else g.reshape(-1, g.shape[-1])[real] for g in grads)
+    return {"hidden states": hidden.detach(), "outputs": out.detach(), "input gradients": grad,
+            "row": inputs}
+
+
+def _fold_into(shared, outputs: dict) -> dict:
+    """Unshared probe outputs compared with a shared row's: each real token's input gradient added into the row
+    position that computed it (a prompt's, from all its responses)."""
+    row = shared["row"]
+    source = row.source[row.source >= 0]
+    grad = outputs["input gradients"]
+    folded = grad.new_zeros((row.num_tokens, grad.shape[-1])).index_add_(0, source, grad)
+    return {**outputs, "input gradients": folded}
 
 
 def _relative_difference(got: torch.Tensor, want: torch.Tensor) -> float:
@@ -245,8 +267,9 @@ def _judge(packed: dict, padded: dict, truth: dict | None, dtype: torch.dtype, l
     return max(results, key=lambda r: r.error / r.tolerance)
 
 
-def _probe(model, kind: str, special_ids, autocast_dtype) -> ProbeResult:
-    """Packed vs padded (and vs the padded forward in float64 where it can run)."""
+def _probe(model, kind: str, special_ids, autocast_dtype, shared: bool = False) -> dict[str, ProbeResult]:
+    """Packed (and with ``shared``, shared-prefix) vs padded, and vs the padded forward in float64 where it can run:
+    ``{"packed": result, "shared": result}``. A shared row that fails to run is a shared result of infinite error."""
     device = next(model.parameters()).device
     generator = torch.Generator().manual_seed(20240611)
     batch = _probe_batch(model, special_ids, generator).to(device)
@@ -256,19 +279,24 @@ def _probe(model, kind: str, special_ids, autocast_dtype) -> ProbeResult:
     autocast = (torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None
                 else contextlib.nullcontext())
     # every length its own attention bucket: the probe runs the gather / scatter of long-tailed batches too
-    truth = None
+    truth, got_shared, shared_error = None, None, None
     try:
         with torch.enable_grad(), attention_bucket_overhead(0), count_varlen_calls() as calls:
             with autocast:
-                want = _probe_outputs(model, kind, batch, False, weights)
+                want = _probe_outputs(model, kind, batch, "padded", weights)
                 calls.clear()
-                got = _probe_outputs(model, kind, batch, True, weights)
-            seen = list(calls)
+                got = _probe_outputs(model, kind, batch, "packed", weights)
+                seen = list(calls)
+                if shared:
+                    try:
+                        got_shared = _probe_outputs(model, kind, batch, "shared", weights)
+                    except Exception as err:  # noqa: BLE001 - any failure: no shared prefixes for this model
+                        shared_error = f"{type(err).__name__}: {str(err).splitlines()[0][:160]}"
             if _float64_castable(model):
                 try:
                     with _in_float64(model):
-                        truth = _probe_outputs(model, kind, batch, False, weights)
-                    if not all(bool(t.isfinite().all()) for t in truth.values()):
+                        truth = _probe_outputs(model, kind, batch, "padded", weights)
+                    if not all(bool(t.isfinite().all()) for k, t in truth.items() if k != "row"):
                         log.debug("packing probe: the float64 forward is not finite; comparing with padded directly")
                         truth = None
                 except Exception as err:  # noqa: BLE001 - out of memory, a kernel refusing float64 or non-finite
@@ -281,7 +309,56 @@ def _probe(model, kind: str, special_ids, autocast_dtype) -> ProbeResult:
         raise PackingUnsupported("its attention layers never received the packed row's sequence boundaries (they do "
                                  "not go through transformers' attention interface)")
     dtype = autocast_dtype or next(model.parameters()).dtype
-    return _judge(got, want, truth, dtype, _layers(model))
+    plain = {k: v for k, v in want.items() if k != "row"}
+    results = {"packed": _judge(_values(got), plain, _values(truth), dtype, _layers(model))}
+    if shared_error is not None:
+        results["shared"] = ProbeResult(float("inf"), 0.0, f"forward ({shared_error})", "it fails")
+    elif got_shared is not None:
+        results["shared"] = _judge(_values(got_shared), _values(_fold_into(got_shared, want)),
+                                   _values(_fold_into(got_shared, truth)) if truth is not None else None,
+                                   dtype, _layers(model))
+    return results
+
+
+def _values(outputs: dict | None) -> dict | None:
+    return None if outputs is None else {k: v for k, v in outputs.items() if k != "row"}
+
+
+def _verify(model, head: str, special_ids, autocast_dtype, shared: bool) -> tuple[bool, str, bool, str]:
+    """(packed exact, why; shared prefixes exact, why): the probe in the working dtype and, with
+    ``autocast_dtype``, under autocast as training will run."""
+    if head not in HEADS:
+        raise ValueError(f"head must be one of {HEADS}, got {head!r}")
+    try:
+        enable_varlen(model)
+        checks = [None] + ([autocast_dtype] if autocast_dtype is not None else [])
+        summary, shared_summary, shared_why = [], [], None
+        for dtype in checks:
+            results = _probe(model, head, special_ids, dtype, shared=shared and shared_why is None)
+            where = f" under {str(dtype)[6:]} autocast" if dtype is not None else ""
+            result = results["packed"]
+            if not result.exact:
+                raise PackingUnsupported(f"packed {result.worst} differ from padded{where}: {result.error:.2g} "
+                                         f"(relative) {result.basis}")
+            summary.append(f"{result.error:.1g}{where} ({result.worst} {result.basis})")
+            if "shared" in results:
+                one = results["shared"]
+                if one.exact:
+                    shared_summary.append(f"{one.error:.1g}{where}")
+                else:
+                    shared_why = f"shared-prefix {one.worst} differ from unshared{where}: {one.error:.2g} ({one.basis})"
+    except PackingUnsupported as err:
+        disable_varlen(model)
+        return False, str(err), False, ""
+    except Exception as err:  # noqa: BLE001 - any failure of the packed forward means: not for this model
+        disable_varlen(model)
+        return False, f"the packed forward fails ({type(err).__name__}: {str(err).splitlines()[0][:160]})", False, ""
+    why = f"probe: packed equals padded, max relative difference {', '.join(summary)}"
+    if not shared:
+        return True, why, False, ""
+    if shared_why is not None:
+        return True, why, False, shared_why
+    return True, why, True, f"shared prompt equals unshared, max relative difference {', '.join(shared_summary)}"
 
 
 def verify_packing(model, head: str, *, special_ids=(), autocast_dtype: torch.dtype | None = None) -> tuple[bool, str]:
@@ -295,34 +372,31 @@ def verify_packing(model, head: str, *, special_ids=(), autocast_dtype: torch.dt
     the working dtype is (the model's own rounding at its depth), and every attention layer must have attended
     per sequence. With ``autocast_dtype`` the probe also runs under autocast, as training will (the
     half-precision kernels). Not exact: the model gets its own attention back and the reason is returned."""
-    if head not in HEADS:
-        raise ValueError(f"head must be one of {HEADS}, got {head!r}")
-    try:
-        enable_varlen(model)
-        checks = [None] + ([autocast_dtype] if autocast_dtype is not None else [])
-        summary = []
-        for dtype in checks:
-            result = _probe(model, head, special_ids, dtype)
-            where = f" under {str(dtype)[6:]} autocast" if dtype is not None else ""
-            if not result.exact:
-                raise PackingUnsupported(f"packed {result.worst} differ from padded{where}: {result.error:.2g} "
-                                         f"(relative) {result.basis}")
-            summary.append(f"{result.error:.1g}{where} ({result.worst} {result.basis})")
-    except PackingUnsupported as err:
-        disable_varlen(model)
-        return False, str(err)
-    except Exception as err:  # noqa: BLE001 - any failure of the packed forward means: not for this model
-        disable_varlen(model)
-        return False, f"the packed forward fails ({type(err).__name__}: {str(err).splitlines()[0][:160]})"
-    return True, f"probe: packed equals padded, max relative difference {', '.join(summary)}"
+    exact, why, _, _ = _verify(model, head, special_ids, autocast_dtype, shared=False)
+    return exact, why
+
+
+def verify_sharing(model, head: str, *, special_ids=(), autocast_dtype: torch.dtype | None = None
+                   ) -> tuple[bool, str]:
+    """Whether the ``shared`` layout (:mod:`fastrm.layout.shared`: a prompt computed once for all its responses) is
+    exact for ``model``: the probe of :func:`verify_packing` with three of its rows beginning alike, the shared
+    row's hidden states, head outputs and input gradients (each prompt token's summed over its responses) held to
+    the same float64-derived tolerance. Packing itself must be exact first."""
+    exact, why, shared, shared_why = _verify(model, head, special_ids, autocast_dtype, shared=True)
+    if not exact:
+        return False, why
+    return shared, shared_why
 
 
 def choose_packing(model, setting: str, head: str, *, special_ids=(), autocast_dtype: torch.dtype | None = None,
                    name: str = "model") -> Packing:
-    """The load-time decision for one model (``setting``: auto | true | bucketed | false), logged in one line.
+    """The load-time decision for one model (``setting``: auto | true | unshared | bucketed | false), logged in one
+    line.
 
-    auto: packed rows where :func:`verify_packing` proves them exact, else length-bucketed padded batches (exact
-    for every model). true: packed rows, and a ``ConfigError`` naming the reason where they are not exact."""
+    auto: packed rows where :func:`verify_packing` proves them exact (``shared``: each prompt once for all its
+    responses, where :func:`verify_sharing` proves that exact too), else length-bucketed padded batches (exact for
+    every model). true: the same, and a ``ConfigError`` naming the reason where packing is not exact. unshared:
+    as auto without shared prompts."""
     setting = normalize_setting(setting)
     if setting not in SETTINGS:
         raise ValueError(f"setting packed={setting!r}: must be one of {', '.join(SETTINGS)}")
@@ -332,11 +406,16 @@ def choose_packing(model, setting: str, head: str, *, special_ids=(), autocast_d
     elif setting == "bucketed":
         decision = Packing("bucketed", "packed=bucketed")
     else:
-        exact, why = verify_packing(model, head, special_ids=special_ids, autocast_dtype=autocast_dtype)
+        exact, why, shared, shared_why = _verify(model, head, special_ids, autocast_dtype,
+                                                 shared=setting != "unshared")
         if exact:
             device = next(model.parameters()).device
             half = autocast_dtype is not None or next(model.parameters()).dtype in (torch.float16, torch.bfloat16)
-            decision = Packing("packed", why, attention_path(model, device, half))
+            if shared:
+                decision = Packing("shared", f"{why}; {shared_why}", attention_path(model, device, half))
+            else:
+                note = "packed=unshared" if setting == "unshared" else f"no shared prompts: {shared_why}"
+                decision = Packing("packed", f"{why}; {note}", attention_path(model, device, half))
         elif setting == "true":
             raise ConfigError(f"setting packed=true: packing is not exact for {label}: {why}. Use packed=auto "
                               "(length-bucketed batches where packing is not exact) or packed=bucketed")

@@ -30,7 +30,7 @@ def params(model):
 
 def test_trains_and_logs_trl_metrics(tmp_path):
     trainer = dpo_trainer(tmp_path)
-    assert trainer.packing.mode == "packed" and trainer.ref is not None
+    assert trainer.packing.mode == "shared" and trainer.ref is not None
     before = params(trainer.model)
     trainer.train()
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
@@ -238,7 +238,7 @@ def test_two_sgd_steps_equal_trl_dpo_trainer(tmp_path, monkeypatch, loss_type):
         "mixed_precision=no", "max_steps=2", "batch_size=4", f"lr={lr}", "lr_scheduler=constant", "warmup_steps=0",
         "warmup_ratio=0", "max_grad_norm=1e9", f"beta={beta}", f"loss_type={loss_type}", "max_length=64",
         "eval_fraction=0", "save_steps=2", f"output_dir={tmp_path / 'ours'}"]), train_data=rows).setup()
-    assert ours.packing.mode == "packed"
+    assert ours.packing.mode == "shared"
     start = params(ours.model)
     for k in init:
         torch.testing.assert_close(start[k], init[k], rtol=0, atol=0)

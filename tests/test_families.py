@@ -104,7 +104,7 @@ def test_reward_model_scores_as_the_reloaded_auto_model(reward_models, name, pac
     family = BY_NAME[name]
     trainer = reward_models(name, packed)
     # packed rows only where the probe proves them exact; else length buckets (logged); packed=false: padded
-    assert trainer.packing.mode == ("padded" if not packed else "packed" if family.packs else "bucketed")
+    assert trainer.packing.mode == ("padded" if not packed else "shared" if family.packs else "bucketed")
     assert packing.base_attention(trainer.model) == auto_attention(trainer.model)  # packed: fastrm's varlen over it
     assert type(trainer.model).__name__.endswith("ForSequenceClassification")
     rows = [json.loads(line) for line in (trainer.out_dir / "metrics.jsonl").read_text().splitlines()]
@@ -140,7 +140,7 @@ def test_sft_logprobs_are_the_reloaded_models(checkpoints, tmp_path, name):
     trainer = SFTTrainer(load_config(SFTConfig, None, COMMON + [
         f"model.name_or_path={checkpoints[name]}", f"output_dir={tmp_path}", "num_train_examples=16",
         "num_eval_examples=4", "eval_generate=0", "lr=1e-3"])).setup().train()
-    assert trainer.packing.mode == ("packed" if family.packs else "bucketed")
+    assert trainer.packing.mode == ("shared" if family.packs else "bucketed")
     assert packing.base_attention(trainer.model) == auto_attention(trainer.model)  # packed: fastrm's varlen over it
     assert trainer.model.fastrm_logits_from_head  # every family's log-probs fused from the hidden states
     assert trainer.model.fastrm_logit_softcap == (30.0 if name == "gemma2" else None)  # Gemma-2's cap, fused too

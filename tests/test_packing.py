@@ -390,7 +390,7 @@ def test_choose_packing_auto_falls_back_true_refuses_and_one_line_is_logged(capl
     assert packing.choose_packing(bert, "false", "reward").mode == "padded"
     assert packing.choose_packing(bert, "bucketed", "reward").mode == "bucketed"
     decision = packing.choose_packing(_llama("reward"), "auto", "reward")
-    assert decision.mode == "packed" and decision.attention == "sdpa per length bucket"
+    assert decision.mode == "shared" and decision.attention == "sdpa per length bucket"
 
 
 # ---- trainers ---------------------------------------------------------------------------------------------------------
@@ -406,7 +406,7 @@ def test_packed_setting_values(value, expected):
 def test_packed_setting_rejects_other_values():
     from fastrm.trainers.sft import SFTConfig
 
-    with pytest.raises(ConfigError, match="setting packed='sometimes': must be auto, true, false, bucketed"):
+    with pytest.raises(ConfigError, match="setting packed='sometimes': must be auto, true, unshared, false, bucketed"):
         load_config(SFTConfig, None, ["packed=sometimes"])
 
 
@@ -421,7 +421,7 @@ def test_reward_trainer_bucketed_steps_equal_packed_steps(tmp_path):
                 "backend=torch",
                 f"output_dir={tmp_path / mode}", f"packed={mode}"]
         trainer = RewardTrainer(load_config(RewardConfig, None, args)).setup()
-        assert trainer.packing.mode == {"true": "packed", "bucketed": "bucketed"}[mode]
+        assert trainer.packing.mode == {"true": "shared", "bucketed": "bucketed"}[mode]
         trainer.train()
         losses[mode] = [json.loads(line)["loss"] for line in (tmp_path / mode / "metrics.jsonl").read_text().splitlines()
                         if "loss" in json.loads(line)]
@@ -445,7 +445,7 @@ def test_rl_rollout_forwards_are_the_same_packed_bucketed_and_padded(tmp_path):
             "num_train_prompts=6", "num_eval_prompts=0", "backend=torch", "advantage=gae", "reward=model",
             f"reward_model_path={tmp_path / 'rm'}", "value_model=reward", f"output_dir={tmp_path / 'run'}"]
     trainer = RLTrainer(load_config(RLConfig, None, args)).setup()
-    assert trainer.policy_packing.mode == trainer.reward_packing.mode == trainer.value_packing.mode == "packed"
+    assert trainer.policy_packing.mode == trainer.reward_packing.mode == trainer.value_packing.mode == "shared"
     torch.manual_seed(0)
     prompts = ["1+2=", "13+4=", "7+7="]
     gen = trainer.policy_p(generate, trainer.tokenizer, prompts, max_new_tokens=5, do_sample=True,
@@ -454,14 +454,14 @@ def test_rl_rollout_forwards_are_the_same_packed_bucketed_and_padded(tmp_path):
     assert (gen["prompt_mask"] == 0).any() and (gen["completion_mask"] == 0).any()  # both paddings present
     mask = gen["completion_mask"].bool()
     results = {}
-    for mode in ("packed", "bucketed", "padded"):
+    for mode in ("shared", "packed", "bucketed", "padded"):
         decision = packing.Packing(mode, "test")
         trainer.policy_packing = trainer.value_packing = trainer.reward_packing = decision
         with torch.no_grad():
             results[mode] = (trainer._logprobs(trainer.policy_p, batch, prompt_len)[mask],
                              trainer._values(batch, prompt_len)[mask],
                              trainer.model_scores([{"prompt": p} for p in prompts for _ in range(2)], gen, [""] * 6))
-    for mode in ("packed", "bucketed"):
+    for mode in ("shared", "packed", "bucketed"):
         for got, want in zip(results[mode], results["padded"]):
             torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     assert results["padded"][2].std() > 0
@@ -525,7 +525,7 @@ def test_cuda_varlen_attention_in_bf16_equals_each_sequence_alone(monkeypatch, p
 def test_cuda_probe_under_bf16_autocast_packs_a_llama():
     model = _llama("reward").cuda()
     decision = packing.choose_packing(model, "auto", "reward", autocast_dtype=torch.bfloat16)
-    assert decision.mode == "packed" and "bfloat16 autocast" in decision.reason
+    assert decision.mode == "shared" and "bfloat16 autocast" in decision.reason
     if varlen._torch_varlen_attn() is not None:
         assert decision.attention.startswith("torch varlen_attn")
 

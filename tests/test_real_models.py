@@ -149,7 +149,7 @@ def test_smollm2_sft_and_reward_model_train_packed_and_match_the_reloaded_auto_m
     sft = SFTTrainer(load_config(SFTConfig, None, COMMON + [
         f"model.name_or_path={smol_folder}", f"output_dir={tmp_path / 'sft'}", "max_length=32", "batch_size=4",
         "num_train_examples=8", "num_eval_examples=4", "eval_generate=0", "lr=1e-5"])).setup().train()
-    assert sft.packing.mode == "packed", sft.packing.reason
+    assert sft.packing.mode == "shared", sft.packing.reason
     examples = sft.eval_examples[:3]
     reloaded = AutoModelForCausalLM.from_pretrained(sft.final_model).eval()
     with torch.no_grad():
@@ -167,7 +167,7 @@ def test_smollm2_sft_and_reward_model_train_packed_and_match_the_reloaded_auto_m
     rm = RewardTrainer(load_config(RewardConfig, None, COMMON + [
         f"model.name_or_path={smol_folder}", f"output_dir={tmp_path / 'rm'}", "max_length=32", "batch_size=4",
         "num_train_pairs=8", "num_eval_pairs=4", "lr=1e-5"])).setup().train()
-    assert rm.packing.mode == "packed", rm.packing.reason
+    assert rm.packing.mode == "shared", rm.packing.reason
     pairs = rm.eval_examples[:3]
     with torch.no_grad():
         ours = reward_scores(rm.model.eval(), rm.collate(pairs).sequences)
@@ -187,7 +187,7 @@ def test_smollm2_grpo_steps(tmp_path, smol_folder):
         f"model.name_or_path={smol_folder}", f"output_dir={tmp_path}", "reward=rule", "advantage=grpo", "batch_size=1",
         "num_samples=2", "max_new_tokens=4", "num_train_prompts=2", "num_eval_prompts=0", "ppo_epochs=1",
         "kl_in=loss", "kl_estimator=k3", "kl_coef=0.04", "lr=1e-6"]), reward_fn=length).setup()
-    assert trainer.policy_packing.mode == "packed", trainer.policy_packing.reason
+    assert trainer.policy_packing.mode == "shared", trainer.policy_packing.reason
     assert trainer.on_policy()
     before = {k: v.clone() for k, v in trainer.policy.state_dict().items()}
     row = trainer.train_step()

@@ -27,9 +27,9 @@ from fastrm.layout.lengths import BUCKET_OVERHEAD_TOKENS, length_buckets
 from fastrm.layout.varlen import PackingUnsupported, first_id, packed_forward, text_config
 
 IGNORE_INDEX = -100  # a label that is not trained on (prompt, padding, a sequence's first token in a packed row)
-MODES = ("packed", "bucketed", "padded")
+MODES = ("shared", "packed", "bucketed", "padded")
 
-def _to(batch, device):
+def move_to(batch, device):
     """A copy of the dataclass ``batch`` with every tensor (also inside lists of dataclasses) on ``device``."""
     def move(value):
         if isinstance(value, torch.Tensor):
@@ -37,13 +37,13 @@ def _to(batch, device):
         if isinstance(value, list):
             return [move(v) for v in value]
         if hasattr(value, "__dataclass_fields__"):
-            return _to(value, device)
+            return move_to(value, device)
         return value
 
     return replace(batch, **{f.name: move(getattr(batch, f.name)) for f in fields(batch)})
 
 
-def _predicted_tokens(labels: torch.Tensor | None) -> torch.Tensor:
+def predicted_tokens(labels: torch.Tensor | None) -> torch.Tensor:
     """Labels a next-token loss trains on: position t predicts ``labels[t + 1]``."""
     if labels is None:
         raise ValueError("this batch has no labels (a next-token loss needs them)")
@@ -56,15 +56,17 @@ def _predicted_tokens(labels: torch.Tensor | None) -> torch.Tensor:
 @dataclass
 class PaddedBatch:
     """``[N, T]`` token ids and attention mask (padding on either side), optional labels (``IGNORE_INDEX``: not
-    trained on) and position ids (counting real tokens only, for left-padded rows)."""
+    trained on), position ids (counting real tokens only, for left-padded rows) and ``group_ids`` ``[N]`` (rows of
+    one id begin alike, e.g. a pair's prompt: the ``shared`` layout computes their common prefix once)."""
 
     input_ids: torch.Tensor
     attention_mask: torch.Tensor
     labels: torch.Tensor | None = None
     position_ids: torch.Tensor | None = None
+    group_ids: torch.Tensor | None = None
 
     def to(self, device) -> PaddedBatch:
-        return _to(self, device)
+        return move_to(self, device)
 
     @property
     def num_tokens(self) -> int:
@@ -73,7 +75,7 @@ class PaddedBatch:
 
     @property
     def predicted_tokens(self) -> torch.Tensor:
-        return _predicted_tokens(self.labels)
+        return predicted_tokens(self.labels)
 
     def select(self, rows: torch.Tensor) -> PaddedBatch:
         """The rows ``rows`` of this batch (an RL minibatch)."""
@@ -99,7 +101,7 @@ class PaddedBatch:
         return fn(self)
 
 
-def _check_contiguous(attention_mask: torch.Tensor):
+def check_contiguous(attention_mask: torch.Tensor):
     """Every row's real tokens must be one run (left, right or both-sides padding): what the padded forward
     sees with position ids counting real tokens only."""
     mask = attention_mask != 0
@@ -133,7 +135,7 @@ class PackedBatch:
     labels: torch.Tensor | None = None
 
     def to(self, device) -> PackedBatch:
-        return _to(self, device)
+        return move_to(self, device)
 
     @property
     def num_tokens(self) -> int:
@@ -141,7 +143,7 @@ class PackedBatch:
 
     @property
     def predicted_tokens(self) -> torch.Tensor:
-        return _predicted_tokens(self.labels)
+        return predicted_tokens(self.labels)
 
     def forward(self, module, **extra):
         """``module``'s output with every sequence attending within itself only (needs
@@ -197,7 +199,7 @@ def pack(batch: PaddedBatch) -> PackedBatch:
     """The one packer: a padded batch (padding on either side) as one packed row. Labels at each sequence's first
     token become -100 (nothing is predicted across a sequence boundary)."""
     mask = batch.attention_mask
-    _check_contiguous(mask)
+    check_contiguous(mask)
     lengths = mask.sum(1)
     index = mask.reshape(-1).nonzero().squeeze(1)  # flat indices (into N*T) of the real tokens, row by row
     cu = torch.zeros(len(lengths) + 1, dtype=torch.int32, device=mask.device)
@@ -235,7 +237,7 @@ class BucketedBatch:
     buckets: list[Bucket]
 
     def to(self, device) -> BucketedBatch:
-        return _to(self, device)
+        return move_to(self, device)
 
     @property
     def num_tokens(self) -> int:
@@ -284,7 +286,7 @@ def bucket(batch: PaddedBatch, overhead: float | None = None) -> BucketedBatch:
     """A padded batch with its length buckets (``overhead``: padded tokens a bucket boundary must save; default
     ``BUCKET_OVERHEAD_TOKENS`` of the batch's device)."""
     mask = batch.attention_mask
-    _check_contiguous(mask)
+    check_contiguous(mask)
     if overhead is None:
         overhead = BUCKET_OVERHEAD_TOKENS.get(mask.device.type, BUCKET_OVERHEAD_TOKENS["cuda"])
     lengths = mask.sum(1)
@@ -301,17 +303,3 @@ def bucket(batch: PaddedBatch, overhead: float | None = None) -> BucketedBatch:
     return BucketedBatch(batch, buckets)
 
 
-Batch = PaddedBatch | PackedBatch | BucketedBatch
-
-
-def arrange(batch: PaddedBatch, mode: str, device: torch.device | str | None = None) -> Batch:
-    """``batch`` on ``device`` in the layout ``mode`` names (packed | bucketed | padded): packed rows are made where
-    the batch is (a collated batch: on the host), length buckets on ``device`` (their size depends on it)."""
-    if mode not in MODES:
-        raise ValueError(f"layout mode must be one of {', '.join(MODES)}, got {mode!r}")
-    if mode == "packed":
-        out = pack(batch)
-        return out.to(device) if device is not None else out
-    if device is not None:
-        batch = batch.to(device)
-    return bucket(batch) if mode == "bucketed" else batch

@@ -1,6 +1,6 @@
 """Collation per task: tokenized examples -> a typed batch in the layout the trainer decided at load time.
 
-Every collator builds the right-padded batch on the host and hands it to :func:`fastrm.layout.arrange`
+Every collator builds the right-padded batch on the host and hands it to :func:`fastrm.layout.modes`
 (packed rows through the one packer, or length buckets on the device), so a trainer writes
 ``collate_x(examples, pad_id, self.packing.mode, self.device)`` and never looks at the layout again.
 A pair-based trainer (reward model, DPO) takes :func:`collate_preference`: chosen rows first, rejected after,
@@ -14,7 +14,8 @@ from typing import Sequence
 
 import torch
 
-from fastrm.layout.batches import IGNORE_INDEX, Batch, PaddedBatch, arrange
+from fastrm.layout.modes import Batch, arrange
+from fastrm.layout.batches import IGNORE_INDEX, PaddedBatch
 
 
 def _check_examples(examples, name: str):
@@ -105,6 +106,7 @@ def collate_preference(examples: Sequence[dict], pad_id: int, mode: str = "padde
     if labels is not None:
         seq_labels = [e[labels[0]] for e in examples] + [e[labels[1]] for e in examples]
     padded = pad_sequences(seqs, pad_id, pad_to_multiple_of, labels=seq_labels)
+    padded.group_ids = torch.arange(len(examples)).repeat(2)  # a pair's two sequences begin with its prompt
     margin = _margins(examples)
     if margin is not None and device is not None:
         margin = margin.to(device)
@@ -135,6 +137,7 @@ def collate_ranking(examples: Sequence[dict], pad_id: int, mode: str = "padded",
     _check_examples(examples, "collate_ranking")
     k = max(len(e["response_ids"]) for e in examples)
     seqs, ranks = [], torch.full((len(examples), k), -1, dtype=torch.long)
+    groups = torch.full((len(examples), k), -1, dtype=torch.long)  # an example's responses share its prompt
     for b, e in enumerate(examples):
         if len(e["response_ids"]) != len(e["ranks"]):
             raise ValueError(f"collate_ranking: example {b} has {len(e['response_ids'])} responses but "
@@ -143,5 +146,7 @@ def collate_ranking(examples: Sequence[dict], pad_id: int, mode: str = "padded",
         seqs.extend(e["response_ids"])
         seqs.extend([dummy] * (k - len(e["response_ids"])))
         ranks[b, :len(e["ranks"])] = torch.as_tensor(e["ranks"], dtype=torch.long)
+        groups[b, :len(e["ranks"])] = b
     padded = pad_sequences(seqs, pad_id, pad_to_multiple_of)
+    padded.group_ids = groups.reshape(-1)
     return RankingBatch(arrange(padded, mode, device), ranks.to(device) if device is not None else ranks)

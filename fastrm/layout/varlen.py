@@ -126,6 +126,111 @@ class VarlenPlan:
         return mask
 
 
+@dataclass
+class SharedPlan:
+    """The segments of a packed row whose sequences share prefixes (:class:`fastrm.layout.SharedPrefixBatch`):
+    segment ``s`` is the row's tokens ``[starts[s], starts[s] + lengths[s])``; it attends causally to itself and to
+    every token of its prefix, the row's tokens ``[prefix_starts[s], prefix_starts[s] + prefix_lengths[s])``
+    (``prefix_lengths[s]`` 0: a shared prefix itself, or a sequence alone). Each bucket gathers segments of similar
+    length into a small padded block ``[n, L]`` whose keys are ``[prefix | own tokens]``: a response pays for its
+    prompt's keys, never for its prompt's queries."""
+
+    starts: list[int]
+    lengths: list[int]
+    prefix_starts: list[int]
+    prefix_lengths: list[int]
+    device: torch.device | str = "cpu"
+    bucket_overhead: float = ATTENTION_BUCKET_OVERHEAD
+    _buckets: list | None = field(default=None, repr=False)
+    _inverse: torch.Tensor | None = field(default=None, repr=False)
+    _masks: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def total(self) -> int:
+        return sum(self.lengths)
+
+    def buckets(self) -> tuple[list, torch.Tensor]:
+        """``[(queries [n, Lq], keys [n, Lk], valid, allowed [n, Lq, Lk] or None for plain causal, distance
+        [n, Lq, Lk] from each key's position to the query's, real [n, Lq])]`` and the permutation from the buckets' real query
+        slots back to the row's order."""
+        if self._buckets is not None:
+            return self._buckets, self._inverse
+        device = self.device
+        self._buckets, order = [], []
+        overhead = self.bucket_overhead if _ATTENTION_BUCKET_OVERHEAD.get() is None else _ATTENTION_BUCKET_OVERHEAD.get()
+        # Segments with a prefix and without are bucketed apart: a prompt's own block has no prefix keys to pad.
+        for has_prefix in (False, True):
+            members = [s for s in range(len(self.lengths)) if (self.prefix_lengths[s] > 0) == has_prefix]
+            if not members:
+                continue
+            for group in length_buckets([self.lengths[s] for s in members], overhead, power=2):
+                segs = [members[i] for i in group]
+                n = torch.tensor([self.lengths[s] for s in segs], device=device)
+                start = torch.tensor([self.starts[s] for s in segs], device=device)
+                steps = torch.arange(int(n.max()), device=device)
+                queries = start.unsqueeze(1) + torch.minimum(steps.unsqueeze(0), (n - 1).unsqueeze(1))
+                real = steps.unsqueeze(0) < n.unsqueeze(1)
+                allowed = None
+                keys = queries
+                if has_prefix:
+                    p = torch.tensor([self.prefix_lengths[s] for s in segs], device=device)
+                    p_start = torch.tensor([self.prefix_starts[s] for s in segs], device=device)
+                    p_steps = torch.arange(int(p.max()), device=device)
+                    prefix_keys = p_start.unsqueeze(1) + torch.minimum(p_steps.unsqueeze(0), (p - 1).unsqueeze(1))
+                    keys = torch.cat([prefix_keys, queries], dim=1)
+                    own = (steps.view(1, 1, -1) <= steps.view(1, -1, 1)) & real.unsqueeze(1)  # [n, Lq, Lq]
+                    in_prefix = (p_steps.view(1, -1) < p.view(-1, 1)).unsqueeze(1).expand(-1, len(steps), -1)
+                    allowed = torch.cat([in_prefix, own], dim=2)  # [n, Lq, Lp + Lq]
+                    # positions: the prefix's from 0, each segment's own continuing after its prefix
+                    q_pos = p.view(-1, 1) + steps.view(1, -1)
+                    k_pos = torch.cat([p_steps.view(1, -1).expand(len(segs), -1), q_pos], dim=1)
+                    distance = q_pos.unsqueeze(2) - k_pos.unsqueeze(1)  # [n, Lq, Lk], >= 0 where allowed
+                else:
+                    distance = (steps.view(1, -1, 1) - steps.view(1, 1, -1)).expand(len(segs), -1, -1)
+                valid = real.reshape(-1).nonzero().squeeze(1)
+                self._buckets.append((queries, keys, valid, allowed, distance, real))
+                order.append(queries.reshape(-1)[valid])
+        order = torch.cat(order)
+        self._inverse = torch.empty_like(order)
+        self._inverse[order] = torch.arange(order.numel(), device=device)
+        return self._buckets, self._inverse
+
+    def _mask(self, k: int, allowed, distance, real, window: int | None, dtype: torch.dtype | None):
+        """Bucket ``k``'s mask for its base function: boolean (SDPA; None for plain causal) or additive (eager);
+        with transformers' sliding ``window``, the last ``window`` positions only, the query's own included."""
+        key = (k, window, dtype)
+        if key not in self._masks:
+            if allowed is None:
+                if dtype is None and window is None:
+                    self._masks[key] = None
+                    return None
+                allowed = distance >= 0
+            if window is not None:
+                allowed = allowed & (distance < window)
+            # a padding query slot (its output is dropped) attends to every key: a fully masked row would be NaN
+            # (SDPA), or -inf through an eager float32 softmax, and NaN poisons the real rows' gradients
+            allowed = allowed | ~real.unsqueeze(2)
+            mask = allowed.unsqueeze(1)
+            if dtype is not None:
+                mask = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
+            self._masks[key] = mask
+        return self._masks[key]
+
+    def attend(self, base: str, base_fn, module, query, key, value, kwargs: dict):
+        """The model's own attention function on every bucket; the row's output ``[1, S, heads, d]``."""
+        buckets, inverse = self.buckets()
+        q_all, k_all, v_all = (x[0].transpose(0, 1) for x in (query, key, value))  # [S, heads, d]
+        outs = []
+        window = kwargs.get("sliding_window")
+        for k, (queries, keys, valid, allowed, distance, real) in enumerate(buckets):
+            q = q_all[queries].transpose(1, 2)  # [n, heads, Lq, d]
+            kk, v = (x[keys].transpose(1, 2) for x in (k_all, v_all))  # [n, heads, Lk, d]
+            mask = self._mask(k, allowed, distance, real, window, None if base == "sdpa" else query.dtype)
+            out, _ = base_fn(module, q, kk, v, mask, **kwargs)  # [n, Lq, heads, d]
+            outs.append(out.reshape(-1, *out.shape[2:])[valid])
+        return torch.cat(outs)[inverse].unsqueeze(0), None
+
+
 def _torch_varlen_attn():
     try:
         from torch.nn.attention.varlen import varlen_attn
@@ -197,8 +302,9 @@ def _make_attention(base: str):
         base_fn = ALL_ATTENTION_FUNCTIONS["sdpa"] if base == "sdpa" else _eager_function(module)
         if plan is None:
             return base_fn(module, query, key, value, attention_mask, **kwargs)
-        if query.shape[0] != 1 or query.shape[2] != plan.cu_seq_lens[-1]:
-            raise PackingUnsupported(f"{type(module).__name__}: a packed row of {int(plan.cu_seq_lens[-1])} tokens "
+        total = plan.total if isinstance(plan, SharedPlan) else plan.cu_seq_lens[-1]
+        if query.shape[0] != 1 or query.shape[2] != total:
+            raise PackingUnsupported(f"{type(module).__name__}: a packed row of {int(total)} tokens "
                                      f"reached attention as {tuple(query.shape)}")
         if kwargs.get("position_bias") is not None:
             raise PackingUnsupported(f"{type(module).__name__}: attention takes a position bias over the whole row")
@@ -209,6 +315,12 @@ def _make_attention(base: str):
         is_causal = getattr(module, "is_causal", True) if is_causal is None else bool(is_causal)
         if kwargs.get("sliding_window") is not None and not is_causal:
             raise PackingUnsupported(f"{type(module).__name__}: a bidirectional sliding window")
+        if isinstance(plan, SharedPlan):
+            if not is_causal:
+                raise PackingUnsupported(f"{type(module).__name__}: a shared prefix needs causal attention (a "
+                                         "prompt must not see its responses)")
+            kwargs["is_causal"] = True
+            return plan.attend(base, base_fn, module, query, key, value, kwargs)
         if _use_torch_varlen(query, key, value, kwargs, kwargs.get("dropout", 0.0), is_causal):
             return _torch_varlen(query, key, value, plan, kwargs.get("scaling"), kwargs.get("sliding_window"),
                                  is_causal)
@@ -294,13 +406,19 @@ def _packed_call():
         _SKIP_MASKS.reset(token)
 
 
-def packed_forward(module: nn.Module, row, **extra):
+def packed_forward(module: nn.Module, row, *, plan: SharedPlan | None = None, **extra):
     """``module``'s output on a packed row (a :class:`fastrm.layout.PackedBatch`: ``input_ids``, ``position_ids``,
     ``cu_seq_lens``, ``max_length``), every sequence attending within itself only: a backbone's
-    ``last_hidden_state`` ``[1, S, H]``, a model's ``logits``. The model must have :func:`enable_varlen`."""
+    ``last_hidden_state`` ``[1, S, H]``, a model's ``logits``. The model must have :func:`enable_varlen`.
+    ``plan``: the row's sequences share prefixes (a :class:`SharedPlan`; fastrm's attention only)."""
     impl = getattr(module.config, "_attn_implementation", None)
     inputs = {"input_ids": row.input_ids, "position_ids": row.position_ids, "use_cache": False, **extra}
-    if impl in FLASH:
+    if plan is not None:
+        if not (isinstance(impl, str) and impl.startswith(PREFIX)):
+            raise PackingUnsupported(f"{type(module).__name__} runs attention {impl!r}: shared prefixes need "
+                                     "fastrm's attention (sdpa or eager underneath)")
+        inputs[PLAN_KWARG] = plan
+    elif impl in FLASH:
         cu = row.cu_seq_lens.to(torch.int32)
         max_length = int(row.max_length or (cu[1:] - cu[:-1]).max())
         inputs.update(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=max_length, max_length_k=max_length)

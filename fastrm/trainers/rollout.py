@@ -84,7 +84,9 @@ class RolloutSteps:
         position_ids = (attention_mask.cumsum(1) - 1).clamp_min(0)
         labels = input_ids.masked_fill(attention_mask == 0, IGNORE_INDEX)
         labels[:, : gen["prompt_ids"].shape[1]] = IGNORE_INDEX
-        return PaddedBatch(input_ids, attention_mask, labels, position_ids)
+        # a prompt's samples are consecutive rows: the shared layout computes their prompt once
+        groups = torch.arange(input_ids.shape[0], device=input_ids.device) // self.config.num_samples
+        return PaddedBatch(input_ids, attention_mask, labels, position_ids, groups)
 
     def _forward(self, model: fdist.Parallel, fn, batch: PaddedBatch, decision: Packing, **kwargs):
         """``fn(model, batch)``, per-token outputs, on the rollout ``batch`` laid out as ``decision`` says (one
