@@ -5,10 +5,14 @@
 
 Workloads, the same settings in both:
 
-* ``grpo``: 4 prompts x 4 samples, 48 new tokens (``min_new_tokens=48`` in both, so both generate the same
+* ``grpo``: 4 prompts (``--prompts gsm``: GSM8K-style problems of ~102 tokens; ``short``: one-line instructions of
+  7-14 tokens) x 4 samples, 48 new tokens (``min_new_tokens=48`` in both, so both generate the same
   number of tokens), k3 KL to the reference in the loss (beta / kl_coef 0.04), one epoch and one minibatch per
   rollout (on-policy), AdamW, a length reward (a Python function, as cheap in both);
 * ``rm``: a reward model on 16 preference pairs per step, ``max_length`` 128, AdamW.
+
+Both run in float32 with the same gradient checkpointing setting (``--gradient-checkpointing``, default off as in
+fastrm; TRL's own default is on, which trades an extra forward for memory), TRL's default optimizer (fused AdamW).
 
 Each run is a fresh process (its peak RSS is its own: ``ru_maxrss``, model loading included) that loads the
 model from one Hugging Face folder (the GGUF file dequantized once, as a TRL user would have it), runs one
@@ -35,8 +39,25 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
-PROMPTS = ["Write a short poem about the sea.", "Explain why the sky is blue.",
-           "Give three tips for learning to cook.", "What is 17 times 23? Show your work."]
+SHORT_PROMPTS = ["Write a short poem about the sea.", "Explain why the sky is blue.",
+                 "Give three tips for learning to cook.", "What is 17 times 23? Show your work."]
+_GSM = ("Solve the following grade-school math problem. Reason step by step, showing each calculation on its own "
+        "line, and write the final answer as a number after '####'.\n\nProblem: ")
+# GSM8K-style prompts, 101-104 tokens each with SmolLM2's tokenizer (the issue's "GSM-style prompts of ~98 tokens")
+GSM_PROMPTS = [_GSM + p for p in (
+    "Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May. Each clip cost 3 "
+    "dollars in April and 2 dollars in May. How many clips did Natalia sell altogether in April and May, and how much "
+    "money did she earn in total?",
+    "Weng earns 12 dollars an hour for babysitting. Yesterday, she just did 50 minutes of babysitting, and on "
+    "Saturday she will babysit for another 2 hours and 15 minutes. How much will she have earned for yesterday and "
+    "Saturday together, in dollars and cents?",
+    "Betty is saving money for a new wallet which costs 100 dollars. Betty has only half of the money she needs. Her "
+    "parents decided to give her 15 dollars for that purpose, and her grandparents twice as much as her parents. How "
+    "much more money does Betty need to buy the wallet?",
+    "James writes a 3-page letter to 2 different friends twice a week. Each page takes him 20 minutes to write and "
+    "uses one sheet of paper, and a pack holds 50 sheets. How many pages does he write in a year, and how many packs "
+    "of paper does he use?")]
+PROMPTS = {"gsm": GSM_PROMPTS, "short": SHORT_PROMPTS}
 SAMPLES, NEW_TOKENS, BETA, LR = 4, 48, 0.04, 1e-6
 PAIRS, RM_MAX_LENGTH = 16, 128
 
@@ -83,10 +104,10 @@ class _Clock:
         return [(b[0] - a[0], b[1] - a[1]) for a, b in zip(self.marks, self.marks[1:])]
 
 
-def run_fastrm(workload: str, folder: Path, steps: int, out: Path) -> dict:
+def run_fastrm(workload: str, folder: Path, steps: int, out: Path, prompts: list[str], checkpointing: bool) -> dict:
     from fastrm.config import load_config
 
-    common = ["tensorboard=false", "progress=false", "device=cpu", "log_steps=1", f"max_steps={1 + steps}",
+    common = [f"model.gradient_checkpointing={checkpointing}", "tensorboard=false", "progress=false", "device=cpu", "log_steps=1", f"max_steps={1 + steps}",
               "eval_steps=100000", "save_steps=100000", f"model.name_or_path={folder}", f"output_dir={out}",
               f"lr={LR}", "seed=0"]
     clock = _Clock()
@@ -94,10 +115,10 @@ def run_fastrm(workload: str, folder: Path, steps: int, out: Path) -> dict:
         from fastrm.trainers.rl import RLConfig, RLTrainer
 
         config = load_config(RLConfig, None, common + [
-            "reward=rule", "advantage=grpo", f"batch_size={len(PROMPTS)}", f"num_samples={SAMPLES}",
+            "reward=rule", "advantage=grpo", f"batch_size={len(prompts)}", f"num_samples={SAMPLES}",
             f"max_new_tokens={NEW_TOKENS}", "ppo_epochs=1", "num_minibatches=1", "kl_in=loss", "kl_estimator=k3",
             f"kl_coef={BETA}", "num_eval_prompts=0", "whiten_advantages=false"])
-        trainer = RLTrainer(config, reward_fn=length_reward, train_data=[{"prompt": p} for p in PROMPTS]).setup()
+        trainer = RLTrainer(config, reward_fn=length_reward, train_data=[{"prompt": p} for p in prompts]).setup()
         generate = trainer.policy.generate
         trainer.policy.generate = lambda **kw: generate(**kw, min_new_tokens=NEW_TOKENS)  # as TRL's below
     else:
@@ -126,7 +147,7 @@ def _packing(trainer) -> str:
     return decision.mode if decision is not None else "?"
 
 
-def run_trl(workload: str, folder: Path, steps: int, out: Path) -> dict:
+def run_trl(workload: str, folder: Path, steps: int, out: Path, prompts: list[str], checkpointing: bool) -> dict:
     from datasets import Dataset
     from transformers import AutoTokenizer, TrainerCallback
 
@@ -141,16 +162,17 @@ def run_trl(workload: str, folder: Path, steps: int, out: Path) -> dict:
 
     tokenizer = AutoTokenizer.from_pretrained(folder)
     common = dict(output_dir=str(out), max_steps=1 + steps, learning_rate=LR, report_to=[], logging_strategy="no",
-                  save_strategy="no", use_cpu=True, bf16=False, seed=0, disable_tqdm=True)
+                  save_strategy="no", use_cpu=True, bf16=False, seed=0, disable_tqdm=True,
+                  gradient_checkpointing=checkpointing)  # TRL's default is on; the setting is fastrm's here
     if workload == "grpo":
         from trl import GRPOConfig, GRPOTrainer
 
-        args = GRPOConfig(per_device_train_batch_size=len(PROMPTS) * SAMPLES, num_generations=SAMPLES,
+        args = GRPOConfig(per_device_train_batch_size=len(prompts) * SAMPLES, num_generations=SAMPLES,
                           max_completion_length=NEW_TOKENS, beta=BETA, num_iterations=1, **common)
         args.generation_kwargs = {"min_new_tokens": NEW_TOKENS}
         tokenizer.padding_side = "left"
         trainer = GRPOTrainer(model=str(folder), reward_funcs=length_reward, args=args, processing_class=tokenizer,
-                              train_dataset=Dataset.from_list([{"prompt": p} for p in PROMPTS]))
+                              train_dataset=Dataset.from_list([{"prompt": p} for p in prompts]))
     else:
         from transformers import AutoModelForSequenceClassification
         from trl import RewardConfig, RewardTrainer
@@ -172,7 +194,8 @@ def child(args) -> int:
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as out:
         run = run_fastrm if args.child == "fastrm" else run_trl
-        result = run(args.workload, Path(args.folder), args.steps, Path(out))
+        result = run(args.workload, Path(args.folder), args.steps, Path(out), PROMPTS[args.prompts],
+                     args.gradient_checkpointing == "on")
     result["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print("VS_TRL_RESULT " + json.dumps(result))
     return 0
@@ -217,7 +240,8 @@ def environment() -> dict:
 
 def one_run(framework: str, workload: str, folder: Path, args) -> dict:
     cmd = [sys.executable, "-m", "benchmarks.vs_trl", "--child", framework, "--workload", workload,
-           "--folder", str(folder), "--steps", str(args.steps), "--threads", str(args.threads)]
+           "--folder", str(folder), "--steps", str(args.steps), "--threads", str(args.threads), "--prompts",
+           args.prompts, "--gradient-checkpointing", args.gradient_checkpointing]
     load = os.getloadavg()[0]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
     line = next((x for x in proc.stdout.splitlines() if x.startswith("VS_TRL_RESULT ")), None)
@@ -230,7 +254,8 @@ def one_run(framework: str, workload: str, folder: Path, args) -> dict:
 def summary(runs: list[dict], env: dict, args) -> str:
     lines = [f"# fastrm vs TRL on SmolLM2-135M-Instruct (CPU, {args.threads} threads)", "",
              f"`python -m benchmarks vs-trl --workload {args.workload} --steps {args.steps} --rounds {args.rounds} "
-             f"--threads {args.threads}`; fastrm commit {env['commit']}, torch {env['torch']}, transformers "
+             f"--threads {args.threads} --prompts {getattr(args, 'prompts', 'gsm')} --gradient-checkpointing "
+             f"{getattr(args, 'gradient_checkpointing', 'off')}`; fastrm commit {env['commit']}, torch {env['torch']}, transformers "
              f"{env['transformers']}, TRL {env['trl']}, {env['date']}.", "",
              "Step time is the median over timed steps of all rounds of the **process CPU time** (all threads), "
              "which holds on a shared machine; wall time beside it. Peak RSS: the run's whole process, model "
@@ -263,6 +288,11 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=3, help="timed steps per run, after one warm-up step (default 3)")
     p.add_argument("--rounds", type=int, default=2, help="interleaved rounds of both frameworks (default 2)")
     p.add_argument("--threads", type=int, default=2, help="torch threads of every run (default 2)")
+    p.add_argument("--prompts", choices=sorted(PROMPTS), default="gsm",
+                   help="GRPO prompts: gsm (4 GSM8K-style problems, ~102 tokens each; default) or short (4 one-line "
+                        "instructions, 7-14 tokens)")
+    p.add_argument("--gradient-checkpointing", choices=["off", "on"], default="off",
+                   help="in both frameworks (default off, fastrm's default; TRL's own default is on)")
     p.add_argument("--folder", type=Path, default=None, help="the converted model folder (default: "
                                                               "$TMPDIR/fastrm-vs-trl-smollm2, made once)")
     p.add_argument("--out", type=Path, default=RESULTS, help="results folder (default benchmarks/results)")
@@ -290,7 +320,9 @@ def main(argv=None) -> int:
                 cpu = statistics.median(s[1] for s in run["steps"])
                 print(f"  CPU {cpu:.2f} s/step, peak RSS {run['peak_rss_mib']:.0f} MiB", flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
-    kind = "cpu"
+    # one results file per setting: the default (GSM prompts, no gradient checkpointing) is vs_trl_cpu
+    kind = "cpu" + ("" if args.prompts == "gsm" else f"_{args.prompts}") + \
+        ("_checkpointing" if args.gradient_checkpointing == "on" else "")
     with (args.out / f"vs_trl_{kind}.jsonl").open("w") as f:
         for run in runs:
             f.write(json.dumps({**run, "environment": env}) + "\n")

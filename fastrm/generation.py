@@ -56,7 +56,15 @@ def generate(model, tokenizer, prompts: list[str], *, max_new_tokens: int, do_sa
         kwargs.update(temperature=temperature, top_p=top_p, top_k=0, remove_invalid_values=True)
     if return_logprobs:
         kwargs.update(return_dict_in_generate=True, output_scores=True)
-    out = model.generate(**enc, **kwargs)
+    cache = None
+    if num_return_sequences > 1 and not synced_gpus:
+        cache = shared_prefill(model, enc, num_return_sequences)
+    if cache is not None:  # each prompt prefilled once; its samples start from copies of its cache
+        enc = {k: v.repeat_interleave(num_return_sequences, 0) for k, v in enc.items()}
+        out = model.generate(**enc, **{**kwargs, "num_return_sequences": 1, _cache_keyword(model): cache})
+        enc = {k: v[::num_return_sequences] for k, v in enc.items()}
+    else:
+        out = model.generate(**enc, **kwargs)
     scores = out.scores if return_logprobs else None
     out = out.sequences if return_logprobs else out
     prompt_len = enc["input_ids"].shape[1]
@@ -73,6 +81,39 @@ def generate(model, tokenizer, prompts: list[str], *, max_new_tokens: int, do_sa
     if return_logprobs:
         result["sampler_logprobs"] = sampled_logprobs(scores, out[:, prompt_len:], completion_mask)
     return result
+
+
+def shared_prefill(model, enc: dict, copies: int):
+    """The KV cache of every prompt but its last token, computed once per prompt and repeated ``copies`` times
+    (``generate`` with ``num_return_sequences`` would prefill each prompt once per sample); ``generate`` then
+    starts each sample from its prompt's last token. None where this model's cache cannot be built or repeated
+    here (``generate`` then prefills as usual)."""
+    from transformers import DynamicCache
+
+    ids, mask = enc["input_ids"], enc["attention_mask"]
+    if ids.shape[1] < 2 or not hasattr(DynamicCache, "batch_repeat_interleave"):
+        return None
+    config = getattr(model, "config", None)
+    if config is None or getattr(config, "is_encoder_decoder", False):
+        return None
+    cache = DynamicCache(config=config)
+    # position ids as generate makes them for left-padded prompts: counting the real tokens from 0
+    positions = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 1)
+    model(input_ids=ids[:, :-1], attention_mask=mask[:, :-1], position_ids=positions[:, :-1],
+          use_cache=True, logits_to_keep=1, **{_cache_keyword(model): cache})
+    cache.batch_repeat_interleave(copies)
+    return cache
+
+
+def _cache_keyword(model) -> str:
+    """``cache`` (transformers >= 5.2x's name for the KV cache argument), or ``past_key_values`` before it."""
+    import inspect
+
+    forward = getattr(getattr(model, "get_base_model", lambda: model)(), "forward", None)
+    try:
+        return "cache" if "cache" in inspect.signature(forward).parameters else "past_key_values"
+    except (TypeError, ValueError):
+        return "past_key_values"
 
 
 def sampled_logprobs(scores, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from fastrm import runtime
 from fastrm.config import ConfigError
 from fastrm.layout import (
     FLASH,
@@ -422,4 +423,5 @@ def choose_packing(model, setting: str, head: str, *, special_ids=(), autocast_d
         else:
             decision = Packing("bucketed", f"packing is not exact for {type(model).__name__}: {why}")
     log.info("packing (%s): %s", label, decision.describe())
+    runtime.release_free_memory()  # the probe's float64 copy of the model, freed but still resident
     return decision

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import logging
 import random
+import sys
 
 import torch
 
@@ -92,3 +94,15 @@ def quiet_third_parties():
     bnb_cpu = logging.getLogger("bitsandbytes.backends.cpu.ops")
     if not any(isinstance(f, _DropHubKernelNotice) for f in bnb_cpu.filters):
         bnb_cpu.addFilter(_DropHubKernelNotice())
+
+
+def release_free_memory():
+    """Hand the C heap's free pages back to the OS (glibc ``malloc_trim``; nothing elsewhere). Work that allocates
+    and frees a model's worth of tensors (the packing probe's float64 copy) otherwise leaves that much resident
+    though free, and the run's peak memory grows by it."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc (musl has no malloc_trim)
+        pass

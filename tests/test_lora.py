@@ -77,7 +77,7 @@ def test_reward_lora_saves_an_adapter_that_peft_and_the_merged_export_score_alik
     from transformers import AutoModelForSequenceClassification
 
     trainer, before = reward_runs(name)
-    assert lora.is_peft(trainer.model) and trainer.packing.mode == ("packed" if name == "llama" else "bucketed")
+    assert lora.is_peft(trainer.model) and trainer.packing.mode == ("shared" if name == "llama" else "bucketed")
     assert_only_trained_changed(before, trainer.model)
     trained_heads = {n.split(".modules_to_save")[0] for n in lora.trained_names(trainer.model)
                      if "modules_to_save" in n}
@@ -282,6 +282,12 @@ def skip_unless_bnb_cpu_4bit_works(checkpoint):
             for shape in [(1, 1, n_in), (2, 5, n_in)]:
                 x = torch.randn(*shape, dtype=torch.bfloat16, requires_grad=True)
                 layer(x).float().sum().backward()
+        # and the whole checkpoint loaded in 4 bits, one inference forward (on AVX512-BF16 CPUs bitsandbytes 0.50.2
+        # passes the lone layers above but fails inside the model's forward, with kernels' hub layers in place)
+        quantized = transformers.AutoModelForCausalLM.from_pretrained(
+            checkpoint, **lora.quantization_kwargs("4bit", torch.device("cpu")))
+        with torch.no_grad():
+            quantized(input_ids=torch.tensor([[1, 2, 3, 4]]))
     except Exception as err:  # noqa: BLE001 (whatever the library raises is the reason to skip)
         pytest.skip(f"bitsandbytes {bnb.__version__}'s CPU 4-bit path fails on its own ({type(err).__name__}: "
                     f"{(str(err).splitlines() or [''])[0]}); lora.quantize=4bit runs on CUDA only")
@@ -292,9 +298,8 @@ def test_qlora_plumbing_runs_with_the_cuda_check_lifted(checkpoints, reward_runs
     them, the reference by disabling them, the critic over the same quantized tensors, an adapter saved."""
     import bitsandbytes as bnb
 
-    skip_unless_bnb_cpu_4bit_works(checkpoints["llama"])
-
     monkeypatch.setattr(lora, "check_quantization_device", lambda quantize, device: None)
+    skip_unless_bnb_cpu_4bit_works(checkpoints["llama"])
     trainer = RLTrainer(load_config(RLConfig, None, RL + [
         f"output_dir={tmp_path}", f"model.name_or_path={checkpoints['llama']}", "reward=rule", "advantage=gae",
         "lora.quantize=4bit", "max_steps=1"]), reward_fn=answer_length).setup()

@@ -262,3 +262,36 @@ def test_unshared_setting_packs_without_sharing():
     model = _family("llama", "reward").float()
     assert packing.choose_packing(model, "unshared", "reward").mode == "packed"
     assert packing.choose_packing(model, "auto", "reward").mode == "shared"
+
+
+# ---- rollouts: each prompt prefilled once ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", ["llama", "mistral", "gpt2"])
+def test_generate_prefills_each_prompt_once_and_samples_as_before(name, monkeypatch):
+    """Same seed, same samples and sampler log-probs as generate's own per-sample prefill (left padding present)."""
+    from fastrm import generation
+    from fastrm.tokenization import load_tokenizer
+
+    tokenizer = load_tokenizer("embedded")
+    torch.manual_seed(0)
+    model = _family(name, "causal_lm").float()
+    model.resize_token_embeddings(len(tokenizer))
+    model.config.pad_token_id, model.config.eos_token_id = tokenizer.pad_token_id, tokenizer.eos_token_id
+    model.generation_config.pad_token_id = model.generation_config.eos_token_id = None
+    prompts = ["1+2=", "13+4*7=", "7+7="]
+    prefills = []
+    real = generation.shared_prefill
+    monkeypatch.setattr(generation, "shared_prefill", lambda *a: prefills.append(a[1]["input_ids"].shape) or real(*a))
+    torch.manual_seed(1)
+    got = generation.generate(model, tokenizer, prompts, max_new_tokens=7, num_return_sequences=3,
+                              return_logprobs=True)
+    assert prefills == [(3, got["prompt_ids"].shape[1])]  # the three prompts, once each
+    monkeypatch.setattr(generation, "shared_prefill", lambda *a: None)
+    torch.manual_seed(1)
+    want = generation.generate(model, tokenizer, prompts, max_new_tokens=7, num_return_sequences=3,
+                               return_logprobs=True)
+    assert (want["prompt_mask"] == 0).any()
+    for key in ("prompt_ids", "prompt_mask", "completion_ids", "completion_mask"):
+        assert torch.equal(got[key], want[key]), key
+    torch.testing.assert_close(got["sampler_logprobs"], want["sampler_logprobs"], rtol=0,
+                               atol=64 * torch.finfo(torch.float32).eps)
