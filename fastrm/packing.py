@@ -185,7 +185,7 @@ def _fold_into(shared, outputs: dict) -> dict:
     row = shared["row"]
     source = row.source[row.source >= 0]
     grad = outputs["input gradients"]
-    folded = grad.new_zeros((row.num_tokens, grad.shape[-1])).index_add_(0, source, grad)
+    folded = grad.new_zeros((row.computed_tokens, grad.shape[-1])).index_add_(0, source, grad)
     return {**outputs, "input gradients": folded}
 
 

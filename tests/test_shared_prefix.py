@@ -47,7 +47,7 @@ def test_share_computes_each_groups_common_prefix_once():
     # the group's common prefix is the prompt (two members also share the token 8; the third does not)
     assert row.input_ids[0].tolist() == prompt + [8, 9, EOS] + [8, EOS] + [11, 12, 13, EOS] + [BOS, 3, EOS]
     assert row.position_ids[0].tolist() == [0, 1, 2, 3] + [4, 5, 6] + [4, 5] + [4, 5, 6, 7] + [0, 1, 2]
-    assert row.num_tokens == 16 and row.shared_tokens == 8
+    assert (row.num_tokens, row.computed_tokens, row.shared_tokens) == (24, 16, 8)
     assert (row.prefix_lengths, row.lengths) == ([0, 4, 4, 4, 0], [4, 3, 2, 4, 3])
     # every token of the padded batch reads the row position that computed it
     flat = row.source.view(batch.input_ids.shape)
@@ -81,7 +81,7 @@ def test_collators_group_a_pairs_and_a_ranking_examples_responses():
              {"chosen_ids": [BOS, 9, 7, EOS], "rejected_ids": [BOS, 9, 7, 7, EOS]}]
     batch = collate_preference(pairs, PAD, "shared").sequences
     assert isinstance(batch, SharedPrefixBatch) and batch.padded.group_ids.tolist() == [0, 1, 0, 1]
-    assert batch.num_tokens == 18 - 2 - 3
+    assert (batch.num_tokens, batch.computed_tokens) == (18, 18 - 2 - 3)
     ranking = collate_ranking([{"response_ids": [[BOS, 4, 5, EOS], [BOS, 4, 6, EOS]], "ranks": [0, 1]},
                                {"response_ids": [[BOS, 7, EOS]], "ranks": [0]}], PAD, "shared")
     assert ranking.sequences.padded.group_ids.tolist() == [0, 0, 1, -1]  # the missing response's dummy is alone

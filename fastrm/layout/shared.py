@@ -51,13 +51,18 @@ class SharedPrefixBatch:
 
     @property
     def num_tokens(self) -> int:
+        """The batch's real tokens, each sequence's counted whole (as every layout counts them: throughput)."""
+        return self.padded.num_tokens
+
+    @property
+    def computed_tokens(self) -> int:
         """Tokens the row computes (each shared prefix once)."""
         return int(self.input_ids.numel())
 
     @property
     def shared_tokens(self) -> int:
         """Tokens the padded batch holds that the row computes once for several sequences."""
-        return self.padded.num_tokens - self.num_tokens
+        return self.num_tokens - self.computed_tokens
 
     @property
     def predicted_tokens(self) -> torch.Tensor:
