@@ -16,6 +16,7 @@ from fastrm.layout import (
     arrange,
     collate_preference,
     collate_ranking,
+    collate_sequences,
     share,
     varlen,
 )
@@ -85,6 +86,10 @@ def test_collators_group_a_pairs_and_a_ranking_examples_responses():
     ranking = collate_ranking([{"response_ids": [[BOS, 4, 5, EOS], [BOS, 4, 6, EOS]], "ranks": [0, 1]},
                                {"response_ids": [[BOS, 7, EOS]], "ranks": [0]}], PAD, "shared")
     assert ranking.sequences.padded.group_ids.tolist() == [0, 0, 1, -1]  # the missing response's dummy is alone
+    scored = collate_sequences([[BOS, 4, 5, EOS], [BOS, 4, 6, EOS], [BOS, 7, EOS]], PAD, "shared", group_ids=[0, 0, 1])
+    assert isinstance(scored, SharedPrefixBatch) and scored.shared_tokens == 2
+    with pytest.raises(ValueError, match="2 group ids for 3 sequences"):
+        collate_sequences([[BOS, EOS]] * 3, PAD, "shared", group_ids=[0, 0])
 
 
 # ---- the attention ----------------------------------------------------------------------------------------------------

@@ -50,9 +50,16 @@ def pad_sequences(seqs: list[list[int]], pad_id: int, pad_to_multiple_of: int | 
 
 
 def collate_sequences(seqs: list[list[int]], pad_id: int, mode: str = "padded", device=None,
-                      pad_to_multiple_of: int | None = None) -> Batch:
-    """Token sequences as one batch in layout ``mode`` (packed | bucketed | padded) on ``device``."""
-    return arrange(pad_sequences(seqs, pad_id, pad_to_multiple_of), mode, device)
+                      pad_to_multiple_of: int | None = None, group_ids: Sequence[int] | None = None) -> Batch:
+    """Token sequences as one batch in layout ``mode`` (shared | packed | bucketed | padded) on ``device``;
+    ``group_ids``: one per sequence, equal for sequences that begin alike (the shared layout computes their
+    common prefix once)."""
+    padded = pad_sequences(seqs, pad_id, pad_to_multiple_of)
+    if group_ids is not None:
+        if len(group_ids) != len(seqs):
+            raise ValueError(f"collate_sequences: {len(group_ids)} group ids for {len(seqs)} sequences")
+        padded.group_ids = torch.as_tensor(list(group_ids), dtype=torch.long)
+    return arrange(padded, mode, device)
 
 
 def collate_sft(examples: Sequence[dict], pad_id: int, mode: str = "padded", device=None,

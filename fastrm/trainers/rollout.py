@@ -119,7 +119,10 @@ class RolloutSteps:
         buckets or one padded batch, as decided for the reward model); ``rows[i]`` is the prompt row completion i
         answers."""
         seqs = self._reward_inputs([r["prompt"] for r in rows], gen, completions)
-        batch = collate_sequences(seqs, self.reward_tokenizer.pad_token_id, self.reward_packing.mode, self.device)
+        # a prompt's samples are consecutive rows: the shared layout reads their prompt once
+        groups = [i // self.config.num_samples for i in range(len(seqs))]
+        batch = collate_sequences(seqs, self.reward_tokenizer.pad_token_id, self.reward_packing.mode, self.device,
+                                  group_ids=groups)
         with self._autocast():
             return self.reward_p(reward_scores, batch).float()
 
