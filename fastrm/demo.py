@@ -27,7 +27,9 @@ from pathlib import Path
 
 from fastrm import distributed
 from fastrm.config import load_config
-from fastrm.demo_settings import RL, RM, SFT, STEPS, THREADS, all_level0_prompts, environment, overrides
+from fastrm.demo_settings import (
+    RL, RM, SFT, STEPS, THREADS, accuracy_summary, all_level0_prompts, environment, environment_note, overrides,
+)
 from fastrm.errors import ConfigError
 from fastrm.runtime import quiet_third_parties, setup_logging
 from fastrm.trainers.reward_model import RewardConfig, RewardTrainer
@@ -128,9 +130,7 @@ def write_docs(path: Path, results: list[dict], env: dict, command: str):
                     f"**{a['eval/accuracy']:.2f}** | {a['eval/accuracy'] - b['eval/accuracy']:+.2f} | "
                     f"{b['eval/true_score']:.3f} | **{a['eval/true_score']:.3f}** | "
                     f"{r['sft_s'] + r['rm_s'] + r['rl_s']:.0f} s |")
-    gains = [r["after_rl"]["eval/accuracy"] - r["after_sft"]["eval/accuracy"] for r in results]
-    mean_b = sum(r["after_sft"]["eval/accuracy"] for r in results) / len(results)
-    mean_a = sum(r["after_rl"]["eval/accuracy"] for r in results) / len(results)
+    summary = accuracy_summary([r["after_sft"]["eval/accuracy"] for r in results], [r["after_rl"]["eval/accuracy"] for r in results])
     rl = RL
     text = f"""# `fastrm demo` results (CPU)
 
@@ -148,12 +148,9 @@ one-digit sums, checked by `fastrm.tasks.arithmetic` (accuracy; true score = sha
 |---|---|---|---|---|---|---|---|
 {chr(10).join(rows)}
 
-Mean accuracy {mean_b:.3f} → {mean_a:.3f} ({mean_a - mean_b:+.3f}); smallest gain {min(gains):+.2f}, largest {max(gains):+.2f}.
+{summary}
 
-Environment: {env['device']}; Python {env['python']}, torch {env['torch']}, transformers {env['transformers']},
-triton {env['triton']}, tokenizers {env['tokenizers']}; {env['platform']}; fastrm commit {env['fastrm_commit']}.
-Wall times are of this run on this machine (the demo uses at most {THREADS} threads); other jobs on the machine
-slow them down.
+{environment_note(env)}
 
 The learned reward alone (`--rl reward=model`) is a weaker signal that this policy can game: see
 `docs/reward_hacking.md`. That is why the demo adds the rule reward.

@@ -16,7 +16,9 @@ import json
 import time
 from pathlib import Path
 
-from fastrm.demo_settings import RM, SFT, STEPS, THREADS, all_level0_prompts, environment, overrides
+from fastrm.demo_settings import (
+    RM, SFT, STEPS, THREADS, accuracy_summary, all_level0_prompts, environment, environment_note, overrides,
+)
 
 DPO = {**{k: v for k, v in RM.items() if k not in ("center_coef", "use_margin")}, "loss_type": "sigmoid",
        "beta": 0.1, "label_smoothing": 0.0, "simpo_gamma": 0.5, "precompute_ref_logprobs": False, "lr": 2e-4,
@@ -75,9 +77,7 @@ def write_docs(path: Path, results: list[dict], env: dict, command: str):
     rows = [f"| {r['seed']} | {r['after_sft']['accuracy']:.2f} | **{r['after_dpo']['accuracy']:.2f}** | "
             f"{r['after_dpo']['accuracy'] - r['after_sft']['accuracy']:+.2f} | "
             f"{r['after_dpo']['eval/rewards/accuracies']:.3f} | {r['sft_s'] + r['dpo_s']:.0f} s |" for r in results]
-    gains = [r["after_dpo"]["accuracy"] - r["after_sft"]["accuracy"] for r in results]
-    mean_b = sum(r["after_sft"]["accuracy"] for r in results) / len(results)
-    mean_a = sum(r["after_dpo"]["accuracy"] for r in results) / len(results)
+    summary = accuracy_summary([r["after_sft"]["accuracy"] for r in results], [r["after_dpo"]["accuracy"] for r in results])
     d, steps = results[0]["dpo_config"], results[0]["dpo_steps"]
     text = f"""# `fastrm demo --dpo` results (CPU)
 
@@ -97,12 +97,9 @@ better answer higher.
 |---|---|---|---|---|---|
 {chr(10).join(rows)}
 
-Mean accuracy {mean_b:.3f} → {mean_a:.3f} ({mean_a - mean_b:+.3f}); smallest gain {min(gains):+.2f}, largest {max(gains):+.2f}.
+{summary}
 
-Environment: {env['device']}; Python {env['python']}, torch {env['torch']}, transformers {env['transformers']},
-triton {env['triton']}, tokenizers {env['tokenizers']}; {env['platform']}; fastrm commit {env['fastrm_commit']}.
-Wall times are of this run on this machine (the demo uses at most {THREADS} threads); other jobs on the machine
-slow them down.
+{environment_note(env)}
 """
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text)

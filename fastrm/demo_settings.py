@@ -92,3 +92,19 @@ def environment() -> dict:
             "python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
             "triton": version("triton"), "tokenizers": version("tokenizers"), "fastrm_commit": commit,
             "platform": platform.platform()}
+
+
+def accuracy_summary(before: list[float], after: list[float]) -> str:
+    """A results file's line on greedy accuracy over the seeds: means before and after, smallest and largest gain."""
+    gains = [a - b for b, a in zip(before, after)]
+    mean_b, mean_a = sum(before) / len(before), sum(after) / len(after)
+    return (f"Mean accuracy {mean_b:.3f} → {mean_a:.3f} ({mean_a - mean_b:+.3f}); smallest gain {min(gains):+.2f}, "
+            f"largest {max(gains):+.2f}.")
+
+
+def environment_note(env: dict) -> str:
+    """A results file's paragraph on where it was measured (``env`` from :func:`environment`)."""
+    return f"""Environment: {env['device']}; Python {env['python']}, torch {env['torch']}, transformers {env['transformers']},
+triton {env['triton']}, tokenizers {env['tokenizers']}; {env['platform']}; fastrm commit {env['fastrm_commit']}.
+Wall times are of this run on this machine (the demo uses at most {THREADS} threads); other jobs on the machine
+slow them down."""

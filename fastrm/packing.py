@@ -310,8 +310,7 @@ def _probe(model, kind: str, special_ids, autocast_dtype, shared: bool = False) 
         raise PackingUnsupported("its attention layers never received the packed row's sequence boundaries (they do "
                                  "not go through transformers' attention interface)")
     dtype = autocast_dtype or next(model.parameters()).dtype
-    plain = {k: v for k, v in want.items() if k != "row"}
-    results = {"packed": _judge(_values(got), plain, _values(truth), dtype, _layers(model))}
+    results = {"packed": _judge(_values(got), _values(want), _values(truth), dtype, _layers(model))}
     if shared_error is not None:
         results["shared"] = ProbeResult(float("inf"), 0.0, f"forward ({shared_error})", "it fails")
     elif got_shared is not None:

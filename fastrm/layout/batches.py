@@ -165,15 +165,7 @@ class PackedBatch:
     def sequence_scores(self, model) -> torch.Tensor:
         """``[N]`` float32: the backbone once over the row, the last-token ``score`` head where the padded forward
         reads it. A model whose head reads another token cannot be scored packed."""
-        head = getattr(model, "score", None)
-        # A head LoRA trains whole sits in peft's ModulesToSaveWrapper, which calls its trainable copy.
-        if not isinstance(getattr(head, "original_module", head), torch.nn.Linear):
-            raise PackingUnsupported(
-                f"{type(model).__name__} has no last-token `score` head (its head reads another token, e.g. a "
-                "pooled first token): packed rows cannot be scored")
-        hidden = self.forward(getattr(model, model.base_model_prefix)).last_hidden_state
-        positions = self.score_positions(first_id(text_config(model).pad_token_id))
-        return head(hidden[0, positions]).squeeze(-1).float()
+        return last_token_scores(model, self.forward, self.score_positions)
 
     def unpack(self, values: torch.Tensor, fill: float = 0.0) -> torch.Tensor:
         """Per-token outputs of the row (``[1, S, ...]``, or ``[1, S-1, ...]`` for next-token outputs such as
@@ -193,6 +185,21 @@ class PackedBatch:
         if not per_token:
             return out
         return tuple(self.unpack(o) for o in out) if isinstance(out, tuple) else self.unpack(out)
+
+
+def last_token_scores(model, row_forward, score_positions) -> torch.Tensor:
+    """``[N]`` float32 scores of a packed row's sequences: ``row_forward(backbone)`` once over the row (its
+    ``last_hidden_state`` ``[1, S, H]``), the model's last-token ``score`` head at ``score_positions(pad_id)`` (row
+    positions, one per sequence)."""
+    head = getattr(model, "score", None)
+    # A head LoRA trains whole sits in peft's ModulesToSaveWrapper, which calls its trainable copy.
+    if not isinstance(getattr(head, "original_module", head), torch.nn.Linear):
+        raise PackingUnsupported(
+            f"{type(model).__name__} has no last-token `score` head (its head reads another token, e.g. a "
+            "pooled first token): packed rows cannot be scored")
+    hidden = row_forward(getattr(model, model.base_model_prefix)).last_hidden_state
+    positions = score_positions(first_id(text_config(model).pad_token_id))
+    return head(hidden[0, positions]).squeeze(-1).float()
 
 
 def pack(batch: PaddedBatch) -> PackedBatch:

@@ -21,8 +21,16 @@ from dataclasses import dataclass
 
 import torch
 
-from fastrm.layout.batches import PackedBatch, PaddedBatch, check_contiguous, move_to, pack, predicted_tokens
-from fastrm.layout.varlen import PackingUnsupported, SharedPlan, first_id, packed_forward, text_config
+from fastrm.layout.batches import (
+    PackedBatch,
+    PaddedBatch,
+    check_contiguous,
+    last_token_scores,
+    move_to,
+    pack,
+    predicted_tokens,
+)
+from fastrm.layout.varlen import SharedPlan, packed_forward
 
 
 @dataclass
@@ -102,13 +110,8 @@ class SharedPrefixBatch:
     def sequence_scores(self, model) -> torch.Tensor:
         """``[N]`` float32: the backbone once over the row, the last-token ``score`` head where the padded forward
         reads each sequence."""
-        head = getattr(model, "score", None)
-        if not isinstance(getattr(head, "original_module", head), torch.nn.Linear):
-            raise PackingUnsupported(f"{type(model).__name__} has no last-token `score` head: a shared row cannot "
-                                     "be scored")
-        hidden = packed_forward(getattr(model, model.base_model_prefix), self, plan=self.plan()).last_hidden_state
-        positions = self.score_positions(first_id(text_config(model).pad_token_id))
-        return head(hidden[0, positions]).squeeze(-1).float()
+        return last_token_scores(model, lambda backbone: packed_forward(backbone, self, plan=self.plan()),
+                                 self.score_positions)
 
     def run(self, fn, per_token: bool):
         """``fn(self)``: its outputs are in the padded layout already."""

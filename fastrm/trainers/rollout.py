@@ -84,9 +84,13 @@ class RolloutSteps:
         position_ids = (attention_mask.cumsum(1) - 1).clamp_min(0)
         labels = input_ids.masked_fill(attention_mask == 0, IGNORE_INDEX)
         labels[:, : gen["prompt_ids"].shape[1]] = IGNORE_INDEX
-        # a prompt's samples are consecutive rows: the shared layout computes their prompt once
-        groups = torch.arange(input_ids.shape[0], device=input_ids.device) // self.config.num_samples
+        groups = torch.as_tensor(self._prompt_groups(input_ids.shape[0]), device=input_ids.device)
         return PaddedBatch(input_ids, attention_mask, labels, position_ids, groups)
+
+    def _prompt_groups(self, rows: int) -> list[int]:
+        """The prompt of each rollout row: a prompt's samples are consecutive rows, and the shared layout computes
+        their prompt once."""
+        return [i // self.config.num_samples for i in range(rows)]
 
     def _forward(self, model: fdist.Parallel, fn, batch: PaddedBatch, decision: Packing, **kwargs):
         """``fn(model, batch)``, per-token outputs, on the rollout ``batch`` laid out as ``decision`` says (one
@@ -119,10 +123,8 @@ class RolloutSteps:
         buckets or one padded batch, as decided for the reward model); ``rows[i]`` is the prompt row completion i
         answers."""
         seqs = self._reward_inputs([r["prompt"] for r in rows], gen, completions)
-        # a prompt's samples are consecutive rows: the shared layout reads their prompt once
-        groups = [i // self.config.num_samples for i in range(len(seqs))]
         batch = collate_sequences(seqs, self.reward_tokenizer.pad_token_id, self.reward_packing.mode, self.device,
-                                  group_ids=groups)
+                                  group_ids=self._prompt_groups(len(seqs)))
         with self._autocast():
             return self.reward_p(reward_scores, batch).float()
 
