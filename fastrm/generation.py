@@ -101,7 +101,8 @@ def prepacked_linears(model, rows_hint: int = 16):
     """Within: on a CPU in float32 (no autocast), every plain ``nn.Linear`` of ``model`` multiplies by a oneDNN
     copy of its weight packed for small batches. Decoding multiplies a few rows by every weight once per token, and
     MKL's GEMM reads the weights at about half the bandwidth oneDNN's packed kernel does: on SmolLM2-135M, 16 rows x
-    48 tokens sample in 5.2 s instead of 7.1 s (``fastrm bench vs-trl``'s generate phase). The copies (one model's weights) live for the block only.
+    48 tokens sample in 5.2 s instead of 7.1 s (``fastrm bench vs-trl``'s generate phase). The copies (one model's
+    weights) live for the block only.
     Checked once per call on the first layer (packed vs plain within K float32 roundings of a K-term dot product,
     the worst-case bound); anything else (CUDA, half precision, quantized or sharded weights, no oneDNN) runs as is."""
     mkldnn = getattr(torch.ops, "mkldnn", None)

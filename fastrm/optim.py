@@ -29,7 +29,8 @@ def make_optimizer(params, name: str, lr: float, weight_decay: float, device: to
         return bnb.optim.AdamW8bit(params, lr=lr, weight_decay=weight_decay)
     if device.type == "cpu" and not sharded:
         # torch's fused CPU AdamW: one pass per parameter, no temporaries (the per-tensor loop allocates two of each
-        # parameter's size at a time, and on SmolLM2-135M took 0.68 s a step against the fused 0.08 s in a one-off timing of AdamW alone)
+        # parameter's size at a time, and on SmolLM2-135M took 0.68 s a step against the fused 0.08 s in a one-off
+        # timing of AdamW alone)
         log.info("optimizer: torch AdamW (fused)")
         return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=True)
     log.info("optimizer: torch AdamW")
