@@ -117,10 +117,8 @@ def run_fastrm(workload: str, folder: Path, steps: int, out: Path, prompts: list
         config = load_config(RLConfig, None, common + [
             "reward=rule", "advantage=grpo", f"batch_size={len(prompts)}", f"num_samples={SAMPLES}",
             f"max_new_tokens={NEW_TOKENS}", "ppo_epochs=1", "num_minibatches=1", "kl_in=loss", "kl_estimator=k3",
-            f"kl_coef={BETA}", "num_eval_prompts=0", "whiten_advantages=false"])
+            f"kl_coef={BETA}", "num_eval_prompts=0", "whiten_advantages=false", f"min_new_tokens={NEW_TOKENS}"])
         trainer = RLTrainer(config, reward_fn=length_reward, train_data=[{"prompt": p} for p in prompts]).setup()
-        generate = trainer.policy.generate
-        trainer.policy.generate = lambda **kw: generate(**kw, min_new_tokens=NEW_TOKENS)  # as TRL's below
     else:
         from fastrm.trainers.reward_model import RewardConfig, RewardTrainer
 

@@ -58,5 +58,6 @@ if __name__ == "__main__":
 
 
 def answer_length(prompts, completions):
-    """A rule reward with spread on a random tiny policy (reward_fn=rl_update_worker:answer_length)."""
-    return [float(len(c)) for c in completions]
+    """A rule reward with spread on a random tiny policy (reward_fn=rl_update_worker:answer_length): the length, and
+    a fraction from the characters (a batch of equally long answers still differs in reward)."""
+    return [len(c) + sum(map(ord, c)) % 7 / 7 for c in completions]

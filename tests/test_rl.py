@@ -28,8 +28,10 @@ def params(model):
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
-def answer_length(prompts, completions):  # a rule reward with spread on a random tiny policy
-    return [float(len(c)) for c in completions]
+def answer_length(prompts, completions):
+    """A rule reward with spread on a random tiny policy: the length, and a fraction from the characters (a batch
+    of equally long answers still differs in reward)."""
+    return [len(c) + sum(map(ord, c)) % 7 / 7 for c in completions]
 
 
 # ---- one iteration of each estimator -------------------------------------------------------------------------

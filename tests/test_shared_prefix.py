@@ -271,9 +271,11 @@ def test_unshared_setting_packs_without_sharing():
 
 # ---- rollouts: each prompt prefilled once ----------------------------------------------------------------------------
 
+@pytest.mark.parametrize("engine", ["fastrm", "hf"])
 @pytest.mark.parametrize("name", ["llama", "mistral", "gpt2"])
-def test_generate_prefills_each_prompt_once_and_samples_as_before(name, monkeypatch):
-    """Same seed, same samples and sampler log-probs as generate's own per-sample prefill (left padding present)."""
+def test_generate_prefills_each_prompt_once_and_samples_as_before(name, engine, monkeypatch):
+    """Same seed, same samples and sampler log-probs as a prefill of every sample's own copy of its prompt (left
+    padding present): fastrm's loop against its per-row prefill, generate against its own."""
     from fastrm import generation
     from fastrm.tokenization import load_tokenizer
 
@@ -289,12 +291,13 @@ def test_generate_prefills_each_prompt_once_and_samples_as_before(name, monkeypa
     monkeypatch.setattr(generation, "shared_prefill", lambda *a: prefills.append(a[1]["input_ids"].shape) or real(*a))
     torch.manual_seed(1)
     got = generation.generate(model, tokenizer, prompts, max_new_tokens=7, num_return_sequences=3,
-                              return_logprobs=True)
+                              return_logprobs=True, engine=engine)
     assert prefills == [(3, got["prompt_ids"].shape[1])]  # the three prompts, once each
-    monkeypatch.setattr(generation, "shared_prefill", lambda *a: None)
+    per_row = (lambda m, enc, copies: real(m, {k: v.repeat_interleave(copies, 0) for k, v in enc.items()}, 1))
+    monkeypatch.setattr(generation, "shared_prefill", per_row if engine == "fastrm" else lambda *a: None)
     torch.manual_seed(1)
     want = generation.generate(model, tokenizer, prompts, max_new_tokens=7, num_return_sequences=3,
-                               return_logprobs=True)
+                               return_logprobs=True, engine=engine)
     assert (want["prompt_mask"] == 0).any()
     for key in ("prompt_ids", "prompt_mask", "completion_ids", "completion_mask"):
         assert torch.equal(got[key], want[key]), key

@@ -28,7 +28,8 @@ from fastrm.config import (
 from fastrm.lora import LoraSettings
 from fastrm.models import TINY, ModelConfig, is_hub_name
 from fastrm.optim import SCHEDULERS
-from fastrm.runtime import check_device, pick_device, set_seed, setup_logging, use_bf16_autocast
+from fastrm.runtime import (HEAP_CHOICES, check_device, configure_heap, pick_device, set_seed, setup_logging,
+                            use_bf16_autocast)
 from fastrm.tasks.arithmetic import MAX_LEVEL as MAX_TASK_LEVEL
 from fastrm.tokenization import AUTO_TOKENIZER, EMBEDDED_TOKENIZER
 
@@ -98,6 +99,8 @@ class TrainerSettings:
     overwrite_output_dir: bool = setting(False, "start a new run in an output_dir that holds an earlier run's "
                                                 "checkpoints: delete them, its latest, metrics and logs first")
     packed: str = setting("auto", packing.SETTING_HELP)
+    cpu_heap: str = setting("keep", "CPU runs: keep (memory a step frees stays with the process for the next step; "
+                                    "no page faults re-filling activations each step) | system (glibc's defaults)")
 
     # Settings a resumed run may not change: they fix the model, the data or its order, or what the saved state
     # holds ("model": every model.* but FREE_ON_RESUME). Every other setting may change and applies on resume.
@@ -129,6 +132,7 @@ class TrainerSettings:
                 "must be >= 0 and finite")
         require_setting(self.lr_scheduler in SCHEDULERS, "lr_scheduler", self.lr_scheduler,
                 "must be one of " + ", ".join(SCHEDULERS))
+        require_setting(self.cpu_heap in HEAP_CHOICES, "cpu_heap", self.cpu_heap, "must be one of " + ", ".join(HEAP_CHOICES))
         require_setting(not (self.resume and self.overwrite_output_dir), "overwrite_output_dir", self.overwrite_output_dir,
                 "cannot be combined with --resume (resume continues the run in output_dir, overwrite deletes it)")
         require_setting(self.warmup_steps >= 0, "warmup_steps", self.warmup_steps, "must be >= 0")
@@ -304,6 +308,9 @@ def start_run(trainer):
     if not distributed.is_main():
         log.setLevel(logging.WARNING)
     set_seed(config.seed)
+    if configure_heap(config.cpu_heap, trainer.device):
+        log.info("cpu_heap=keep: freed memory stays with the process for the next step (cpu_heap=system: glibc's "
+                 "defaults)")
     resume_from, trainer.run_id = distributed.run_on_main(_open_output_dir, trainer)
     trainer.resume_from = Path(resume_from) if resume_from else None
     try:

@@ -372,7 +372,7 @@ class RLTrainer(RolloutSteps, PPOUpdate, base.Trainer):
             real = weight > 0
             prompts = [r["prompt"] for r in chunk]
             gen = self.policy_p(generate, self.tokenizer, prompts, max_new_tokens=self.config.max_new_tokens,
-                                do_sample=False, synced_gpus=self.policy_p.is_fsdp)
+                                do_sample=False, synced_gpus=self.policy_p.is_fsdp, engine=self.config.generation)
             completions = decode_completions(self.tokenizer, gen["completion_ids"], gen["completion_mask"])
             n = len(prompts)
             if self.task is not None:

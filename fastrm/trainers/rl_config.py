@@ -59,6 +59,9 @@ class RLConfig(base.TrainerSettings):
     max_new_tokens: int = setting(256, "longest completion, in tokens")
     temperature: float = setting(1.0, "sampling temperature (log-probs are taken at the same temperature)")
     top_p: float = setting(1.0, "nucleus sampling: keep the smallest token set with this much probability")
+    min_new_tokens: int = setting(0, "shortest completion: EOS is not sampled before this many tokens")
+    generation: str = setting("fastrm", "sampler: fastrm (each prompt prefilled once, KV cache written in place, only "
+                                        "temperature / top_p / min_new_tokens applied) | hf (the model's generate)")
     # Advantages
     advantage: str = setting("gae", "gae (critic) | reinforce | reinforce_baseline | rloo | grpo | reinforce_pp "
                                     "(REINFORCE++) | reinforce_pp_baseline (REINFORCE++-baseline)")
@@ -142,7 +145,8 @@ class RLConfig(base.TrainerSettings):
                    "reward_norm": ("none", "batch", "running"), "baseline": ("moving", "batch"),
                    "loss_agg": AGG_MODES, "scale_rewards": fadv.SCALE_REWARDS,
                    "kl_estimator": KL_KINDS, "kl_in": ("reward", "loss"),
-                   "curriculum_schedule": ("linear", "step"), "curriculum_difficulty": ("auto", "length")}
+                   "curriculum_schedule": ("linear", "step"), "curriculum_difficulty": ("auto", "length"),
+                   "generation": ("fastrm", "hf")}
         for name, allowed in choices.items():
             require_setting(getattr(self, name) in allowed, name, getattr(self, name), "must be one of " + ", ".join(allowed))
         require_setting(self.num_eval_prompts >= 0, "num_eval_prompts", self.num_eval_prompts, "must be >= 0")
@@ -167,6 +171,8 @@ class RLConfig(base.TrainerSettings):
                 f"must be <= batch_size * num_samples = {self.batch_size * self.num_samples}")
         require_setting(self.temperature > 0, "temperature", self.temperature, "must be > 0")
         require_setting(0 < self.top_p <= 1, "top_p", self.top_p, "must lie in (0, 1]")
+        require_setting(0 <= self.min_new_tokens <= self.max_new_tokens, "min_new_tokens", self.min_new_tokens,
+                        f"must lie in [0, max_new_tokens={self.max_new_tokens}]")
         require_setting(0 <= self.gamma <= 1, "gamma", self.gamma, "must lie in [0, 1]")
         require_setting(0 <= self.lam <= 1, "lam", self.lam, "must lie in [0, 1]")
         require_setting(0 < self.clip_eps < 1, "clip_eps", self.clip_eps, "must lie in (0, 1) (the ratio is clipped to "

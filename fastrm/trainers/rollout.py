@@ -195,8 +195,9 @@ class RolloutSteps:
         c = self.config
         gen = self.policy_p(generate, self.tokenizer, [r["prompt"] for r in rows], max_new_tokens=c.max_new_tokens,
                             do_sample=True, temperature=c.temperature, top_p=c.top_p,
-                            num_return_sequences=c.num_samples, synced_gpus=self.policy_p.is_fsdp,
-                            return_logprobs=c.rollout_correction != "none")
+                            num_return_sequences=c.num_samples, min_new_tokens=c.min_new_tokens,
+                            synced_gpus=self.policy_p.is_fsdp, return_logprobs=c.rollout_correction != "none",
+                            engine=c.generation)
         completions = decode_completions(self.tokenizer, gen["completion_ids"], gen["completion_mask"])
         rows_n = [r for r in rows for _ in range(c.num_samples)]
         start = time.perf_counter()
