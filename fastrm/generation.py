@@ -126,15 +126,16 @@ class Sampling:
     eos: torch.Tensor = dataclasses.field(default_factory=lambda: torch.zeros(0, dtype=torch.long))
     pad: int | None = None
 
-    def next_token(self, logits: torch.Tensor, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def next_token(self, logits: torch.Tensor, step: int, logprobs: bool = True):
         """The token each row takes after these ``[N, V]`` logits, and its log-probability under the distribution
-        it was drawn from (after the temperature and top-p; the greedy choice's under the raw logits)."""
+        it was drawn from (after the temperature and top-p; the greedy choice's under the raw logits, None unless
+        ``logprobs``)."""
         scores = logits.float()
         if step < self.min_new_tokens and self.eos.numel():
             scores[:, self.eos.to(scores.device)] = -math.inf  # (the forward's output: free to overwrite)
         if not self.do_sample:
             token = scores.argmax(-1, keepdim=True)
-            return token.squeeze(1), scores.log_softmax(-1).gather(1, token).squeeze(1)
+            return token.squeeze(1), (scores.log_softmax(-1).gather(1, token).squeeze(1) if logprobs else None)
         temperature = self.temperature
         if self.top_p < 1.0:
             scores, temperature = _top_p(scores / temperature, self.top_p), 1.0
@@ -197,8 +198,9 @@ def decode(model, enc: dict, copies: int, max_new_tokens: int, sampling: Samplin
     temperature, top-p and ``min_new_tokens`` (:class:`Sampling`): the model's ``generation_config`` (repetition
     penalty, top-k, ...) would make the sampled distribution differ from the policy whose log-probs train it."""
     params = _forward_parameters(model)
-    if "logits_to_keep" not in params:
-        return None
+    checkpointed = model.training and any(getattr(m, "gradient_checkpointing", False) is True for m in model.modules())
+    if "logits_to_keep" not in params or checkpointed:
+        return None  # (a checkpointed model in training mode drops its cache: generate recomputes instead)
     cache = (prefill or shared_prefill)(model, enc, copies)
     if cache is None:
         return None
@@ -216,12 +218,15 @@ def decode(model, enc: dict, copies: int, max_new_tokens: int, sampling: Samplin
         if "position_ids" in params:
             kwargs["position_ids"] = position
         logits = model(input_ids=tokens, attention_mask=mask, **kwargs).logits[:, -1]
-        token, logprob = sampling.next_token(logits, step)
+        token, logprob = sampling.next_token(logits, step, return_logprobs)
         logprobs.append(logprob)
         if sampling.pad is not None:
             token = token.masked_fill(done, sampling.pad)
         chosen.append(token)
         done |= torch.isin(token, eos)
+        if step == 0 and cache.get_seq_length() != ids.shape[1]:
+            raise RuntimeError(f"{type(model).__name__} did not extend its KV cache in decode (holds "
+                               f"{cache.get_seq_length()} positions, expected {ids.shape[1]}): run generation=hf")
         if step + 1 == max_new_tokens or bool(done.all()):
             break
         tokens, position = token[:, None], position + 1

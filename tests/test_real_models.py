@@ -129,6 +129,35 @@ def test_smollm2_log_probs_are_the_auto_models_own(smol, smol_folder):
 
 
 @needs_smol
+def test_smollm2_decodes_in_fastrms_loop_as_generate_does(smol):
+    """On the real 30-layer model: greedy tokens equal transformers' generate's, and sampled tokens' sampler
+    log-probs equal the policy's log-probs of the finished sequences (the trainer's own forward)."""
+    from fastrm.generation import generate
+
+    model, tokenizer = smol
+    prompts = ["What is 17 times 23? Answer:", "Name three primary colours.", "Write a haiku about autumn leaves."]
+    kwargs = dict(max_new_tokens=12, num_return_sequences=2, min_new_tokens=4, return_logprobs=True)
+    got = generate(model, tokenizer, prompts, do_sample=False, engine="fastrm", **kwargs)
+    want = generate(model, tokenizer, prompts, do_sample=False, engine="hf", **kwargs)
+    for key in ("prompt_ids", "completion_ids", "completion_mask"):
+        assert torch.equal(got[key], want[key]), key
+    torch.manual_seed(0)  # (no min_new_tokens: its masked EOS makes the sampler's distribution differ from the policy's)
+    out = generate(model, tokenizer, prompts, temperature=0.8, engine="fastrm", **{**kwargs, "min_new_tokens": 0})
+    ids = torch.cat([out["prompt_ids"], out["completion_ids"]], 1)
+    mask = torch.cat([out["prompt_mask"], out["completion_mask"]], 1)
+    prompt_len = out["prompt_ids"].shape[1]
+    labels = ids.masked_fill(mask == 0, -100)
+    labels[:, :prompt_len] = -100
+    with torch.no_grad():
+        policy = token_logprobs(model, PaddedBatch(input_ids=ids, attention_mask=mask, labels=labels),
+                                temperature=0.8)[:, prompt_len - 1:]
+        logits = model(input_ids=ids, attention_mask=mask).logits
+    # two float32 computations of the same log-probs: scale by the largest logit / T
+    tol = tolerance(model) * float(logits.abs().max()) / 0.8
+    torch.testing.assert_close(out["sampler_logprobs"].double(), policy.double(), rtol=0, atol=tol)
+
+
+@needs_smol
 def test_the_probe_packs_smollm2_with_a_tolerance_it_derives(smol, caplog):
     """The issue's regression: a fixed 1e-4 refused packing on this model (30 layers of float32 sums)."""
     model, _ = smol

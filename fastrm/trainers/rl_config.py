@@ -59,7 +59,8 @@ class RLConfig(base.TrainerSettings):
     max_new_tokens: int = setting(256, "longest completion, in tokens")
     temperature: float = setting(1.0, "sampling temperature (log-probs are taken at the same temperature)")
     top_p: float = setting(1.0, "nucleus sampling: keep the smallest token set with this much probability")
-    min_new_tokens: int = setting(0, "shortest completion: EOS is not sampled before this many tokens")
+    min_new_tokens: int = setting(0, "shortest completion: EOS is not sampled before this many tokens (the samples "
+                                     "then differ from the policy's own distribution by the EOS held off)")
     generation: str = setting("fastrm", "sampler: fastrm (each prompt prefilled once, KV cache written in place, only "
                                         "temperature / top_p / min_new_tokens applied) | hf (the model's generate)")
     # Advantages
