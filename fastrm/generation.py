@@ -207,32 +207,42 @@ def decode(model, enc: dict, copies: int, max_new_tokens: int, sampling: Samplin
     reserve(cache, max_new_tokens)
     ids = enc["input_ids"].repeat_interleave(copies, 0)
     mask = enc["attention_mask"].repeat_interleave(copies, 0)
-    rows = ids.shape[0]
     # positions counting each row's real tokens from 0 (left padding), as generate makes them
     position = mask.long().sum(1, keepdim=True) - 1
-    tokens, done = ids[:, -1:], torch.zeros(rows, dtype=torch.bool, device=ids.device)
+    tokens, live = ids[:, -1:], torch.arange(ids.shape[0], device=ids.device)  # live: the rows in the cache
+    done = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)  # of the live rows: past their EOS
     eos = sampling.eos.to(ids.device)
-    chosen, logprobs = [], []
+    completion = torch.full((ids.shape[0], max_new_tokens), 0 if sampling.pad is None else sampling.pad,
+                            dtype=ids.dtype, device=ids.device)
+    logprobs = torch.zeros(completion.shape, device=ids.device) if return_logprobs else None
     kwargs = {"cache" if "cache" in params else "past_key_values": cache, "use_cache": True, "logits_to_keep": 1}
     for step in range(max_new_tokens):
         if "position_ids" in params:
             kwargs["position_ids"] = position
         logits = model(input_ids=tokens, attention_mask=mask, **kwargs).logits[:, -1]
         token, logprob = sampling.next_token(logits, step, return_logprobs)
-        logprobs.append(logprob)
-        if sampling.pad is not None:
+        if sampling.pad is not None:  # a row past its EOS takes pad, as generate gives it
             token = token.masked_fill(done, sampling.pad)
-        chosen.append(token)
-        done |= torch.isin(token, eos)
+        completion[live, step] = token
+        if return_logprobs:
+            logprobs[live, step] = logprob
         if step == 0 and cache.get_seq_length() != ids.shape[1]:
             raise RuntimeError(f"{type(model).__name__} did not extend its KV cache in decode (holds "
                                f"{cache.get_seq_length()} positions, expected {ids.shape[1]}): run generation=hf")
-        if step + 1 == max_new_tokens or bool(done.all()):
-            break
+        done |= torch.isin(token, eos)
+        left = int((~done).sum())
+        if step + 1 == max_new_tokens or left == 0:
+            return completion[:, :step + 1], (logprobs[:, :step + 1] if return_logprobs else None)
         tokens, position = token[:, None], position + 1
-        mask = torch.cat([mask, mask.new_ones(rows, 1)], 1)
-    completion = torch.stack(chosen, 1)
-    return completion, (torch.stack(logprobs, 1) if return_logprobs else None)
+        mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], 1)
+        if left <= done.numel() // 2 and hasattr(cache, "batch_select_indices"):
+            # half the rows have ended: go on with the others only (a copy of the cache, then each step costs
+            # what the rows left cost; finished rows of a smaller share stay, their tokens overwritten by pad)
+            keep = (~done).nonzero().squeeze(1)
+            cache.batch_select_indices(keep)
+            reserve(cache, max_new_tokens - step - 1)
+            tokens, position, mask, live, done = tokens[keep], position[keep], mask[keep], live[keep], done[keep]
+    raise AssertionError("unreachable")  # (max_new_tokens >= 1: the loop returns)
 
 
 def reserve(cache, tokens: int) -> int:
@@ -246,7 +256,7 @@ def reserve(cache, tokens: int) -> int:
     count = 0
     for layer in getattr(cache, "layers", []):
         keys, values = getattr(layer, "keys", None), getattr(layer, "values", None)
-        if (type(layer) is not layer_type.__base__ or not getattr(layer, "is_initialized", False)
+        if (type(layer) not in (layer_type, layer_type.__base__) or not getattr(layer, "is_initialized", False)
                 or not isinstance(keys, torch.Tensor) or keys.dim() != 4 or values.dim() != 4):
             continue
         buffers = []

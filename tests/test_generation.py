@@ -119,30 +119,47 @@ def test_greedy_decoding_chooses_what_generate_chooses(name):
 
 
 def _ends_early(tokenizer):
-    """A Llama whose greedy choice is EOS wherever it would have chosen some token it chooses mid-completion (that
-    token's and EOS's rows of the LM head swapped), so rows end at different steps."""
+    """A Llama whose greedy choice is EOS wherever it would have chosen the token most rows choose mid-completion
+    (that token's and EOS's rows of the LM head swapped), so rows end at different steps."""
     model = _causal_lm("llama", len(tokenizer), tokenizer)
     first = generation.generate(model, tokenizer, PROMPTS, max_new_tokens=9, do_sample=False, engine="hf")
-    token = int(first["completion_ids"][1, 4])
+    rows_with = {}
+    for t in first["completion_ids"][:, 1:6].unique().tolist():
+        rows_with[t] = int((first["completion_ids"][:, 1:6] == t).any(1).sum())
+    token = max(rows_with, key=rows_with.get)
     with torch.no_grad():
         head = model.lm_head.weight
         head[[token, tokenizer.eos_token_id]] = head[[tokenizer.eos_token_id, token]].clone()
     return model
 
 
-def test_rows_end_at_eos_and_min_new_tokens_holds_it_off():
+def test_rows_end_at_eos_and_min_new_tokens_holds_it_off(monkeypatch):
+    """Rows that ended take pad; once half of them have, the loop goes on with the others only (the cache's rows
+    selected) and still chooses what generate chooses."""
+    from transformers import DynamicCache
+
     tokenizer = load_tokenizer("embedded")
     model = _ends_early(tokenizer)
+    selected = []
+    real = DynamicCache.batch_select_indices
+    monkeypatch.setattr(DynamicCache, "batch_select_indices", lambda self, i: selected.append(len(i)) or real(self, i))
     for min_new in (0, 6):
-        kwargs = dict(max_new_tokens=9, do_sample=False, min_new_tokens=min_new, return_logprobs=True)
+        selected.clear()
+        kwargs = dict(max_new_tokens=9, do_sample=False, min_new_tokens=min_new, return_logprobs=True,
+                      num_return_sequences=2)
         got = generation.generate(model, tokenizer, PROMPTS, engine="fastrm", **kwargs)
         want = generation.generate(model, tokenizer, PROMPTS, engine="hf", **kwargs)
         lengths = got["completion_mask"].sum(1)
-        assert lengths.min() >= min_new + 1 if min_new else lengths.min() < 9, lengths
+        if min_new:
+            assert lengths.min() >= min_new + 1, lengths
+        else:
+            assert (lengths < 8).sum() >= 4 and selected and selected[0] <= 4, (lengths, selected)
         for key in ("completion_ids", "completion_mask"):
             assert torch.equal(got[key], want[key]), (min_new, key)
         assert (got["completion_ids"][got["completion_mask"] == 0] == tokenizer.pad_token_id).all()
         assert (got["sampler_logprobs"][got["completion_mask"] == 0] == 0).all()
+        torch.testing.assert_close(got["sampler_logprobs"], want["sampler_logprobs"], rtol=0,
+                                   atol=64 * EPS32 * (1 + want["sampler_logprobs"].abs().max().item()))
 
 
 def test_sampled_tokens_and_their_logprobs_are_the_policys_at_the_temperature_and_top_p():
