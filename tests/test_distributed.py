@@ -199,7 +199,7 @@ def test_ppo_update_on_two_ranks_equals_one_process(tmp_path, use_sgd, mode):
 
     one = rl_trainer(tmp_path / "one", *RL_COMMON, reward_fn=answer_length)
     ro = one.rollout(one.train_rows[:3])  # 6 rows: 3 per rank
-    ro.mask[0, 1:] = 0  # rank 0's half gets fewer tokens: token means need the global token count
+    ro.mask[0::2, 1:] = 0  # rank 0's half gets fewer tokens: token means need the global token count
     assert ro.mask[0::2].sum() != ro.mask[1::2].sum()
     save_rollout(ro, tmp_path / "rollout.pt")
     start_policy, start_value = params(one.policy), params(one.value)

@@ -221,7 +221,8 @@ def test_smollm2_grpo_steps(tmp_path, smol_folder):
     before = {k: v.clone() for k, v in trainer.policy.state_dict().items()}
     row = trainer.train_step()
     assert any(not torch.equal(v, trainer.policy.state_dict()[k]) for k, v in before.items())
-    assert math.isfinite(row["loss/policy"]) and row["objective/kl"] >= 0
+    # k3 = exp(r) - 1 - r >= 0, here of a policy that is still the reference: float32 roundings of 0 per token
+    assert math.isfinite(row["loss/policy"]) and row["objective/kl"] >= -4 * 4 * EPS32
     assert row["policy/ratio"] == pytest.approx(1.0)
 
 
