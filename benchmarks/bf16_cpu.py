@@ -11,33 +11,19 @@ parameter's max error relative to its largest element). Prints a markdown table.
 
 from __future__ import annotations
 
-import argparse
 import statistics
-import tempfile
 import time
-from pathlib import Path
 
 import torch
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--threads", type=int, default=2)
-    args = p.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     from benchmarks import vs_trl
     from fastrm import packing
     from fastrm.layout import IGNORE_INDEX, PaddedBatch, arrange
     from fastrm.models import token_logprobs
 
-    folder = Path(tempfile.gettempdir()) / "fastrm-vs-trl-smollm2"
-    if not (folder / "config.json").is_file():
-        vs_trl.convert(vs_trl.smollm2_gguf(), folder)
-    tokenizer = AutoTokenizer.from_pretrained(folder)
-    model = AutoModelForCausalLM.from_pretrained(folder)
+    args, tokenizer, model = vs_trl.smollm2_benchmark(__doc__, argv, repeats=3)
     packing.choose_packing(model, "auto", "causal_lm")
     gen = torch.Generator().manual_seed(0)
     rows, groups = [], []

@@ -17,10 +17,8 @@ third does not. Reports the median wall and process CPU seconds per call; writes
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import subprocess
-import tempfile
 import time
 from pathlib import Path
 
@@ -30,22 +28,13 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--threads", type=int, default=2)
-    args = p.parse_args(argv)
-    torch.set_num_threads(args.threads)
     import transformers
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from benchmarks import vs_trl
     from fastrm.generation import encode_prompts, generate
 
-    folder = Path(tempfile.gettempdir()) / "fastrm-vs-trl-smollm2"
-    if not (folder / "config.json").is_file():
-        vs_trl.convert(vs_trl.smollm2_gguf(), folder)
-    tokenizer = AutoTokenizer.from_pretrained(folder)
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    args, tokenizer, model = vs_trl.smollm2_benchmark(__doc__, argv, repeats=5)
+    model.eval()
     prompts, samples, tokens = vs_trl.GSM_PROMPTS, vs_trl.SAMPLES, vs_trl.NEW_TOKENS
 
     def fastrm(engine):

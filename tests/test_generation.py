@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from fastrm import generation
+from helpers import TINY_FAMILIES, tiny_model
 from fastrm.tokenization import load_tokenizer
 
 
@@ -73,28 +74,9 @@ EPS32 = torch.finfo(torch.float32).eps
 
 
 def _causal_lm(name: str, vocab: int, tokenizer):
-    import transformers as t
-
-    common = dict(vocab_size=vocab, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
-    configs = {
-        "llama": (t.LlamaConfig, dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                                      num_key_value_heads=2)),
-        "qwen2": (t.Qwen2Config, dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                                      num_key_value_heads=2)),
-        "mistral": (t.MistralConfig, dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                          num_attention_heads=4, num_key_value_heads=2, sliding_window=6)),
-        "gemma2": (t.Gemma2Config, dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                        num_attention_heads=4, num_key_value_heads=2, head_dim=8, sliding_window=6)),
-        "gpt2": (t.GPT2Config, dict(n_embd=32, n_layer=2, n_head=4)),
-        "gpt_neox": (t.GPTNeoXConfig, dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                           num_attention_heads=4)),
-        "opt": (t.OPTConfig, dict(hidden_size=32, ffn_dim=64, num_hidden_layers=2, num_attention_heads=4,
-                                  word_embed_proj_dim=32)),
-    }
-    config_cls, extra = configs[name]
     torch.manual_seed(0)
-    model = t.AutoModelForCausalLM.from_config(config_cls(**common, **extra),
-                                               attn_implementation="eager" if name == "gemma2" else "sdpa")
+    model = tiny_model(name, "causal_lm", vocab_size=vocab, pad_token_id=tokenizer.pad_token_id,
+                       eos_token_id=tokenizer.eos_token_id)
     model.generation_config.pad_token_id = model.generation_config.eos_token_id = None
     return model.float().eval()
 
@@ -102,7 +84,7 @@ def _causal_lm(name: str, vocab: int, tokenizer):
 PROMPTS = ["1+2=", "13+4*7=", "7+7=", "2*3*4*5+6="]  # of different lengths: left padding
 
 
-@pytest.mark.parametrize("name", ["llama", "qwen2", "mistral", "gemma2", "gpt2", "gpt_neox", "opt"])
+@pytest.mark.parametrize("name", list(TINY_FAMILIES))
 def test_greedy_decoding_chooses_what_generate_chooses(name):
     """Token for token, and the same log-probs (one forward per token in both, on the same cache kinds)."""
     tokenizer = load_tokenizer("embedded")

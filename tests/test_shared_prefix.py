@@ -21,6 +21,7 @@ from fastrm.layout import (
     varlen,
 )
 from fastrm.models import reward_scores, token_logprobs
+from helpers import TINY_FAMILIES, tiny_model
 
 PAD, EOS, BOS, VOCAB = 0, 1, 2, 97
 F64_EPS = torch.finfo(torch.float64).eps
@@ -164,32 +165,11 @@ def test_bidirectional_attention_cannot_share():
 # ---- whole models, several families -----------------------------------------------------------------------------------
 
 def _family(name, kind):
-    import transformers as t
-
-    common = dict(vocab_size=VOCAB, pad_token_id=PAD, bos_token_id=BOS, eos_token_id=EOS, num_labels=1)
-    configs = {
-        "llama": (t.LlamaConfig, dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                                      num_key_value_heads=2)),
-        "qwen2": (t.Qwen2Config, dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                                      num_key_value_heads=2)),
-        "mistral": (t.MistralConfig, dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                          num_attention_heads=4, num_key_value_heads=2, sliding_window=6)),
-        "gemma2": (t.Gemma2Config, dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                        num_attention_heads=4, num_key_value_heads=2, head_dim=8, sliding_window=6)),
-        "gpt2": (t.GPT2Config, dict(n_embd=32, n_layer=2, n_head=4)),
-        "gpt_neox": (t.GPTNeoXConfig, dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                           num_attention_heads=4)),
-        "opt": (t.OPTConfig, dict(hidden_size=32, ffn_dim=64, num_hidden_layers=2, num_attention_heads=4,
-                                  word_embed_proj_dim=32)),
-    }
-    config_cls, extra = configs[name]
-    config = config_cls(**common, **extra)
-    auto = t.AutoModelForSequenceClassification if kind == "reward" else t.AutoModelForCausalLM
-    model = auto.from_config(config, attn_implementation="eager" if name == "gemma2" else "sdpa")
-    return model.double().eval()
+    return tiny_model(name, kind, vocab_size=VOCAB, pad_token_id=PAD, bos_token_id=BOS, eos_token_id=EOS,
+                      num_labels=1).double().eval()
 
 
-FAMILIES = ["llama", "qwen2", "mistral", "gemma2", "gpt2", "gpt_neox", "opt"]
+FAMILIES = list(TINY_FAMILIES)
 
 
 @pytest.mark.parametrize("name", FAMILIES)
