@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import ctypes
 import datetime
 import functools
 import gc
@@ -57,23 +56,15 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 # Largest allowed max|got - want| / max|want| against float64, by the inputs' dtype. Loose enough for the
 # plain PyTorch a user writes (TRL computes bf16 log-softmax in bf16), tight enough to catch a wrong answer.
 TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 3e-2, torch.float16: 5e-3}
-# glibc <malloc.h>: mallopt parameters, and the thresholds used for memory measurement and for timing.
-M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+# The thresholds used for memory measurement and for timing (glibc mallopt, through fastrm.runtime.glibc).
 EXACT_MMAP_THRESHOLD = 64 * 1024
 TIMING_MMAP_THRESHOLD = 32 * 2**20  # glibc's ceiling for its dynamic threshold on 64-bit (its steady state)
 
 
-@functools.lru_cache(maxsize=None)
 def _glibc():
-    """glibc's malloc controls, or None (not Linux, or a libc without mallopt, e.g. musl)."""
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt.argtypes, libc.malloc_trim.argtypes = [ctypes.c_int, ctypes.c_int], [ctypes.c_size_t]
-        return libc
-    except (OSError, AttributeError):
-        return None
+    from fastrm.runtime import glibc
+
+    return glibc()
 
 
 def timing_malloc() -> dict | None:
@@ -82,6 +73,8 @@ def timing_malloc() -> dict | None:
     libc = _glibc()
     if libc is None:
         return None
+    from fastrm.runtime import M_MMAP_THRESHOLD, M_TRIM_THRESHOLD
+
     libc.mallopt(M_MMAP_THRESHOLD, TIMING_MMAP_THRESHOLD)
     libc.mallopt(M_TRIM_THRESHOLD, 2 * TIMING_MMAP_THRESHOLD)
     return {"timing_mmap_threshold": TIMING_MMAP_THRESHOLD, "memory_mmap_threshold": EXACT_MMAP_THRESHOLD}
@@ -96,6 +89,8 @@ def exact_malloc():
     if libc is None:
         yield False
         return
+    from fastrm.runtime import M_MMAP_THRESHOLD, M_TRIM_THRESHOLD
+
     libc.mallopt(M_MMAP_THRESHOLD, EXACT_MMAP_THRESHOLD)
     libc.mallopt(M_TRIM_THRESHOLD, EXACT_MMAP_THRESHOLD)
     libc.malloc_trim(0)

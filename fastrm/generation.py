@@ -112,7 +112,7 @@ def _hf_generate(model, enc: dict, copies: int, max_new_tokens: int, sampling: "
     completion = sequences[:, enc["input_ids"].shape[1]:]
     if not return_logprobs:
         return completion, None
-    return completion, sampled_logprobs(out.scores, completion, torch.ones_like(completion))
+    return completion, sampled_logprobs(out.scores, completion)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -386,16 +386,16 @@ def _cache_keyword(model) -> str:
     return "cache" if "cache" in _forward_parameters(model) else "past_key_values"
 
 
-def sampled_logprobs(scores, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def sampled_logprobs(scores, tokens: torch.Tensor) -> torch.Tensor:
     """``[N, C]`` float32 log-probs of ``tokens`` under ``scores`` (C processed-logit tensors [N, V], one per
-    step, as ``generate(output_scores=True)`` returns them), 0 where ``mask`` is 0. One step at a time: no
-    [N, C, V] tensor."""
+    step, as ``generate(output_scores=True)`` returns them; :func:`generate` zeroes them after EOS). One step at a
+    time: no [N, C, V] tensor."""
     if len(scores) != tokens.shape[1]:
         raise ValueError(f"{len(scores)} score tensors for {tokens.shape[1]} generated positions")
     out = torch.zeros(tokens.shape, dtype=torch.float32, device=tokens.device)
     for t, step in enumerate(scores):
         out[:, t] = torch.log_softmax(step.float(), dim=-1).gather(1, tokens[:, t:t + 1]).squeeze(1)
-    return torch.where(mask != 0, out, 0.0)
+    return out
 
 
 def decode_completions(tokenizer, completion_ids, completion_mask) -> list[str]:

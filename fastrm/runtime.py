@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import logging
 import random
 import sys
@@ -97,37 +98,44 @@ def quiet_third_parties():
 
 
 # glibc mallopt parameters (malloc.h)
-_M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3
+M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_THRESHOLD = -1, -2, -3
 HEAP_CHOICES = ("keep", "system")
 
 
+@functools.cache
+def glibc():
+    """glibc's malloc controls (``mallopt``, ``malloc_trim``), or None (not Linux, or a libc without them, e.g.
+    musl)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt.argtypes, libc.malloc_trim.argtypes = [ctypes.c_int, ctypes.c_int], [ctypes.c_size_t]
+        return libc
+    except (OSError, AttributeError):
+        return None
+
+
 def configure_heap(choice: str, device: torch.device) -> bool:
-    """``keep`` on a CPU run: memory a step frees stays with the process for the next step to reuse. glibc's
+    """``keep`` (one of ``HEAP_CHOICES``, the ``cpu_heap`` setting) on a CPU run: memory a step frees stays with the
+    process for the next step to reuse. glibc's
     defaults hand freed memory back to the OS (chunks over a few MB are mapped and unmapped one by one, a free heap
     top is trimmed), so every step's activations and gradients are page-faulted in again: on SmolLM2-135M, a GRPO
     update's forward took 100-400 thousand page faults and 2.6-4.4 s; kept, none and 2.4 s. Allocations under 32 MiB
     (glibc's most) come from the heap and freed space is not trimmed below 2 GiB; the peak is what it was, and it is
     not given back until the process ends (``release_free_memory`` still trims on purpose). On CUDA the tensors live
     on the device; the host heap is left to glibc. ``system``: glibc's defaults. Returns whether it changed them."""
-    require_setting(choice in HEAP_CHOICES, "cpu_heap", choice, "must be one of " + ", ".join(HEAP_CHOICES))
-    if choice != "keep" or device.type != "cpu" or not sys.platform.startswith("linux"):
+    libc = glibc()
+    if choice != "keep" or device.type != "cpu" or libc is None:
         return False
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        done = [libc.mallopt(_M_MMAP_THRESHOLD, 32 << 20), libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1),
-                libc.mallopt(_M_TOP_PAD, 64 << 20)]
-    except (OSError, AttributeError):  # not glibc
-        return False
-    return all(done)
+    return all([libc.mallopt(M_MMAP_THRESHOLD, 32 << 20), libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1),
+                libc.mallopt(M_TOP_PAD, 64 << 20)])
 
 
 def release_free_memory():
     """Hand the C heap's free pages back to the OS (glibc ``malloc_trim``; nothing elsewhere). Work that allocates
     and frees a model's worth of tensors (the packing probe's float64 copy) otherwise leaves that much resident
     though free, and the run's peak memory grows by it."""
-    if not sys.platform.startswith("linux"):
-        return
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc (musl has no malloc_trim)
-        pass
+    libc = glibc()
+    if libc is not None:
+        libc.malloc_trim(0)
