@@ -159,8 +159,8 @@ def sample_categorical(scores: torch.Tensor, temperature: float = 1.0) -> tuple[
 
     By inverting the CDF with one uniform number per row, two levels deep: the row's weights summed in float64
     blocks of 1024, a block drawn from their cumulative sums, then a token from the block's. ``torch.multinomial``
-    draws an exponential number per vocabulary entry instead, 16 x 49k of them a step in a SmolLM2 rollout (15-20 ms
-    on a CPU, a fifth of the step). A token of probability 0 (masked: -inf) has an empty interval and is never drawn.
+    draws an exponential number per vocabulary entry instead, 16 x 49k of them a step in a SmolLM2 rollout, a
+    visible part of a CPU decode step. A token of probability 0 (masked: -inf) has an empty interval and is never drawn.
     Non-finite logits (a diverged policy) still give a token in range, and a non-finite log-prob that the trainer's
     divergence guard reports."""
     rows, vocab = scores.shape
@@ -248,8 +248,8 @@ def decode(model, enc: dict, copies: int, max_new_tokens: int, sampling: Samplin
 def reserve(cache, tokens: int) -> int:
     """Room for ``tokens`` more positions in each full-attention layer of a transformers ``DynamicCache``, so that
     a decode step writes its keys and values in place: ``DynamicLayer`` concatenates, copying the whole cache of
-    every layer at every token (on SmolLM2, 16 rows x ~150 positions x 30 layers: 20-40 ms a step on a CPU, as much
-    as the step's matmuls). The layers' keys and values stay what they were, views of the larger buffers; a layer
+    every layer at every token (on a CPU, a cost of the order of the step's matmuls; together with
+    :func:`sample_categorical`, ``fastrm bench generation`` measures the loop against ``generate``). The layers' keys and values stay what they were, views of the larger buffers; a layer
     whose tensors something else replaced (a reorder, a crop) concatenates again. Sliding-window layers keep their
     own update. Returns how many layers it reserved."""
     layer_type = _reserved_layer_type()

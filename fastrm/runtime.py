@@ -120,8 +120,7 @@ def configure_heap(choice: str, device: torch.device) -> bool:
     """``keep`` (one of ``HEAP_CHOICES``, the ``cpu_heap`` setting) on a CPU run: memory a step frees stays with the
     process for the next step to reuse. glibc's
     defaults hand freed memory back to the OS (chunks over a few MB are mapped and unmapped one by one, a free heap
-    top is trimmed), so every step's activations and gradients are page-faulted in again: on SmolLM2-135M, a GRPO
-    update's forward took 100-400 thousand page faults and 2.6-4.4 s; kept, none and 2.4 s. Allocations under 32 MiB
+    top is trimmed), so every step's activations and gradients are page-faulted in again. Allocations under 32 MiB
     (glibc's most) come from the heap and freed space is not trimmed below 2 GiB; the peak is what it was, and it is
     not given back until the process ends (``release_free_memory`` still trims on purpose). On CUDA the tensors live
     on the device; the host heap is left to glibc. ``system``: glibc's defaults. Returns whether it changed them."""
