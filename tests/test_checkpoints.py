@@ -548,3 +548,20 @@ def test_resume_applies_a_changed_lr_logs_it_and_refuses_fixed_settings(tmp_path
     trainer.train()
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["lr"] for r in rows if r["step"] == 3 and "lr" in r] == [5e-2 * lam(3)]
+
+
+def test_parameters_nonfinite_is_exact_where_a_sum_would_overflow():
+    """The guard's parameter flag: 1 for a NaN or inf anywhere, 0 for finite parameters, also when they are so
+    large that their sum overflows (the CPU check sums first, then takes the exact max-norm)."""
+    from fastrm.guard import parameters_nonfinite
+
+    def flag(*values):
+        models = [torch.nn.ParameterList([torch.nn.Parameter(torch.tensor(v)) for v in values])]
+        return float(parameters_nonfinite(models))
+
+    assert flag([1.0, -2.0], [3.0]) == 0.0
+    assert flag([1.0, float("nan")], [3.0]) == 1.0
+    assert flag([1.0], [float("-inf"), 2.0]) == 1.0
+    big = torch.finfo(torch.float32).max
+    assert flag([big, big], [big]) == 0.0
+    assert flag([big, big], [float("inf")]) == 1.0

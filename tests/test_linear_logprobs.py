@@ -54,12 +54,13 @@ def leaf(x):
 
 
 def check_against_float64(hidden, weight, bias, labels, backend, temperature=1.0, chunk_size=None,
-                          ignore_index=-100):
+                          ignore_index=-100, keep_logits=None):
     """Values, entropy and d hidden / d weight / d bias against float64 eager autograd."""
     dtype = hidden.dtype
     h, w, b = leaf(hidden), leaf(weight), leaf(bias)
     lp, ent = linear_logprobs(h, w, labels, bias=b, temperature=temperature, return_entropy=True,
-                              chunk_size=chunk_size, ignore_index=ignore_index, backend=backend)
+                              chunk_size=chunk_size, ignore_index=ignore_index, backend=backend,
+                              keep_logits=keep_logits)
     out_dtype = torch.float64 if dtype == torch.float64 else torch.float32
     assert lp.dtype == out_dtype and ent.dtype == out_dtype
     assert lp.shape == labels.shape and ent.shape == labels.shape
@@ -94,10 +95,45 @@ CHUNKINGS = {  # name: (N, chunk_size)
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("chunking", list(CHUNKINGS))
-def test_matches_float64(backend, dtype, chunking):
+@pytest.mark.parametrize("keep_logits", [True, False], ids=["kept", "recomputed"])
+def test_matches_float64(backend, dtype, chunking, keep_logits):
     N, chunk_size = CHUNKINGS[chunking]
     hidden, weight, bias, labels = make_case((N,), 64, 1000, dtype)
-    check_against_float64(hidden, weight, bias, labels, backend, chunk_size=chunk_size)
+    check_against_float64(hidden, weight, bias, labels, backend, chunk_size=chunk_size, keep_logits=keep_logits)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_kept_logits_survive_a_second_backward(backend):
+    """Backward overwrites kept logits with d logits: a retained graph's second backward recomputes them (chunk by
+    chunk: the same gradients, up to float32 summation order)."""
+    hidden, weight, bias, labels = make_case((37,), 32, 500, torch.float32)
+    h, w = leaf(hidden), leaf(weight)
+    lp, ent = linear_logprobs(h, w, labels, bias=bias, return_entropy=True, chunk_size=8, backend=backend,
+                              keep_logits=True)
+    loss = (lp * torch.randn_like(lp)).sum() + ent.sum()
+    loss.backward(retain_graph=True)
+    first = h.grad.clone(), w.grad.clone()
+    h.grad = w.grad = None
+    loss.backward()
+    torch.testing.assert_close(h.grad, first[0], **tol(torch.float32, first[0], grad=True))
+    torch.testing.assert_close(w.grad, first[1], **tol(torch.float32, first[1], grad=True))
+
+
+def test_keep_logits_default_follows_the_byte_budget(monkeypatch):
+    """CPU calls compute all their logits at once up to KEEP_LOGITS_BYTES_CPU ([n, V] is allocated once), and chunk
+    by chunk past it (one chunk's buffer)."""
+    import fastrm.ops.linear_logprobs as mod
+
+    N, H, V, chunk = 64, 8, 1000, 8
+    hidden, weight, bias, labels = make_case((N,), H, V, torch.float32, ignore_frac=0.0)
+    for budget, kept in ((4 * N * V, True), (4 * N * V - 1, False)):
+        monkeypatch.setattr(mod, "KEEP_LOGITS_BYTES_CPU", budget)
+        h = leaf(hidden)
+        with _LargestAllocation() as seen:
+            linear_logprobs(h, weight, labels, chunk_size=chunk, backend="torch").sum().backward()
+        assert (seen.max_bytes >= 4 * N * V) == kept, (budget, seen.max_bytes, seen.op)
+    with pytest.raises(TypeError, match="keep_logits must be a bool or None"):
+        linear_logprobs(hidden, weight, labels, keep_logits=1)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -197,7 +233,8 @@ def test_single_output_backward(backend, which):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("trainable", ["hidden", "weight", "bias"])
-def test_only_the_needed_gradients(backend, trainable, monkeypatch):
+@pytest.mark.parametrize("keep_logits", [True, False], ids=["kept", "recomputed"])
+def test_only_the_needed_gradients(backend, trainable, keep_logits, monkeypatch):
     hidden, weight, bias, labels = make_case((30,), 16, 200, torch.bfloat16)
     named = ((hidden, "hidden"), (weight, "weight"), (bias, "bias"))
     h, w, b = (leaf(x) if trainable == name else x for x, name in named)
@@ -208,7 +245,7 @@ def test_only_the_needed_gradients(backend, trainable, monkeypatch):
         mm_shapes.append((tuple(a.shape), tuple(b_.shape)))
         return real_mm(a, b_, *args, **kwargs)
 
-    lp = linear_logprobs(h, w, labels, bias=b, chunk_size=8, backend=backend)
+    lp = linear_logprobs(h, w, labels, bias=b, chunk_size=8, backend=backend, keep_logits=keep_logits)
     g = torch.randn_like(lp)
     monkeypatch.setattr(torch, "mm", spy_mm)
     (lp * g).sum().backward()
@@ -222,7 +259,7 @@ def test_only_the_needed_gradients(backend, trainable, monkeypatch):
         if name != trainable:
             assert x.grad is None
     # Skipped work: no d weight matmul (g.T @ hidden_c: [V, C] x [C, H]) unless weight needs its gradient.
-    dw_products = [s for s in mm_shapes if s[1] == (s[0][1], 16) and s[0][1] <= 8]  # [Vb, c] x [c, H]
+    dw_products = [s for s in mm_shapes if s[1] == (s[0][1], 16) and s[0][1] < 200]  # [Vb, c] x [c, H], c rows
     assert bool(dw_products) == (trainable == "weight")
 
 
@@ -344,7 +381,8 @@ def test_never_builds_n_by_v(backend, dtype):
     hidden, weight, bias, labels = make_case((N,), H, V, dtype)
     h, w, b = leaf(hidden), leaf(weight), leaf(bias)
     with _LargestAllocation() as seen:
-        lp, ent = linear_logprobs(h, w, labels, bias=b, return_entropy=True, chunk_size=chunk, backend=backend)
+        lp, ent = linear_logprobs(h, w, labels, bias=b, return_entropy=True, chunk_size=chunk, backend=backend,
+                                  keep_logits=False)
         (lp.sum() + ent.sum()).backward()
     assert h.grad is not None and w.grad is not None and b.grad is not None
     # Largest allocation: one chunk of logits (C x V, float32 on the torch path) or the float32 V x H
@@ -366,7 +404,7 @@ def test_default_chunk_bounds_memory(monkeypatch):
     hidden, weight, bias, labels = make_case((N,), H, V, torch.float32)
     h = leaf(hidden)
     with _LargestAllocation() as seen:
-        linear_logprobs(h, weight, labels, bias=bias, backend="torch").sum().backward()
+        linear_logprobs(h, weight, labels, bias=bias, backend="torch", keep_logits=False).sum().backward()
     assert h.grad is not None
     assert seen.max_bytes <= 4 * 10 * V < 4 * N * V, (seen.max_bytes, seen.op)
 

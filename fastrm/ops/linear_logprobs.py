@@ -13,6 +13,12 @@ runs the ``gather_logprobs`` backward *in place* into that buffer, and turns it 
 cut-cross-entropy does). One ``[C, V]`` buffer is reused by every chunk, so the extra memory is about
 ``C x V`` elements plus what the gradients themselves need, whatever the number of tokens.
 
+On a CPU, where host memory is plentiful and a matmul of a few dozen rows runs well below the peak of a
+larger one, a call whose logits fit in ``KEEP_LOGITS_BYTES_CPU`` instead computes them all with one
+matmul into one ``[n, V]`` buffer (still log-softmaxed chunk by chunk, so temporaries stay chunk-sized),
+holds it for backward (no recompute), and takes ``d hidden`` and ``d weight`` with one matmul each
+(``keep_logits``); a larger call, and every CUDA call by default, runs chunk by chunk as above.
+
 Rows whose label is ``ignore_index`` are dropped before any matmul (their log-prob, entropy and
 gradient are zero), so prompt and padding tokens cost nothing.
 """
@@ -38,6 +44,9 @@ OP = "linear_logprobs"
 # speed and that the per-chunk accumulation of the float32 d weight stays a small share of the time.
 CHUNK_ELEMENTS_CPU = 1 << 22
 CHUNK_ELEMENTS_CUDA = 1 << 27
+# CPU calls whose logits fit in this many bytes compute them in one matmul and hold them for backward:
+# SmolLM2's 768 GRPO completion tokens x 49152 vocab are 151 MB (``fastrm bench vs-trl``'s update).
+KEEP_LOGITS_BYTES_CPU = 256 << 20
 _HALF = (torch.bfloat16, torch.float16)
 
 
@@ -131,10 +140,10 @@ def _chunk_logits(buf, hidden_c, weight, bias):
 class _LinearLogprobs(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, labels, backend, temperature, ignore_index, return_entropy, chunk_size,
-                softcap, skip_ignored):
+                softcap, skip_ignored, keep_logits, hold):
         with _no_autocast(hidden.device):
             return _LinearLogprobs._forward(ctx, hidden, weight, bias, labels, backend, temperature, ignore_index,
-                                            return_entropy, chunk_size, softcap, skip_ignored)
+                                            return_entropy, chunk_size, softcap, skip_ignored, keep_logits, hold)
 
     @staticmethod
     @once_differentiable
@@ -144,8 +153,9 @@ class _LinearLogprobs(torch.autograd.Function):
 
     @staticmethod
     def _forward(ctx, hidden, weight, bias, labels, backend, temperature, ignore_index, return_entropy, chunk_size,
-                 softcap, skip_ignored):
-        # hidden [N, H], labels [N] contiguous.
+                 softcap, skip_ignored, keep_logits, hold):
+        # hidden [N, H], labels [N] contiguous. keep_logits: every row's logits in one buffer from one matmul (held
+        # for backward when hold); else one chunk's buffer, reused.
         N, V = hidden.shape[0], weight.shape[0]
         device = hidden.device
         compute_dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
@@ -159,12 +169,21 @@ class _LinearLogprobs(torch.autograd.Function):
         logprobs = new_output((N,), dtype=compute_dtype, device=device)
         lse = new_output((N,), dtype=compute_dtype, device=device)
         entropy = new_output((N,), dtype=compute_dtype, device=device) if return_entropy else None
-        if n_kept:
+        if keep_logits is None:
+            keep_logits = device.type == "cpu" and n_kept * V * hidden.element_size() <= KEEP_LOGITS_BYTES_CPU
+        keep_logits = keep_logits and n_kept > 0
+        if keep_logits:
+            buf_all = _chunk_logits(torch.empty(n_kept, V, dtype=hidden.dtype, device=device),
+                                    _rows(hidden, kept, 0, n_kept), weight, bias)
+        elif n_kept:
             buf_all = torch.empty(min(chunk_size, n_kept), V, dtype=hidden.dtype, device=device)
         for start in range(0, n_kept, chunk_size):
             end = min(n_kept, start + chunk_size)
             labels_c = _rows(labels, kept, start, end)
-            logits_c = _chunk_logits(buf_all[: end - start], _rows(hidden, kept, start, end), weight, bias)
+            if keep_logits:
+                logits_c = buf_all[start:end]
+            else:
+                logits_c = _chunk_logits(buf_all[: end - start], _rows(hidden, kept, start, end), weight, bias)
             if backend == "triton":
                 n = end - start
                 lp_c, ent_c, lse_c = logprob_fwd(logits_c, (n, n, 0, V), labels_c, temperature, ignore_index,
@@ -186,13 +205,16 @@ class _LinearLogprobs(torch.autograd.Function):
         ctx.save_for_backward(hidden, weight, bias, labels, kept, lse, entropy)
         ctx.backend, ctx.temperature, ctx.ignore_index, ctx.softcap = backend, temperature, ignore_index, softcap
         ctx.return_entropy, ctx.chunk_size, ctx.n_kept, ctx.device = return_entropy, chunk_size, n_kept, device
+        # (backward overwrites them: a second backward through a retained graph recomputes)
+        ctx.logits = buf_all if keep_logits and hold else None
         return (logprobs, entropy) if return_entropy else logprobs
 
     @staticmethod
     def _backward(ctx, grad_logprobs, grad_entropy):
         hidden, weight, bias, labels, kept, lse, entropy = ctx.saved_tensors
         need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
-        nones = (None,) * 8
+        nones = (None,) * 10
+        logits, ctx.logits = ctx.logits, None
         if not (need_hidden or need_weight or need_bias):
             return (None, None, None) + nones
         N, H = hidden.shape
@@ -213,12 +235,15 @@ class _LinearLogprobs(torch.autograd.Function):
             grad_hidden = new_output((N, H), dtype=dtype, device=device)
             if kept is not None or n_kept == 0:
                 grad_hidden.masked_fill_((labels == ignore_index).unsqueeze(-1), 0.0)
+        if need_bias:
+            grad_bias = torch.zeros(V, dtype=torch.float32 if dtype in _HALF else dtype, device=device)
+        if logits is not None:
+            return _LinearLogprobs._backward_held(ctx, logits, grad_logprobs, grad_entropy if use_entropy else None,
+                                                  grad_hidden, grad_bias) + nones
         # Half inputs: d weight and d bias sum over all chunks in float32 and are rounded once at the end.
         accumulate_fp32 = dtype in _HALF and n_chunks > 1
         if need_weight and (accumulate_fp32 or n_chunks == 0):
             grad_weight = torch.zeros(V, H, dtype=torch.float32 if accumulate_fp32 else dtype, device=device)
-        if need_bias:
-            grad_bias = torch.zeros(V, dtype=torch.float32 if dtype in _HALF else dtype, device=device)
         # The half product of a chunk is added to the float32 d weight in slices of this many vocab rows,
         # so its temporary stays within one chunk's worth of elements.
         vocab_block = max(1, (chunk_size * V) // H)
@@ -236,13 +261,7 @@ class _LinearLogprobs(torch.autograd.Function):
             grad_ent_c = _rows(grad_entropy, kept, start, end) if use_entropy else None
             # Recompute the chunk's logits, then overwrite them with d logits.
             g = _chunk_logits(buf_all[:n], hidden_c, weight, bias)
-            if ctx.backend == "triton":
-                layout = (n, n, 0, V)
-                logprob_bwd(g, layout, labels_c, lse_c, ent_c, grad_lp_c, grad_ent_c, temperature, ignore_index,
-                            g, layout, ctx.softcap)
-            else:
-                torch_block_bwd(g, labels_c, lse_c, ent_c, grad_lp_c, grad_ent_c, temperature, ignore_index, out=g,
-                                softcap=ctx.softcap)
+            _LinearLogprobs._chunk_grad(ctx, g, labels_c, lse_c, ent_c, grad_lp_c, grad_ent_c)
             if need_hidden:
                 if kept is None:
                     torch.mm(g, weight, out=grad_hidden[start:end])
@@ -265,6 +284,44 @@ class _LinearLogprobs(torch.autograd.Function):
             grad_bias = grad_bias.to(dtype)
         return (grad_hidden, grad_weight, grad_bias) + nones
 
+    @staticmethod
+    def _chunk_grad(ctx, g, labels_c, lse_c, ent_c, grad_lp_c, grad_ent_c):
+        """Overwrite one chunk's logits ``g`` with d logits."""
+        if ctx.backend == "triton":
+            layout = (g.shape[0], g.shape[0], 0, g.shape[1])
+            logprob_bwd(g, layout, labels_c, lse_c, ent_c, grad_lp_c, grad_ent_c, ctx.temperature, ctx.ignore_index,
+                        g, layout, ctx.softcap)
+        else:
+            torch_block_bwd(g, labels_c, lse_c, ent_c, grad_lp_c, grad_ent_c, ctx.temperature, ctx.ignore_index,
+                            out=g, softcap=ctx.softcap)
+
+    @staticmethod
+    def _backward_held(ctx, logits, grad_logprobs, grad_entropy, grad_hidden, grad_bias):
+        """Backward from the logits forward held: d logits chunk by chunk in place, then one matmul each for
+        d hidden and d weight (rounded once, as a single chunk's are)."""
+        hidden, weight, _, labels, kept, lse, entropy = ctx.saved_tensors
+        need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
+        n_kept, chunk_size = ctx.n_kept, ctx.chunk_size
+        for start in range(0, n_kept, chunk_size):
+            end = min(n_kept, start + chunk_size)
+            _LinearLogprobs._chunk_grad(
+                ctx, logits[start:end], _rows(labels, kept, start, end), _rows(lse, kept, start, end),
+                _rows(entropy, kept, start, end) if grad_entropy is not None else None,
+                _rows(grad_logprobs, kept, start, end),
+                _rows(grad_entropy, kept, start, end) if grad_entropy is not None else None)
+        grad_weight = None
+        if need_hidden:
+            if kept is None:
+                torch.mm(logits, weight, out=grad_hidden)
+            else:
+                grad_hidden.index_copy_(0, kept, torch.mm(logits, weight))
+        if need_weight:
+            grad_weight = torch.mm(logits.t(), _rows(hidden, kept, 0, n_kept))
+        if need_bias:
+            grad_bias.add_(logits.sum(0, dtype=grad_bias.dtype))
+            grad_bias = grad_bias.to(hidden.dtype)
+        return grad_hidden, grad_weight, grad_bias
+
 
 def linear_logprobs(
     hidden: torch.Tensor,
@@ -279,6 +336,7 @@ def linear_logprobs(
     softcap: float | None = None,
     backend: str | None = None,
     skip_ignored: bool | None = None,
+    keep_logits: bool | None = None,
 ):
     """``log_softmax((hidden @ weight.T + bias) / temperature)[..., labels]`` without the ``[N, V]`` logits.
 
@@ -303,6 +361,10 @@ def linear_logprobs(
             (None) skips on CPU and computes every row on CUDA; pass True on CUDA when the ignored rows are
             a large share and one sync per call is acceptable (fastrm's trainers do). Inside
             ``torch.compile`` every row is computed.
+        keep_logits: compute every row's logits with one matmul into one ``n x V`` buffer (n the rows
+            computed) and hold it from forward to backward instead of recomputing it chunk by chunk there. Default (None):
+            on a CPU when they fit in ``KEEP_LOGITS_BYTES_CPU``, never on CUDA. False bounds the extra memory
+            to one chunk.
 
     Returns:
         float32 log-probs ``[...]`` (float64 for float64 inputs), and the entropy if asked.
@@ -322,9 +384,12 @@ def linear_logprobs(
         chunk_size = default_chunk_size(V, hidden.device)
     if skip_ignored is None or torch.compiler.is_compiling():  # torch.compile cannot trace a data-dependent size
         skip_ignored = host_reads_allowed(hidden.device)
+    if keep_logits is not None and not isinstance(keep_logits, bool):
+        raise TypeError(f"{OP}: keep_logits must be a bool or None, got {type(keep_logits).__name__}")
+    hold = torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in (hidden_2d, weight, bias))
     out = _LinearLogprobs.apply(hidden_2d, weight, bias, flat_labels, chosen, float(temperature), ignore_index,
                                 bool(return_entropy), chunk_size, None if softcap is None else float(softcap),
-                                bool(skip_ignored))
+                                bool(skip_ignored), keep_logits, hold)
     if return_entropy:
         logprobs, entropy = out
         return logprobs.view(labels.shape), entropy.view(labels.shape)

@@ -193,17 +193,20 @@ def torch_block_fwd(block, labels, temperature, ignore_index, return_entropy, so
 
     entropy = None
     if return_entropy:
-        # Relative to the row max: log p = (z - max) - log s stays precise for large logits, where
-        # z - lse would lose ulp(lse) (1e-3 at logits ~1e4) and swamp a near-one-hot row's entropy.
+        # Relative to the row max d = z - max: H = log s - sum(e d) / s with e = exp(d), s = sum(e), from
+        # one exp pass. Not via z - lse, which would lose ulp(lse) (1e-3 at logits ~1e4) and swamp a
+        # near-one-hot row's entropy.
         z_max = z.amax(dim=-1)
         z_ref = torch.where(torch.isfinite(z_max), z_max, 0.0)  # an all -inf row stays -inf, not NaN
-        logp = z - z_ref.unsqueeze(-1)
-        log_s = torch.logsumexp(logp, dim=-1)
+        d = z - z_ref.unsqueeze(-1)
+        e = torch.exp(d)
+        s = e.sum(-1)
+        log_s = s.log()
         block_lse = z_ref + log_s
         block_logprobs = (picked - per_label(z_ref)) - per_label(log_s)
-        logp -= log_s.unsqueeze(-1)
-        p = logp.exp()
-        entropy = torch.where(row_keep, -(p * torch.where(p > 0, logp, 0.0)).sum(-1), 0.0)
+        # a masked token (d = -inf, e = 0) adds 0, not 0 * -inf; NaN stays NaN
+        ed = torch.linalg.vecdot(e, d.clamp_(min=torch.finfo(d.dtype).min))
+        entropy = torch.where(row_keep, log_s - ed / s, 0.0)
     else:
         block_lse = torch.logsumexp(z, dim=-1)
         block_logprobs = picked - per_label(block_lse)
