@@ -221,7 +221,7 @@ class _LinearLogprobs(torch.autograd.Function):
         V = weight.shape[0]
         dtype, device = hidden.dtype, hidden.device
         compute_dtype = lse.dtype
-        chunk_size, n_kept, temperature, ignore_index = ctx.chunk_size, ctx.n_kept, ctx.temperature, ctx.ignore_index
+        chunk_size, n_kept, ignore_index = ctx.chunk_size, ctx.n_kept, ctx.ignore_index
         n_chunks = -(-n_kept // chunk_size)
 
         grad_logprobs = (torch.zeros_like(lse) if grad_logprobs is None
