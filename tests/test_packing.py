@@ -132,6 +132,46 @@ def test_varlen_attention_equals_each_sequence_alone(base, causal, window, kv_he
         torch.testing.assert_close(g.double(), e, atol=1e-5, rtol=1e-5)
 
 
+def test_grouped_sdpa_on_cpu_equals_transformers_sdpa_bitwise_without_repeating_keys(monkeypatch):
+    """A bucket's masked SDPA call of a grouped-query model reads the key/value heads directly (enable_gqa) instead
+    of transformers' repeat_kv copies: bitwise the same output and gradients. A keyword it does not reproduce sends
+    the call to transformers' own function."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    base = ALL_ATTENTION_FUNCTIONS["sdpa"]
+    grouped = varlen._grouped_sdpa(base)
+    module = Attention(6, 2, True)
+    q = torch.randn(3, 6, 7, 8, requires_grad=True)
+    k, v = (torch.randn(3, 2, 11, 8, requires_grad=True) for _ in range(2))
+    mask = torch.rand(3, 1, 7, 11) > 0.4
+    mask[..., 0] = True
+    seen = []
+    real_sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("enable_gqa", False))
+        return real_sdpa(*args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+    got, _ = grouped(module, q, k, v, mask, scaling=0.3, dropout=0.0, is_causal=True)
+    want, _ = base(module, q, k, v, mask, scaling=0.3, dropout=0.0, is_causal=True)
+    assert seen == [True, False]
+    assert torch.equal(got, want)
+    g = torch.randn_like(got)
+    got_grads, want_grads = torch.autograd.grad(got, (q, k, v), g), torch.autograd.grad(want, (q, k, v), g)
+    assert torch.equal(got_grads[0], want_grads[0])
+    # d key / d value sum the 3 query heads' terms of each group in another order: within 3 roundings of their
+    # magnitudes (the per-head terms are the gradients of the repeated copies)
+    copies = [x.detach().repeat_interleave(3, 1).requires_grad_() for x in (k, v)]
+    per_head = torch.autograd.grad(real_sdpa(q.detach(), *copies, attn_mask=mask, scale=0.3), copies, g.transpose(1, 2))
+    for a, b, terms in zip(got_grads[1:], want_grads[1:], per_head):
+        bound = 3 * torch.finfo(torch.float32).eps * terms.abs().view(3, 2, 3, 11, 8).sum(2)
+        assert bool(((a - b).abs() <= bound).all())
+    seen.clear()
+    grouped(module, q, k, v, mask, scaling=0.3, s_aux=torch.zeros(6))  # (a keyword it does not know: transformers')
+    assert seen == [False]
+
+
 def test_varlen_attention_passes_padded_calls_through_unchanged():
     q, k, v = (torch.randn(2, 4, 6, 8) for _ in range(3))
     mask = torch.ones(2, 1, 6, 6, dtype=torch.bool).tril()

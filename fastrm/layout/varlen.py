@@ -284,6 +284,30 @@ def _bucketed_attention(base: str, base_fn, module, query, key, value, plan: Var
     return out.unsqueeze(0), None
 
 
+# Keywords a grouped SDPA call reproduces or may ignore; any other with a value goes to transformers' own function.
+_GROUPED_SDPA_KWARGS = frozenset({"dropout", "scaling", "is_causal", "sliding_window", "position_ids", "use_cache",
+                                  "output_attentions"})
+
+
+def _grouped_sdpa(base_fn):
+    """transformers' SDPA attention repeats a grouped-query model's keys and values once per query head whenever a
+    mask is given (CUDA's kernels take no mask with ``enable_gqa``), and every bucket here has one. On a CPU, SDPA
+    reads the grouped heads with a mask directly, bitwise equal and with no copies (tests/test_packing.py): that
+    path, for the masked calls it covers; everything else runs ``base_fn``."""
+    def attention(module, query, key, value, mask, **kwargs):
+        groups = getattr(module, "num_key_value_groups", 1)
+        if (query.device.type != "cpu" or mask is None or not isinstance(groups, int) or groups <= 1
+                or query.shape[1] != key.shape[1] * groups or kwargs.get("output_attentions")
+                or any(v is not None for k, v in kwargs.items() if k not in _GROUPED_SDPA_KWARGS)):
+            return base_fn(module, query, key, value, mask, **kwargs)
+        out = torch.nn.functional.scaled_dot_product_attention(
+            query, key, value, attn_mask=mask, dropout_p=kwargs.get("dropout", 0.0), scale=kwargs.get("scaling"),
+            enable_gqa=True)
+        return out.transpose(1, 2).contiguous(), None
+
+    return attention
+
+
 def _eager_function(module):
     """The eager attention of the module's own modeling file (it carries the family's soft-capping, sinks...)."""
     fn = getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", None)
@@ -302,6 +326,8 @@ def _make_attention(base: str):
         base_fn = ALL_ATTENTION_FUNCTIONS["sdpa"] if base == "sdpa" else _eager_function(module)
         if plan is None:
             return base_fn(module, query, key, value, attention_mask, **kwargs)
+        if base == "sdpa":
+            base_fn = _grouped_sdpa(base_fn)
         total = plan.total if isinstance(plan, SharedPlan) else plan.cu_seq_lens[-1]
         if query.shape[0] != 1 or query.shape[2] != total:
             raise PackingUnsupported(f"{type(module).__name__}: a packed row of {int(total)} tokens "
