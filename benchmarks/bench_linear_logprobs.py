@@ -5,12 +5,15 @@
     python benchmarks/bench_linear_logprobs.py                      # full sweep (default on CUDA), bfloat16, H 4096
     python benchmarks/bench_linear_logprobs.py --tokens 8192 --vocab 128256 --hidden 4096
 
-Providers: fastrm Triton (CUDA) and torch path, both chunked over tokens so the [N, V] logits never exist
-(backward recomputes each chunk's logits); ``eager`` = the lm_head matmul, then ``log_softmax().gather()``
-in float32, as policy-gradient code does; ``torch.compile`` of it. Gradients flow to hidden and weight.
+Providers: fastrm Triton (CUDA) and torch path with their defaults: on CUDA chunked over tokens so the [N, V]
+logits never exist (backward recomputes each chunk's logits); on a CPU, logits up to ``KEEP_LOGITS_BYTES_CPU``
+(256 MiB, both quick sizes) come from one matmul and are held for backward, and ``fastrm-torch-chunked``
+(``keep_logits=False``) is the chunked, memory-bounded mode there. ``eager`` = the lm_head matmul, then
+``log_softmax().gather()`` in float32, as policy-gradient code does; ``torch.compile`` of it. Gradients flow to
+hidden and weight.
 
-Compute-bound (three N*V*H matmuls for eager, four for the fused op, which recomputes the logits): no GB/s.
-The point is the memory column: eager holds N*V logits plus their float32 log-softmax and its gradient.
+Compute-bound (three N*V*H matmuls for eager and for held logits, four for the chunked op, which recomputes the
+logits): no GB/s. Eager holds N*V logits plus their float32 log-softmax and its gradient; held logits, N*V.
 """
 
 from __future__ import annotations
@@ -39,6 +42,9 @@ def eager(hidden, weight, labels):
 def providers(device: str, compile_ref: bool) -> list[Provider]:
     out = [Provider(f"fastrm-{b}", lambda h, w, y, b=b: fastrm.linear_logprobs(h, w, y, backend=b))
            for b in common.fastrm_backends(device)]
+    if device == "cpu":  # (CUDA's default is the chunked mode)
+        out.append(Provider("fastrm-torch-chunked",
+                            lambda h, w, y: fastrm.linear_logprobs(h, w, y, backend="torch", keep_logits=False)))
     out.append(Provider("eager", eager))
     if compile_ref:
         out.append(Provider("eager-compiled", torch.compile(eager)))
