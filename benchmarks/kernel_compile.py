@@ -189,9 +189,10 @@ def op_axes() -> dict[str, dict[str, tuple]]:
 
 
 # Keyword options of the ops that never change what is launched (runtime floats, the backend, how work is
-# split on the host, metrics computed in torch).
-NOT_KERNEL_OPTIONS = {"temperature", "ignore_index", "backend", "chunk_size", "gamma", "lam", "clip_eps",
-                      "clip_eps_high", "return_accuracy", "loss_scale_factor", "sapo_tau_pos", "sapo_tau_neg"}
+# split on the host or held between forward and backward, metrics computed in torch).
+NOT_KERNEL_OPTIONS = {"temperature", "ignore_index", "backend", "chunk_size", "keep_logits", "gamma", "lam",
+                      "clip_eps", "clip_eps_high", "return_accuracy", "loss_scale_factor", "sapo_tau_pos",
+                      "sapo_tau_neg"}
 
 
 def workload_calls(full: bool = False) -> list[tuple[str, str, dict, str]]:
