@@ -226,24 +226,22 @@ class _LinearLogprobs(torch.autograd.Function):
 
         grad_logprobs = (torch.zeros_like(lse) if grad_logprobs is None
                          else grad_logprobs.reshape(-1).to(compute_dtype).contiguous())
-        use_entropy = ctx.return_entropy and grad_entropy is not None
-        if use_entropy:
-            grad_entropy = grad_entropy.reshape(-1).to(compute_dtype).contiguous()
+        grad_entropy = (grad_entropy.reshape(-1).to(compute_dtype).contiguous()
+                        if ctx.return_entropy and grad_entropy is not None else None)  # None: no entropy term
 
         grad_hidden = grad_weight = grad_bias = None
         if need_hidden:
             grad_hidden = new_output((N, H), dtype=dtype, device=device)
             if kept is not None or n_kept == 0:
                 grad_hidden.masked_fill_((labels == ignore_index).unsqueeze(-1), 0.0)
-        if need_bias:
-            grad_bias = torch.zeros(V, dtype=torch.float32 if dtype in _HALF else dtype, device=device)
         if logits is not None:
-            return _LinearLogprobs._backward_held(ctx, logits, grad_logprobs, grad_entropy if use_entropy else None,
-                                                  grad_hidden, grad_bias) + nones
+            return _LinearLogprobs._backward_held(ctx, logits, grad_logprobs, grad_entropy, grad_hidden) + nones
         # Half inputs: d weight and d bias sum over all chunks in float32 and are rounded once at the end.
         accumulate_fp32 = dtype in _HALF and n_chunks > 1
         if need_weight and (accumulate_fp32 or n_chunks == 0):
             grad_weight = torch.zeros(V, H, dtype=torch.float32 if accumulate_fp32 else dtype, device=device)
+        if need_bias:
+            grad_bias = torch.zeros(V, dtype=torch.float32 if dtype in _HALF else dtype, device=device)
         # The half product of a chunk is added to the float32 d weight in slices of this many vocab rows,
         # so its temporary stays within one chunk's worth of elements.
         vocab_block = max(1, (chunk_size * V) // H)
@@ -254,14 +252,9 @@ class _LinearLogprobs(torch.autograd.Function):
             end = min(n_kept, start + chunk_size)
             n = end - start
             hidden_c = _rows(hidden, kept, start, end)
-            labels_c = _rows(labels, kept, start, end)
-            lse_c = _rows(lse, kept, start, end)
-            grad_lp_c = _rows(grad_logprobs, kept, start, end)
-            ent_c = _rows(entropy, kept, start, end) if use_entropy else None
-            grad_ent_c = _rows(grad_entropy, kept, start, end) if use_entropy else None
             # Recompute the chunk's logits, then overwrite them with d logits.
             g = _chunk_logits(buf_all[:n], hidden_c, weight, bias)
-            _LinearLogprobs._chunk_grad(ctx, g, labels_c, lse_c, ent_c, grad_lp_c, grad_ent_c)
+            _LinearLogprobs._chunk_grad(ctx, g, start, end, grad_logprobs, grad_entropy)
             if need_hidden:
                 if kept is None:
                     torch.mm(g, weight, out=grad_hidden[start:end])
@@ -285,8 +278,14 @@ class _LinearLogprobs(torch.autograd.Function):
         return (grad_hidden, grad_weight, grad_bias) + nones
 
     @staticmethod
-    def _chunk_grad(ctx, g, labels_c, lse_c, ent_c, grad_lp_c, grad_ent_c):
-        """Overwrite one chunk's logits ``g`` with d logits."""
+    def _chunk_grad(ctx, g, start, end, grad_logprobs, grad_entropy):
+        """Overwrite the logits ``g`` of the kept rows ``start:end`` with d logits (``grad_entropy`` None: no
+        entropy term)."""
+        _, _, _, labels, kept, lse, entropy = ctx.saved_tensors
+        labels_c, lse_c, grad_lp_c = (_rows(x, kept, start, end) for x in (labels, lse, grad_logprobs))
+        ent_c = grad_ent_c = None
+        if grad_entropy is not None:
+            ent_c, grad_ent_c = _rows(entropy, kept, start, end), _rows(grad_entropy, kept, start, end)
         if ctx.backend == "triton":
             layout = (g.shape[0], g.shape[0], 0, g.shape[1])
             logprob_bwd(g, layout, labels_c, lse_c, ent_c, grad_lp_c, grad_ent_c, ctx.temperature, ctx.ignore_index,
@@ -296,20 +295,16 @@ class _LinearLogprobs(torch.autograd.Function):
                             out=g, softcap=ctx.softcap)
 
     @staticmethod
-    def _backward_held(ctx, logits, grad_logprobs, grad_entropy, grad_hidden, grad_bias):
+    def _backward_held(ctx, logits, grad_logprobs, grad_entropy, grad_hidden):
         """Backward from the logits forward held: d logits chunk by chunk in place, then one matmul each for
-        d hidden and d weight (rounded once, as a single chunk's are)."""
-        hidden, weight, _, labels, kept, lse, entropy = ctx.saved_tensors
+        d hidden and d weight and one sum for d bias (rounded once, as a single chunk's are)."""
+        hidden, weight, _, _, kept, _, _ = ctx.saved_tensors
         need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
         n_kept, chunk_size = ctx.n_kept, ctx.chunk_size
         for start in range(0, n_kept, chunk_size):
             end = min(n_kept, start + chunk_size)
-            _LinearLogprobs._chunk_grad(
-                ctx, logits[start:end], _rows(labels, kept, start, end), _rows(lse, kept, start, end),
-                _rows(entropy, kept, start, end) if grad_entropy is not None else None,
-                _rows(grad_logprobs, kept, start, end),
-                _rows(grad_entropy, kept, start, end) if grad_entropy is not None else None)
-        grad_weight = None
+            _LinearLogprobs._chunk_grad(ctx, logits[start:end], start, end, grad_logprobs, grad_entropy)
+        grad_weight = grad_bias = None
         if need_hidden:
             if kept is None:
                 torch.mm(logits, weight, out=grad_hidden)
@@ -318,8 +313,7 @@ class _LinearLogprobs(torch.autograd.Function):
         if need_weight:
             grad_weight = torch.mm(logits.t(), _rows(hidden, kept, 0, n_kept))
         if need_bias:
-            grad_bias.add_(logits.sum(0, dtype=grad_bias.dtype))
-            grad_bias = grad_bias.to(hidden.dtype)
+            grad_bias = logits.sum(0, dtype=torch.float32 if hidden.dtype in _HALF else hidden.dtype).to(hidden.dtype)
         return grad_hidden, grad_weight, grad_bias
 
 
@@ -362,9 +356,9 @@ def linear_logprobs(
             a large share and one sync per call is acceptable (fastrm's trainers do). Inside
             ``torch.compile`` every row is computed.
         keep_logits: compute every row's logits with one matmul into one ``n x V`` buffer (n the rows
-            computed) and hold it from forward to backward instead of recomputing it chunk by chunk there. Default (None):
-            on a CPU when they fit in ``KEEP_LOGITS_BYTES_CPU``, never on CUDA. False bounds the extra memory
-            to one chunk.
+            computed) and hold it from forward to backward instead of recomputing it chunk by chunk there.
+            Default (None): on a CPU when they fit in ``KEEP_LOGITS_BYTES_CPU``, never on CUDA. False bounds
+            the extra memory to one chunk.
 
     Returns:
         float32 log-probs ``[...]`` (float64 for float64 inputs), and the entropy if asked.
